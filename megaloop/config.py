@@ -1,0 +1,317 @@
+"""Typed run configuration: YAML + `--set section.key=value` overrides -> validated dataclasses.
+
+Every problem is refused with a ConfigError naming the key and the fix, before any tensor exists.
+Sections are dataclasses; later sections (data, train, track) join `RunConfig` the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megaloop.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None: as many as n_heads (no GQA)
+    head_dim: int | None = None  # None: d_model // n_heads
+    prelude_layers: int = 2
+    loop_layers: int = 4
+    coda_layers: int = 2
+    recurrences: int = 1  # the mean r when recurrence_sampling is poisson_lognormal
+    mlp: Literal["swiglu", "relu2"] = "swiglu"
+    mlp_ratio: float = 2.75
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    logit_softcap: float = 0.0  # 0: no soft-cap
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    injection: Literal["linear", "additive", "passthrough"] = "linear"
+    hyper: Literal["none", "hyperloop", "lanes", "mhc"] = "none"
+    hyper_streams: int = 4
+    bptt_k: int | None = None  # None: every recurrence gets gradients
+    recurrence_sampling: Literal["fixed", "poisson_lognormal"] = "fixed"
+    attention: Literal["auto", "flash", "sdpa"] = "auto"
+    activation_checkpointing: Literal["none", "per_recurrence", "per_layer"] = "none"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    @property
+    def grad_recurrences(self) -> int:
+        """How many of the (mean) recurrences receive gradients."""
+        return self.recurrences if self.bptt_k is None else min(self.bptt_k, self.recurrences)
+
+    @property
+    def effective_depth(self) -> int:
+        return self.prelude_layers + self.recurrences * self.loop_layers + self.coda_layers
+
+    @property
+    def is_looped(self) -> bool:
+        return self.loop_layers > 0 and (
+            self.recurrences > 1 or self.recurrence_sampling != "fixed"
+        )
+
+    def validate(self) -> None:
+        positive = ["vocab_size", "d_model", "n_heads", "max_seq_len", "hyper_streams",
+                    "rope_theta"]
+        for key in positive + ["n_kv_heads", "head_dim"]:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"model.{key} = {value} must be positive; set it to a value > 0.")
+        for key in ["prelude_layers", "loop_layers", "coda_layers"]:
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} = {getattr(self, key)} must be >= 0.")
+        if self.prelude_layers + self.loop_layers + self.coda_layers == 0:
+            raise ConfigError("The model has no layers: set model.prelude_layers, "
+                              "model.loop_layers or model.coda_layers to at least 1.")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model = {self.d_model} is not divisible by model.n_heads = "
+                              f"{self.n_heads}; choose n_heads that divides d_model.")
+        if self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads = {self.n_heads} is not divisible by model.n_kv_heads"
+                              f" = {self.kv_heads}; grouped-query attention needs whole groups.")
+        if self.dim_per_head % 2:
+            raise ConfigError(f"The head dimension {self.dim_per_head} is odd; RoPE needs an even "
+                              "head dimension: set model.head_dim or model.n_heads.")
+        if not math.isfinite(self.mlp_ratio) or self.mlp_ratio <= 0:
+            raise ConfigError(f"model.mlp_ratio = {self.mlp_ratio} must be > 0 (4.0 for relu2, "
+                              "2.75 for swiglu are usual).")
+        if not math.isfinite(self.logit_softcap) or self.logit_softcap < 0:
+            raise ConfigError(f"model.logit_softcap = {self.logit_softcap} must be >= 0 (0 turns "
+                              "the soft-cap off).")
+        if self.recurrences < 1:
+            raise ConfigError(f"model.recurrences = {self.recurrences} must be >= 1 "
+                              "(1 is a plain transformer).")
+        if self.loop_layers == 0 and self.recurrences > 1:
+            raise ConfigError(f"model.recurrences = {self.recurrences} with model.loop_layers = 0:"
+                              " there is no block to loop; set loop_layers >= 1 or recurrences=1.")
+        if self.bptt_k is not None and not 1 <= self.bptt_k <= self.recurrences:
+            raise ConfigError(f"model.bptt_k = {self.bptt_k} is outside 1..recurrences "
+                              f"(1..{self.recurrences}); use null for full backpropagation.")
+        self._validate_hyper()
+        self._validate_sampling()
+        truncated = self.bptt_k is not None and (
+            self.bptt_k < self.recurrences or self.recurrence_sampling != "fixed")
+        if truncated and self.injection == "passthrough":
+            raise ConfigError(f"model.bptt_k = {self.bptt_k} with model.injection = passthrough: "
+                              "the detached recurrences would cut every gradient path to the "
+                              "prelude and embedding; use injection linear or additive, or "
+                              "bptt_k: null.")
+
+    def _validate_hyper(self) -> None:
+        if self.hyper == "none":
+            return
+        if self.hyper_streams < 2:
+            raise ConfigError(f"model.hyper_streams = {self.hyper_streams} with model.hyper = "
+                              f"{self.hyper}: hyper-connections need at least 2 streams.")
+        if self.hyper in ("hyperloop", "lanes") and self.loop_layers == 0:
+            raise ConfigError(f"model.hyper = {self.hyper} connects recurrences of the loop, but "
+                              "model.loop_layers = 0; set loop_layers >= 1.")
+        if self.hyper == "lanes" and self.bptt_k is not None and self.bptt_k < self.recurrences:
+            raise ConfigError("model.hyper = lanes cannot be combined with truncated BPTT "
+                              f"(model.bptt_k = {self.bptt_k}); set bptt_k to null.")
+        if self.is_looped and self.injection != "passthrough":
+            raise ConfigError(f"model.hyper = {self.hyper} replaces input injection, but "
+                              f"model.injection = {self.injection}; set model.injection="
+                              "passthrough.")
+
+    def _validate_sampling(self) -> None:
+        if self.recurrence_sampling == "fixed":
+            return
+        if self.loop_layers == 0:
+            raise ConfigError("model.recurrence_sampling = poisson_lognormal needs a loop; "
+                              "set model.loop_layers >= 1.")
+        if self.hyper in ("hyperloop", "lanes"):
+            raise ConfigError(f"model.hyper = {self.hyper} has parameters per recurrence and "
+                              "cannot sample r; set model.recurrence_sampling=fixed.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """`{"model.d_model": 512, ...}`: the names MLflow params and `--set` use."""
+        return {f"{section}.{key}": value
+                for section, values in self.to_dict().items() for key, value in values.items()}
+
+    def hash(self) -> str:
+        return config_hash(self)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(RunConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e18`, `5e-1` and `1.5e3` as floats, as YAML 1.2 does
+    (PyYAML's YAML 1.1 rules read them as strings, so `rope_theta: 5e5` would be refused)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # safe: _Loader is a SafeLoader
+
+
+def config_hash(config: RunConfig) -> str:
+    """A stable 12-hex-digit hash of the resolved configuration (key order does not matter)."""
+    canonical = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " | ".join(str(a) for a in typing.get_args(annotation))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args:
+        return f"{args[0].__name__} or null"
+    return annotation.__name__
+
+
+def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
+    """Check one value against its annotation; ints are accepted where floats are expected."""
+    name = f"{section}.{key}"
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{name} = {value!r} is not one of: {', '.join(choices)}.")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(section, key, value, args[0])
+    wrong = ConfigError(f"{name} = {value!r} has the wrong type: expected {_describe(annotation)},"
+                        f" got {type(value).__name__}.")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {name}")  # a bug, not user input
+
+
+def _build_section(section: str, cls: type, values: Any) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"Section '{section}' must be a mapping of keys to values, "
+                          f"got {type(values).__name__}.")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"Unknown key {section}.{unknown[0]}; the keys of '{section}' are: "
+                          f"{', '.join(hints)}.")
+    kwargs = {key: _coerce(section, key, value, hints[key]) for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def from_dict(raw: Any) -> RunConfig:
+    """Build and validate a RunConfig from plain data (as read from YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("A run config must be a mapping of sections (model: ...), "
+                          f"got {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"Unknown section '{unknown[0]}'; the sections are: "
+                          f"{', '.join(SECTIONS)}.")
+    config = RunConfig(**{name: _build_section(name, cls, raw.get(name))
+                          for name, cls in SECTIONS.items()})
+    config.validate()
+    return config
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`"model.recurrences=4"` -> ("model", "recurrences", 4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' has no '='; write --set section.key=value.")
+    path, _, raw_value = text.partition("=")
+    section, dot, key = path.strip().partition(".")
+    if not dot or not section or not key or "." in key:
+        raise ConfigError(f"Override '{text}' must name section.key, e.g. model.recurrences=4.")
+    try:
+        value = _yaml(raw_value) if raw_value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override '{text}': the value is not valid YAML ({exc}).") from None
+    return section, key, value
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist; pass the path of a YAML run config "
+                          "(see configs/runs/).")
+    try:
+        return _yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults), apply `--set` overrides, validate."""
+    raw = read_yaml(path) if path is not None else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of sections (model: ...).")
+    raw = {name: dict(values) if isinstance(values, dict) else values
+           for name, values in raw.items()}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"Override '{text}' names unknown section '{section}'; the sections"
+                              f" are: {', '.join(SECTIONS)}.")
+        target = raw.setdefault(section, {})
+        if target is None:
+            target = raw[section] = {}
+        target[key] = value
+    return from_dict(raw)

@@ -1,0 +1,111 @@
+"""Parameter groups (n_once, n_rec, ...) and training FLOPs per token, counted on the meta device.
+
+Groups (DESIGN.md): embedding, lm_head, prelude, loop, coda, injection, hyper, norms, total,
+n_once, n_rec. `n_once` = non-embedding parameters executed once per token (prelude, coda, final
+norm, hyper-connection parameters outside the loop); `n_rec` = parameters inside the loop (loop
+blocks, injection, the per-recurrence norm, hyper-connection parameters of the loop). Neither
+counts `embedding` or `lm_head`.
+
+Training FLOPs per token (RESEARCH.md section 2):
+    F = 6 * (parameters executed per token, loop counted r times, + LM head) + 12 * L_eff * T * d
+where a recurrence run without gradients (truncated BPTT) costs only its forward pass: 2 FLOPs
+per parameter and 4 T d per attention layer. Parameters that exist once per recurrence
+(Hyperloop, lanes) run once per token each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megaloop.config import ModelConfig
+from megaloop.model.looped import LoopedLM
+
+GROUPS = ["embedding", "lm_head", "prelude", "loop", "coda", "injection", "hyper", "norms"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    group: str
+    role: str  # "embedding" | "head" | "once" | "shared" (reused r times) | "per_recurrence"
+
+
+def place(name: str) -> Placement:
+    """Which group a parameter belongs to and how often it runs per token, from its name."""
+    top = name.split(".", 1)[0]
+    if top == "embed":
+        return Placement("embedding", "embedding")
+    if top == "lm_head":
+        return Placement("lm_head", "head")
+    if top in ("prelude", "coda", "loop"):
+        group = "hyper" if "_hc." in name else top
+        return Placement(group, "shared" if top == "loop" else "once")
+    if top == "injection":
+        return Placement("injection", "shared")
+    if top == "loop_norm":
+        return Placement("norms", "shared")
+    if top == "final_norm":
+        return Placement("norms", "once")
+    if top == "hyper":
+        return Placement("hyper", "per_recurrence")
+    raise ValueError(f"parameter {name} has no accounting placement")  # a bug: new module
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    counts = {group: 0 for group in GROUPS}
+    roles = {"once": 0, "shared": 0, "per_recurrence": 0}
+    for name, param in model.named_parameters():
+        where = place(name)
+        counts[where.group] += param.numel()
+        if where.role in roles:
+            roles[where.role] += param.numel()
+    counts["total"] = sum(counts[g] for g in GROUPS)
+    counts["n_once"] = roles["once"]
+    counts["n_rec"] = roles["shared"] + roles["per_recurrence"]
+    counts["_shared"] = roles["shared"]
+    counts["_per_recurrence"] = roles["per_recurrence"]
+    return counts
+
+
+def training_flops_per_token(cfg: ModelConfig, counts: dict[str, int]) -> float:
+    r, k = cfg.recurrences, cfg.grad_recurrences
+    head = cfg.vocab_size * cfg.d_model  # the logits matmul runs whether or not it is tied
+    shared, per_rec = counts["_shared"], counts["_per_recurrence"]
+    backprop_params = counts["n_once"] + head + k * shared + per_rec * k / r
+    forward_only_params = (r - k) * shared + per_rec * (r - k) / r
+    attn_width = cfg.n_heads * cfg.dim_per_head
+    attn_layers_backprop = cfg.prelude_layers + cfg.coda_layers + k * cfg.loop_layers
+    attn_layers_forward = (r - k) * cfg.loop_layers
+    attention = attn_width * cfg.max_seq_len * (12 * attn_layers_backprop + 4 * attn_layers_forward)
+    return 6 * backprop_params + 2 * forward_only_params + attention
+
+
+def account(cfg: ModelConfig) -> dict[str, float | int]:
+    """Parameter groups and FLOPs per token of a config; the model is built on the meta device,
+    so a 2B model costs no memory."""
+    with torch.device("meta"):
+        model = LoopedLM(cfg)
+    counts = count_parameters(model)
+    result: dict[str, float | int] = {k: v for k, v in counts.items() if not k.startswith("_")}
+    result["flops_per_token"] = training_flops_per_token(cfg, counts)
+    return result
+
+
+def format_table(cfg: ModelConfig, result: dict[str, float | int], title: str = "") -> str:
+    """A readable table of the parameter groups and FLOPs per token."""
+    layout = (f"{cfg.prelude_layers} -> {cfg.loop_layers} x {cfg.recurrences} -> "
+              f"{cfg.coda_layers}")
+    lines = [f"{title}  (d_model {cfg.d_model}, layers {layout}, effective depth "
+             f"{cfg.effective_depth}, hyper {cfg.hyper})".strip()]
+    rows = [*GROUPS, "total", "n_once", "n_rec"]
+    lines.append(f"  {'group':<12}{'parameters':>16}{'millions':>12}")
+    for name in rows:
+        if name == "total":
+            lines.append("  " + "-" * 40)
+        value = int(result[name])
+        lines.append(f"  {name:<12}{value:>16,}{value / 1e6:>12.2f}")
+    grad = cfg.grad_recurrences
+    lines.append(f"  training FLOPs per token: {result['flops_per_token']:.4g} "
+                 f"(r = {cfg.recurrences}, {grad} with gradients, sequence {cfg.max_seq_len})")
+    return "\n".join(lines)

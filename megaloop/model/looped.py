@@ -1,0 +1,190 @@
+"""LoopedLM: embed -> prelude -> loop x r (injection, truncated BPTT) -> coda -> norm -> LM head.
+
+One class covers the standard transformer (r = 1), the looped model with linear, additive or
+passthrough injection, truncated BPTT, Huginn's sampled recurrences, and the hyper-connection
+variants (Hyperloop, lanes, mHC). Activation checkpointing boundaries (per recurrence, per layer)
+are offered here and switched on by the trainer with `set_activation_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megaloop.config import ModelConfig
+from megaloop.errors import ConfigError
+from megaloop.model.blocks import Block, RMSNorm, Rotary
+from megaloop.model.hyper import Hyperloop, Lanes, MHCBlock, expand_streams
+
+RECURRENCE_SIGMA = 0.5  # Huginn's log-normal spread of the sampled recurrence count
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.checkpointing = "none"
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.prelude = self._stack(cfg.prelude_layers)
+        self.loop = self._stack(cfg.loop_layers)
+        self.coda = self._stack(cfg.coda_layers)
+        linear_injection = cfg.is_looped and cfg.injection == "linear"
+        self.injection = nn.Linear(2 * d, d, bias=False) if linear_injection else None
+        self.loop_norm = RMSNorm(d) if self.injection is not None else None
+        self.hyper = None
+        if cfg.hyper == "hyperloop":
+            self.hyper = Hyperloop(cfg.hyper_streams, d, cfg.recurrences)
+        elif cfg.hyper == "lanes":
+            self.hyper = Lanes(cfg.hyper_streams, cfg.recurrences)
+        self.final_norm = RMSNorm(d)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.dim_per_head, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+
+    def _stack(self, n_layers: int) -> nn.ModuleList:
+        cfg = self.cfg
+        if cfg.hyper == "mhc":
+            return nn.ModuleList(MHCBlock(Block(cfg), cfg.hyper_streams, cfg.d_model)
+                                 for _ in range(n_layers))
+        return nn.ModuleList(Block(cfg) for _ in range(n_layers))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style init; residual output projections scaled by the effective depth."""
+        std = 0.02
+        residual_std = std / math.sqrt(2 * self.cfg.effective_depth)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for stack in (self.prelude, self.loop, self.coda):
+            for layer in stack:
+                block = layer.block if isinstance(layer, MHCBlock) else layer
+                nn.init.normal_(block.attn.qkv.weight, std=std)
+                nn.init.normal_(block.mlp.inp.weight, std=std)
+                nn.init.normal_(block.attn.out.weight, std=residual_std)
+                nn.init.normal_(block.mlp.out.weight, std=residual_std)
+        if self.injection is not None:  # [I | 0]: u = e at the start of training
+            d = self.cfg.d_model
+            self.injection.weight.zero_()
+            self.injection.weight[:, :d].copy_(torch.eye(d))
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """`none`, `per_recurrence` or `per_layer`; non-reentrant, so safe with ZeRO-3 on the
+        reused loop block."""
+        if mode not in ("none", "per_recurrence", "per_layer"):
+            raise ConfigError(f"activation_checkpointing = {mode!r} is not one of: none, "
+                              "per_recurrence, per_layer.")
+        self.checkpointing = mode
+
+    def recurrences_for_step(self, step: int, seed: int = 0) -> int:
+        """r for a training step: fixed, or drawn Poisson log-normal from a step-seeded generator
+        so that every rank draws the same r in the same step."""
+        cfg = self.cfg
+        if cfg.recurrence_sampling == "fixed":
+            return cfg.recurrences
+        generator = torch.Generator().manual_seed(1_000_003 * seed + step)
+        mean = float(cfg.recurrences)
+        tau = torch.normal(math.log(mean) - RECURRENCE_SIGMA**2 / 2, RECURRENCE_SIGMA, (1,),
+                           generator=generator)
+        r = int(torch.poisson(tau.exp(), generator=generator).item())
+        return max(1, min(r, 4 * cfg.recurrences))
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                recurrences: int | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or the mean cross-entropy when targets are given (-1 is ignored)."""
+        r = self._check_recurrences(recurrences)
+        seq_len = tokens.shape[1]
+        if seq_len > self.cfg.max_seq_len:
+            raise ConfigError(f"Sequence length {seq_len} exceeds model.max_seq_len = "
+                              f"{self.cfg.max_seq_len}; raise max_seq_len or shorten the input.")
+        x = self.embed(tokens)
+        rope = self.rotary(seq_len, x.dtype)
+        if self.cfg.hyper == "mhc":
+            x = expand_streams(x, self.cfg.hyper_streams)
+        x = self._run_stack(self.prelude, x, rope)
+        x = self._run_loop(x, rope, r)
+        x = self._run_stack(self.coda, x, rope)
+        if self.cfg.hyper == "mhc":
+            x = x.mean(dim=-2)
+        logits = self._logits(self.final_norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def _check_recurrences(self, recurrences: int | None) -> int:
+        r = self.cfg.recurrences if recurrences is None else int(recurrences)
+        if r < 1:
+            raise ConfigError(f"recurrences = {r} must be >= 1.")
+        if r != self.cfg.recurrences and self.hyper is not None:
+            raise ConfigError(f"model.hyper = {self.cfg.hyper} has parameters for exactly "
+                              f"{self.cfg.recurrences} recurrences; it cannot run {r}.")
+        if r > 1 and not self.loop:
+            raise ConfigError(f"recurrences = {r} but the model has no loop layers.")
+        return r
+
+    def _run_stack(self, stack: nn.ModuleList, x: torch.Tensor, rope) -> torch.Tensor:
+        for layer in stack:
+            if self.checkpointing == "per_layer" and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, use_reentrant=False)
+            else:
+                x = layer(x, rope)
+        return x
+
+    def _run_loop(self, e: torch.Tensor, rope, r: int) -> torch.Tensor:
+        """r recurrences of the loop block; only the last k (bptt_k) build an autograd graph."""
+        if not self.loop:
+            return e
+        k = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
+        grad_on = torch.is_grad_enabled()
+        state = self._loop_start(e)
+        for i in range(r):
+            with torch.set_grad_enabled(grad_on and i >= r - k):
+                if self.checkpointing == "per_recurrence" and torch.is_grad_enabled():
+                    state = checkpoint(self._recurrence, state, e, rope, i, use_reentrant=False)
+                else:
+                    state = self._recurrence(state, e, rope, i)
+        return self.hyper.finish(state) if self.hyper is not None else state
+
+    def _loop_start(self, e: torch.Tensor) -> torch.Tensor:
+        if self.hyper is not None:
+            return self.hyper.start(e)
+        if self.cfg.is_looped and self.cfg.injection == "additive":
+            return torch.zeros_like(e)  # so the first recurrence sees u = e, as for linear
+        return e
+
+    def _recurrence(self, state: torch.Tensor, e: torch.Tensor, rope, i: int):
+        """One pass through the loop block: inject, run the shared layers, normalise."""
+        if self.hyper is not None:
+            return self.hyper.step(state, i, lambda u: self._run_stack(self.loop, u, rope) - u)
+        u = self._inject(state, e) if self.cfg.is_looped else state
+        state = self._run_stack(self.loop, u, rope)
+        return self.loop_norm(state) if self.loop_norm is not None else state
+
+    def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if self.injection is not None:
+            return self.injection(torch.cat([e, state], dim=-1))
+        if self.cfg.injection == "additive":
+            return state + e
+        return state
+
+
+def build(cfg: ModelConfig, device: str | torch.device | None = None) -> LoopedLM:
+    """Build a model from a validated config (on `device`, default the current one)."""
+    if device is None:
+        return LoopedLM(cfg)
+    with torch.device(device):
+        return LoopedLM(cfg)

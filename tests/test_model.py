@@ -1,0 +1,459 @@
+"""LoopedLM on real tiny fp32 models: causality, equality with an independent reference, truncated
+BPTT, activation checkpointing, initialisations, hyper-connections, sampled r, attention, loss."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference import (
+    ReferenceTransformer,
+    causal_attention,
+    rms_norm,
+    stack_names,
+    unrolled_order,
+)
+from tiny import VARIANTS, make_model, random_tokens
+
+from megaloop.errors import ConfigError
+from megaloop.model.blocks import sdpa_attention
+from megaloop.model.hyper import MHCConnection, sinkhorn
+
+VOCAB = 64
+
+
+def exact(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = "") -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def loss_and_grads(model, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    grads = {name: None if p.grad is None else p.grad.clone()
+             for name, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def assert_same_grads(ours: dict, theirs: dict, atol: float) -> None:
+    """Equal gradients; a missing gradient (None) equals an all-zero one."""
+    assert ours.keys() == theirs.keys()
+    for name, grad in ours.items():
+        other = theirs[name]
+        if grad is None or other is None:
+            present = grad if other is None else other
+            assert present is None or not present.any(), f"{name}: gradient on one side only"
+        else:
+            exact(grad, other, atol, name)
+
+
+def tokens_and_targets(seq: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = random_tokens(seq=seq + 1)
+    return tokens[:, :-1].clone(), tokens[:, 1:].clone()
+
+
+# ---- causality --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("position", [1, 9])
+def test_future_tokens_never_change_earlier_logits(variant, position):
+    model = make_model(perturb=0.05, **VARIANTS[variant])
+    tokens = random_tokens(seq=16)
+    changed = tokens.clone()
+    changed[:, position:] = (changed[:, position:] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    exact(after[:, :position], before[:, :position], atol=1e-6, what=variant)
+    assert not torch.allclose(after[:, position], before[:, position], atol=1e-4)
+
+
+# ---- equality with the reference transformer --------------------------------------------------
+
+REFERENCE_CASES = {
+    "swiglu": {},
+    "relu2": {"mlp": "relu2", "mlp_ratio": 4.0},
+    "gqa_qknorm_softcap": {"n_kv_heads": 2, "qk_norm": True, "logit_softcap": 3.0},
+    "mqa_tied": {"n_kv_heads": 1, "tie_embeddings": True},
+    "wide_heads_theta": {"head_dim": 16, "rope_theta": 500.0},
+}
+
+
+def reference_of(model) -> ReferenceTransformer:
+    return ReferenceTransformer(model.state_dict(), model.cfg)
+
+
+@pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
+def test_r1_equals_plain_reference_transformer(case):
+    model = make_model(perturb=0.1, **REFERENCE_CASES[case])
+    tokens = random_tokens(seq=20)
+    with torch.no_grad():
+        ours = model(tokens)
+    theirs = reference_of(model)(tokens, unrolled_order(model.cfg))
+    assert theirs.std() > 0.1  # logits of a size where 1e-5 means something
+    exact(ours, theirs, atol=1e-5, what=case)
+
+
+@pytest.mark.parametrize("recurrences", [None, 1, 5])
+def test_passthrough_loop_equals_unrolled_reference(recurrences):
+    model = make_model(perturb=0.1, **VARIANTS["passthrough_r3"])
+    tokens = random_tokens(seq=10)
+    with torch.no_grad():
+        ours = model(tokens, recurrences=recurrences)
+    order = unrolled_order(model.cfg, recurrences)
+    assert order.count("loop.1") == (recurrences or 3)
+    exact(ours, reference_of(model)(tokens, order), atol=1e-5)
+
+
+def hand_loop_logits(model, tokens, start, inject, finish) -> torch.Tensor:
+    """prelude -> r x (u = inject(e, s); s = finish(loop(u))) -> coda, with reference blocks."""
+    ref, cfg = reference_of(model), model.cfg
+    e = ref.layers(ref.embed(tokens), stack_names("prelude", cfg.prelude_layers))
+    s = start(e)
+    for _ in range(cfg.recurrences):
+        s = finish(ref, ref.layers(inject(ref, e, s), stack_names("loop", cfg.loop_layers)))
+    return ref.logits(ref.layers(s, stack_names("coda", cfg.coda_layers)))
+
+
+def test_linear_injection_equals_hand_written_loop():
+    model = make_model(perturb=0.1, **VARIANTS["linear_r3"])
+    tokens = random_tokens(seq=10)
+    expected = hand_loop_logits(
+        model, tokens, start=lambda e: e,
+        inject=lambda ref, e, s: torch.cat([e, s], dim=-1) @ ref.weights["injection.weight"].T,
+        finish=lambda ref, s: rms_norm(s, ref.weights["loop_norm.weight"]))
+    with torch.no_grad():
+        exact(model(tokens), expected, atol=1e-5)
+
+
+def test_additive_injection_equals_hand_written_loop():
+    model = make_model(perturb=0.1, **VARIANTS["additive_r3"])
+    tokens = random_tokens(seq=10)
+    expected = hand_loop_logits(model, tokens, start=torch.zeros_like,
+                                inject=lambda ref, e, s: s + e, finish=lambda ref, s: s)
+    with torch.no_grad():
+        exact(model(tokens), expected, atol=1e-5)
+
+
+def test_lanes_at_init_are_a_passthrough_loop_with_k_times_the_state():
+    """At init every lane holds the same state, so the coda reads K x the passthrough state."""
+    model = make_model(**VARIANTS["lanes"])
+    lanes = model.cfg.hyper_streams
+    tokens = random_tokens(seq=10)
+    ref, cfg = reference_of(model), model.cfg
+    loop = stack_names("prelude", cfg.prelude_layers) + stack_names("loop", 2) * cfg.recurrences
+    state = ref.layers(ref.embed(tokens), loop)
+    expected = ref.logits(ref.layers(lanes * state, stack_names("coda", cfg.coda_layers)))
+    with torch.no_grad():
+        exact(model(tokens), expected, atol=1e-5)
+
+
+# ---- truncated BPTT ---------------------------------------------------------------------------
+
+def manual_loss(model, tokens, targets, detach_after: int | None) -> torch.Tensor:
+    """The forward pass written out with the model's own modules; the loop state is detached
+    after recurrence `detach_after` (None: full backpropagation)."""
+    x = model.embed(tokens)
+    rope = model.rotary(tokens.shape[1], x.dtype)
+    for layer in model.prelude:
+        x = layer(x, rope)
+    e = x
+    state = model.hyper.start(e) if model.hyper is not None else e
+    if model.cfg.injection == "additive":
+        state = torch.zeros_like(e)
+    for i in range(model.cfg.recurrences):
+        state = manual_recurrence(model, state, e, rope, i)
+        if i == detach_after:
+            state = state.detach()
+    x = model.hyper.finish(state) if model.hyper is not None else state
+    for layer in model.coda:
+        x = layer(x, rope)
+    logits = model.lm_head(model.final_norm(x))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def manual_recurrence(model, state, e, rope, index):
+    def loop(u):
+        for layer in model.loop:
+            u = layer(u, rope)
+        return u
+
+    if model.hyper is not None:
+        return model.hyper.loops[index](state, lambda u: loop(u) - u)
+    if model.cfg.injection == "additive":
+        return loop(state + e)
+    if model.injection is None:
+        return loop(state)
+    return model.loop_norm(loop(model.injection(torch.cat([e, state], dim=-1))))
+
+
+BPTT_CASES = [
+    ("linear_r3", 1), ("linear_r3", 2), ("linear_r3", 3),
+    ("additive_r3", 1), ("additive_r3", 2),
+]
+
+
+@pytest.mark.parametrize("variant, k", BPTT_CASES)
+def test_truncated_bptt_equals_hand_detached_loop(variant, k):
+    model = make_model(perturb=0.05, bptt_k=k, **VARIANTS[variant])
+    tokens, targets = tokens_and_targets()
+    r = model.cfg.recurrences
+    loss, grads = loss_and_grads(model, lambda: model(tokens, targets))
+    manual, manual_grads = loss_and_grads(model,
+                                          lambda: manual_loss(model, tokens, targets, r - k - 1))
+    exact(loss, manual, atol=1e-6)
+    assert_same_grads(grads, manual_grads, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["linear_r3", "passthrough_r3", "hyperloop"])
+def test_truncation_changes_the_shared_loop_gradient(variant):
+    """The hand-detached gradient differs from full backpropagation, so the test above can tell."""
+    model = make_model(perturb=0.05, **VARIANTS[variant])
+    tokens, targets = tokens_and_targets()
+    _, full = loss_and_grads(model, lambda: model(tokens, targets))
+    _, manual_full = loss_and_grads(model, lambda: manual_loss(model, tokens, targets, None))
+    _, truncated = loss_and_grads(model, lambda: manual_loss(model, tokens, targets, 1))
+    assert_same_grads(full, manual_full, atol=1e-6)
+    name = "loop.0.attn.qkv.weight"
+    assert (full[name] - truncated[name]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", ["linear_r3", "additive_r3"])
+def test_truncated_bptt_still_trains_the_prelude(variant):
+    """Injection carries the gradient from the loop's last recurrences back to the prelude."""
+    model = make_model(perturb=0.05, bptt_k=1, **VARIANTS[variant])
+    tokens, targets = tokens_and_targets()
+    model(tokens, targets).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.any(), f"{name} got no gradient"
+
+
+def test_detached_recurrences_build_no_graph():
+    """With bptt_k = 1 only the last recurrence's activations are saved for backward."""
+    def saved_tensors(k):
+        model = make_model(bptt_k=k, **VARIANTS["linear_r3"])
+        tokens, targets = tokens_and_targets()
+        return count_saved_tensors(lambda: model(tokens, targets))
+
+    per_recurrence = (saved_tensors(3) - saved_tensors(1)) / 2
+    assert per_recurrence > 0
+    assert saved_tensors(2) == saved_tensors(1) + per_recurrence
+
+
+# ---- activation checkpointing -----------------------------------------------------------------
+
+CHECKPOINT_CASES = {
+    "linear_r3": VARIANTS["linear_r3"],
+    "linear_bptt": {**VARIANTS["linear_r3"], "bptt_k": 2},
+    "hyperloop": VARIANTS["hyperloop"],
+    "lanes": VARIANTS["lanes"],
+    "mhc": VARIANTS["mhc"],
+    "mhc_looped": VARIANTS["mhc_looped"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHECKPOINT_CASES))
+@pytest.mark.parametrize("mode", ["per_recurrence", "per_layer"])
+def test_activation_checkpointing_changes_nothing(case, mode):
+    model = make_model(perturb=0.05, **CHECKPOINT_CASES[case])
+    tokens, targets = tokens_and_targets()
+    loss, grads = loss_and_grads(model, lambda: model(tokens, targets))
+    model.set_activation_checkpointing(mode)
+    checkpointed_loss, checkpointed = loss_and_grads(model, lambda: model(tokens, targets))
+    exact(checkpointed_loss, loss, atol=1e-6)
+    assert_same_grads(checkpointed, grads, atol=1e-6)
+
+
+def count_saved_tensors(run) -> int:
+    """How many tensors autograd saves for backward outside checkpointed regions."""
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return count
+
+
+@pytest.mark.parametrize("mode", ["per_recurrence", "per_layer"])
+def test_activation_checkpointing_saves_fewer_tensors(mode):
+    model = make_model(**VARIANTS["linear_r3"])
+    tokens, targets = tokens_and_targets()
+    plain = count_saved_tensors(lambda: model(tokens, targets))
+    model.set_activation_checkpointing(mode)
+    assert count_saved_tensors(lambda: model(tokens, targets)) < plain / 2
+
+
+def test_unknown_checkpointing_mode_is_refused(tiny_model):
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        tiny_model().set_activation_checkpointing("everything")
+
+
+# ---- initialisation ---------------------------------------------------------------------------
+
+def test_linear_injection_starts_as_identity_on_e():
+    model = make_model(**VARIANTS["linear_r3"])
+    d = model.cfg.d_model
+    assert torch.equal(model.injection.weight, torch.cat([torch.eye(d), torch.zeros(d, d)], 1))
+    assert torch.equal(model.loop_norm.weight, torch.ones(d))
+
+
+def test_plain_and_hyper_models_have_no_injection():
+    for variant in ["plain", "additive_r3", "passthrough_r3", "hyperloop", "lanes", "mhc"]:
+        assert make_model(**VARIANTS[variant]).injection is None, variant
+
+
+def random_streams(n: int, d: int = 32) -> torch.Tensor:
+    return torch.randn(2, 5, n, d, generator=torch.Generator().manual_seed(3))
+
+
+def test_hyperloop_gates_at_init():
+    model = make_model(**VARIANTS["hyperloop"])
+    n = model.cfg.hyper_streams
+    streams = random_streams(n)
+    for loop in model.hyper.loops:
+        assert torch.equal(loop.loop_embedding, torch.zeros(model.cfg.d_model))
+        assert torch.allclose(loop.gates.alpha, torch.full((3,), 0.01))
+        for tolerance in (1e-2, 1e-6):  # dynamic part small; then zeroed: the bias alone
+            h_pre, h_post, h_res = loop.mixing(streams)
+            exact(h_pre, torch.full_like(h_pre, 1 / n), tolerance, "H_pre")
+            exact(h_post, torch.ones_like(h_post), tolerance, "H_post")
+            exact(h_res, torch.full_like(h_res, 0.99), tolerance, "H_res")
+            with torch.no_grad():
+                loop.gates.proj.weight.zero_()
+
+
+def test_lanes_at_init():
+    model = make_model(**VARIANTS["lanes"])
+    lanes, r = model.cfg.hyper_streams, model.cfg.recurrences
+    for i in range(r):
+        assert torch.equal(model.hyper.read[i], F.one_hot(torch.tensor(i % lanes), lanes).float())
+    assert torch.equal(model.hyper.mix, torch.eye(lanes).expand(r, lanes, lanes))
+    assert torch.equal(model.hyper.write, torch.ones(r, lanes))
+
+
+def test_mhc_starts_near_the_identity():
+    connection = MHCConnection(4, 32)
+    h_pre, h_post, h_res = connection.mixing(random_streams(4))
+    exact(h_pre, torch.full_like(h_pre, 0.25), 1e-2, "H_pre")
+    exact(h_post, torch.ones_like(h_post), 1e-2, "H_post")
+    exact(h_res, torch.eye(4).expand_as(h_res), 1e-2, "H_res")
+
+
+# ---- mHC --------------------------------------------------------------------------------------
+
+def test_mhc_residual_mixing_is_doubly_stochastic():
+    torch.manual_seed(0)
+    connection = MHCConnection(4, 32)
+    with torch.no_grad():  # random gates far from the init
+        connection.gates.proj.weight.normal_(std=0.05)
+        connection.gates.bias.normal_()
+        connection.gates.alpha.fill_(1.0)
+    _, _, h_res = connection.mixing(random_streams(4))
+    assert h_res.shape == (2, 5, 4, 4) and (h_res >= 0).all()
+    exact(h_res.sum(dim=-1), torch.ones(2, 5, 4), 1e-3, "rows")
+    exact(h_res.sum(dim=-2), torch.ones(2, 5, 4), 1e-3, "columns")
+    off_diagonal = h_res * (1 - torch.eye(4))
+    assert off_diagonal.amax() > 0.05  # really mixing, not the identity
+
+
+def test_sinkhorn_converges_on_peaked_logits():
+    """20 iterations (mHC's choice) are approximate on peaked logits; more iterations converge,
+    so the projection itself is right. Columns are normalised last and always sum to 1."""
+    logits = 2.0 * torch.randn(64, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact(sinkhorn(logits).sum(dim=-2), torch.ones(64, 4), 1e-6, "columns")
+    converged = sinkhorn(logits, iterations=500)
+    exact(converged.sum(dim=-1), torch.ones(64, 4), 1e-5, "rows")
+    exact(converged.sum(dim=-2), torch.ones(64, 4), 1e-5, "columns")
+
+
+# ---- sampled recurrences ----------------------------------------------------------------------
+
+SAMPLED = {"loop_layers": 1, "recurrences": 4, "recurrence_sampling": "poisson_lognormal"}
+
+
+def test_sampled_recurrences_are_lockstep_and_near_the_mean():
+    first, second = make_model(seed=0, **SAMPLED), make_model(seed=1, **SAMPLED)
+    draws = [first.recurrences_for_step(step) for step in range(2000)]
+    assert draws[:100] == [second.recurrences_for_step(step) for step in range(100)]
+    assert min(draws) >= 1 and len(set(draws)) >= 5
+    assert abs(statistics.mean(draws) - 4) / 4 < 0.15
+
+
+def test_sampling_leaves_the_global_generator_alone():
+    model = make_model(**SAMPLED)
+    state = torch.get_rng_state()
+    model.recurrences_for_step(7)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_fixed_sampling_returns_the_configured_r():
+    model = make_model(**VARIANTS["linear_r3"])
+    assert {model.recurrences_for_step(step) for step in range(20)} == {3}
+
+
+def test_sampled_model_runs_any_drawn_r():
+    model = make_model(perturb=0.05, **SAMPLED)
+    tokens, targets = tokens_and_targets()
+    losses = {r: model(tokens, targets, recurrences=r).item() for r in (1, 2, 7)}
+    assert len(set(losses.values())) == 3
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_sdpa_equals_reference_attention(kv_heads):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=generator)
+    k, v = torch.randn(2, 2, kv_heads, 10, 8, generator=generator)
+    exact(sdpa_attention(q, k, v), causal_attention(q, k, v), atol=1e-5)
+
+
+# ---- loss and refusals ------------------------------------------------------------------------
+
+def test_loss_is_the_cross_entropy_of_the_logits():
+    model = make_model(perturb=0.05, **VARIANTS["linear_r3"])
+    tokens, targets = tokens_and_targets()
+    loss = model(tokens, targets)
+    assert loss.dim() == 0
+    logits = model(tokens)
+    exact(loss, F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1)), atol=1e-6)
+
+
+def test_loss_ignores_minus_one():
+    model = make_model(perturb=0.05)
+    tokens, targets = tokens_and_targets()
+    targets[0, :5] = -1
+    targets[1, -3:] = -1
+    keep = targets >= 0
+    log_probs = torch.log_softmax(model(tokens), dim=-1)
+    expected = -log_probs[keep].gather(-1, targets[keep][:, None]).mean()
+    exact(model(tokens, targets), expected, atol=1e-6)
+
+
+def test_softcap_bounds_the_logits():
+    model = make_model(perturb=0.5, logit_softcap=2.0)
+    assert model(random_tokens()).abs().max() <= 2.0
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    model = make_model()
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        model(random_tokens(seq=33))
+
+
+@pytest.mark.parametrize("variant", ["hyperloop", "lanes"])
+@pytest.mark.parametrize("recurrences", [2, 4])
+def test_per_recurrence_hyper_refuses_another_r(variant, recurrences):
+    model = make_model(**VARIANTS[variant])
+    with pytest.raises(ConfigError, match="model.hyper"):
+        model(random_tokens(), recurrences=recurrences)
+
+
+def test_zero_recurrences_is_refused():
+    with pytest.raises(ConfigError, match="recurrences"):
+        make_model(**VARIANTS["linear_r3"])(random_tokens(), recurrences=0)
