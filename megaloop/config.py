@@ -151,11 +151,110 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+class DataConfig:
+    shards: str | None = None  # a folder made by `megaloop data prepare`; else corpus below
+    corpus: str = "stdlib"  # prepared into cache_dir on first use when shards is null
+    tokenizer: str | None = None  # None: the default tokenizer in tokenizer/
+    text_field: str = "text"
+    val_fraction: float = 0.01
+    cache_dir: str = "runs/data"
+    workers: int = 2
+    verify: bool = True  # check every shard's sha256 when a run starts
 
     def validate(self) -> None:
-        self.model.validate()
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction = {self.val_fraction} must be in [0, 1).")
+        if self.workers < 1:
+            raise ConfigError(f"data.workers = {self.workers} must be >= 1.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    micro_batch: int = 8  # sequences per rank per forward/backward
+    global_batch: int | None = 32  # sequences per optimizer step over all ranks
+    global_batch_tokens: int | None = None  # alternative to global_batch, in tokens
+    tokens: int | None = None  # budget in tokens ...
+    steps: int | None = None  # ... or in optimizer steps
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    wsd_decay_fraction: float = 0.2  # WSD: the last fraction of steps decays to min_lr
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 0.0  # 0: no clipping (DeepSpeed's default of 1.0 never applies silently)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_stage: int = 0
+    offload: bool = False  # ZeRO CPU offload of optimizer state (and parameters at stage 3)
+    ds_config: str | None = None  # a Jinja2 template of your own instead of ds_configs/
+    compile: bool = False  # torch.compile the blocks (for GPUs)
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 20
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 3
+    checkpoint_dir: str = "runs/checkpoints"
+    seed: int = 0
+    peak_flops: float | None = None  # per device, for MFU; None: known GPU table or measured
+
+    def validate(self) -> None:
+        positive = ["micro_batch", "global_batch", "global_batch_tokens", "tokens", "steps",
+                    "log_interval", "eval_interval", "eval_batches", "checkpoint_interval",
+                    "keep_checkpoints", "peak_flops"]
+        for key in positive:
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{key} = {value} must be positive.")
+        for key in ["lr", "min_lr", "weight_decay", "eps", "grad_clip", "warmup_steps"]:
+            value = getattr(self, key)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"train.{key} = {value} must be a finite number >= 0.")
+        if self.global_batch is not None and self.global_batch_tokens is not None:
+            raise ConfigError("train.global_batch and train.global_batch_tokens are both set; "
+                              "set one of them (the other to null).")
+        if self.global_batch is None and self.global_batch_tokens is None:
+            raise ConfigError("Set train.global_batch (sequences) or train.global_batch_tokens.")
+        if self.tokens is not None and self.steps is not None:
+            raise ConfigError("train.tokens and train.steps are both set; the budget is one of "
+                              "them: set the other to null.")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr = {self.min_lr} exceeds train.lr = {self.lr}.")
+        for key in ["beta1", "beta2"]:
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} = {getattr(self, key)} must be in [0, 1).")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ConfigError(f"train.wsd_decay_fraction = {self.wsd_decay_fraction} must be in "
+                              "(0, 1].")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3.")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError("train.offload needs ZeRO: set train.zero_stage to 1, 2 or 3.")
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    experiment: str = "default"
+    run_name: str | None = None  # None: derived from the config
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
+    enabled: bool = True
+
+    def validate(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError("track.experiment must not be empty.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.track):
+            section.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,3 +22,7 @@ class CheckpointError(MegaloopError):
 
 class FitError(MegaloopError):
     """Scaling-law input that cannot be fitted: too few runs, missing columns, bad values."""
+
+
+class TrainingError(MegaloopError):
+    """A run that cannot go on: a non-finite loss or gradient."""

@@ -1,14 +1,25 @@
-"""Shared fixtures: factories of tiny model configs and tiny models (see tiny.py)."""
+"""Shared fixtures: factories of tiny model configs and tiny models (see tiny.py), a folder of
+real standard-library source as .txt documents and a small tokenizer trained on it."""
 
 from __future__ import annotations
 
+import shutil
+import sysconfig
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tiny import make_config, make_model
 
 from megaloop.config import ModelConfig
+from megaloop.data.corpus import open_corpus
+from megaloop.data.tokenizer import Tokenizer, train_tokenizer
 from megaloop.model import LoopedLM
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Real source for corpus and tokenizer tests: code, docstrings, a little non-ASCII text.
+SOURCE_MODULES = ["textwrap.py", "string.py", "json/encoder.py", "argparse.py", "dataclasses.py",
+                  "locale.py"]
 
 
 @pytest.fixture
@@ -19,3 +30,19 @@ def tiny_config() -> Callable[..., ModelConfig]:
 @pytest.fixture
 def tiny_model() -> Callable[..., LoopedLM]:
     return make_model
+
+
+@pytest.fixture(scope="session")
+def source_folder(tmp_path_factory) -> Path:
+    """The SOURCE_MODULES of the standard library as .txt documents, in that order."""
+    folder = tmp_path_factory.mktemp("sources")
+    for i, module in enumerate(SOURCE_MODULES):
+        shutil.copy(STDLIB / module, folder / f"{i:02d}_{Path(module).stem}.txt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(source_folder, tmp_path_factory) -> Tokenizer:
+    """A 512-piece tokenizer trained (in well under a second) on `source_folder`."""
+    out = tmp_path_factory.mktemp("tokenizer") / "small.model"
+    return train_tokenizer(open_corpus(str(source_folder)), 512, out)

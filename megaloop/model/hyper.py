@@ -37,7 +37,7 @@ def sinkhorn(logits: torch.Tensor, iterations: int = 20) -> torch.Tensor:
     return log_p.exp()
 
 
-class _DynamicGates(nn.Module):
+class DynamicGates(nn.Module):
     """Token-wise gate logits `alpha * W RMSNorm(flatten(y)) + b` for several gate groups."""
 
     def __init__(self, n: int, dim: int, sizes: list[int], bias_init: list[torch.Tensor]):
@@ -47,7 +47,6 @@ class _DynamicGates(nn.Module):
         self.proj = nn.Linear(n * dim, sum(sizes), bias=False)
         self.bias = nn.Parameter(torch.cat([b.flatten() for b in bias_init]).float())
         self.alpha = nn.Parameter(torch.full((len(sizes),), DYNAMIC_SCALE_INIT))
-        nn.init.normal_(self.proj.weight, std=0.02)
 
     def forward(self, streams: torch.Tensor) -> list[torch.Tensor]:
         dynamic = self.proj(self.norm(streams.flatten(-2))).split(self.sizes, dim=-1)
@@ -65,7 +64,7 @@ class HyperloopConnection(nn.Module):
     def __init__(self, n: int, dim: int):
         super().__init__()
         n_float = float(n)
-        self.gates = _DynamicGates(n, dim, [n, n, n], [
+        self.gates = DynamicGates(n, dim, [n, n, n], [
             torch.full((n,), -math.log(n_float - 1.0)),  # sigma = 1/n
             torch.zeros(n),  # 2 sigma = 1
             torch.full((n,), math.log(RESIDUAL_KEEP_INIT / (1 - RESIDUAL_KEEP_INIT))),
@@ -136,7 +135,7 @@ class MHCConnection(nn.Module):
         super().__init__()
         self.n, self.iterations = n, sinkhorn_iterations
         off_diagonal = torch.full((n, n), -8.0).fill_diagonal_(0.0)  # Sinkhorn of it ~ identity
-        self.gates = _DynamicGates(n, dim, [n, n, n * n], [
+        self.gates = DynamicGates(n, dim, [n, n, n * n], [
             torch.full((n,), -math.log(float(n) - 1.0)), torch.zeros(n), off_diagonal])
 
     def mixing(self, streams: torch.Tensor):

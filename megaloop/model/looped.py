@@ -8,7 +8,10 @@ are offered here and switched on by the trainer with `set_activation_checkpointi
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +20,14 @@ from torch.utils.checkpoint import checkpoint
 
 from megaloop.config import ModelConfig
 from megaloop.errors import ConfigError
-from megaloop.model.blocks import Block, RMSNorm, Rotary
-from megaloop.model.hyper import Hyperloop, Lanes, MHCBlock, expand_streams
+from megaloop.model.blocks import MLP, Attention, Block, RMSNorm, Rotary
+from megaloop.model.hyper import DynamicGates, Hyperloop, Lanes, MHCBlock, expand_streams
 
 RECURRENCE_SIGMA = 0.5  # Huginn's log-normal spread of the sampled recurrence count
 
 
 class LoopedLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_weights: bool = True):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -45,7 +48,8 @@ class LoopedLM(nn.Module):
         self.final_norm = RMSNorm(d)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.dim_per_head, cfg.max_seq_len, cfg.rope_theta)
-        self.reset_parameters()
+        if init_weights:  # False under ZeRO-3's zero.Init: the engine initialises gathered weights
+            self.reset_parameters()
 
     def _stack(self, n_layers: int) -> nn.ModuleList:
         cfg = self.cfg
@@ -54,25 +58,40 @@ class LoopedLM(nn.Module):
                                  for _ in range(n_layers))
         return nn.ModuleList(Block(cfg) for _ in range(n_layers))
 
+    def reset_parameters(self, gather: Callable[[list[nn.Parameter]], Any] | None = None) -> None:
+        """Initialise every weight, one module at a time in a fixed order.
+
+        `gather(params)` is a context manager that makes sharded parameters whole while they are
+        written (ZeRO-3's GatheredParameters, see train/engine.py); None for a plain model."""
+        for module in self.modules():
+            if self._initialises(module):
+                with gather(list(module.parameters())) if gather else contextlib.nullcontext():
+                    self._init_module(module)
+
+    def _initialises(self, module: nn.Module) -> bool:
+        return (isinstance(module, (Attention, MLP, DynamicGates))
+                or any(module is m for m in (self.embed, self.lm_head, self.injection)))
+
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2 style init; residual output projections scaled by the effective depth."""
+    def _init_module(self, module: nn.Module) -> None:
+        """GPT-2 style: normal(0.02), residual output projections scaled by the effective depth;
+        linear injection [I | 0]."""
         std = 0.02
         residual_std = std / math.sqrt(2 * self.cfg.effective_depth)
-        nn.init.normal_(self.embed.weight, std=std)
-        if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=std)
-        for stack in (self.prelude, self.loop, self.coda):
-            for layer in stack:
-                block = layer.block if isinstance(layer, MHCBlock) else layer
-                nn.init.normal_(block.attn.qkv.weight, std=std)
-                nn.init.normal_(block.mlp.inp.weight, std=std)
-                nn.init.normal_(block.attn.out.weight, std=residual_std)
-                nn.init.normal_(block.mlp.out.weight, std=residual_std)
-        if self.injection is not None:  # [I | 0]: u = e at the start of training
+        if module is self.embed or module is self.lm_head:
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, Attention):
+            nn.init.normal_(module.qkv.weight, std=std)
+            nn.init.normal_(module.out.weight, std=residual_std)
+        elif isinstance(module, MLP):
+            nn.init.normal_(module.inp.weight, std=std)
+            nn.init.normal_(module.out.weight, std=residual_std)
+        elif isinstance(module, DynamicGates):
+            nn.init.normal_(module.proj.weight, std=std)
+        elif module is self.injection:  # u = e at the start of training
             d = self.cfg.d_model
-            self.injection.weight.zero_()
-            self.injection.weight[:, :d].copy_(torch.eye(d))
+            module.weight.zero_()
+            module.weight[:, :d].copy_(torch.eye(d))
 
     def set_activation_checkpointing(self, mode: str) -> None:
         """`none`, `per_recurrence` or `per_layer`; non-reentrant, so safe with ZeRO-3 on the
@@ -182,9 +201,8 @@ class LoopedLM(nn.Module):
         return state
 
 
-def build(cfg: ModelConfig, device: str | torch.device | None = None) -> LoopedLM:
+def build(cfg: ModelConfig, device: str | torch.device | None = None,
+          init_weights: bool = True) -> LoopedLM:
     """Build a model from a validated config (on `device`, default the current one)."""
-    if device is None:
-        return LoopedLM(cfg)
-    with torch.device(device):
-        return LoopedLM(cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return LoopedLM(cfg, init_weights=init_weights)

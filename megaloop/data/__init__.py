@@ -1,0 +1,1 @@
+"""Data: document sources, the tokenizer, token shards and the loader."""

@@ -1,0 +1,126 @@
+"""Token shards -> deterministic, rank-sharded batches of (tokens, targets) with a resumable state.
+
+The training stream is cut into windows of `seq_len + 1` tokens (window i starts at token
+i * seq_len, so consecutive windows share one token: every token is a target once). Each epoch
+visits the windows in a permutation drawn from (seed, epoch). All ranks walk the same permutation
+in lockstep: global step position p, micro-batch row j and rank k read window
+perm[p + j * world_size + k], so the ranks' windows are disjoint and together cover the epoch.
+The state is the epoch and the number of windows consumed by all ranks together, so a run can
+resume on another number of ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from megaloop.data.shards import TokenShards, TokenStream
+from megaloop.errors import DataError
+
+
+class EpochWarning(UserWarning):
+    """The token budget exceeds the data: windows are being seen again."""
+
+
+def _windows(stream: TokenStream, seq_len: int) -> int:
+    return max(len(stream) - 1, 0) // seq_len
+
+
+def _check_fill(split: str, stream: TokenStream, seq_len: int, per_step: int, folder) -> int:
+    n = _windows(stream, seq_len)
+    if n < per_step:
+        raise DataError(
+            f"The {split} split of {folder} holds {len(stream):,} tokens: {n} windows of "
+            f"{seq_len + 1} tokens, fewer than the {per_step} one step needs (micro batch x "
+            "ranks). Use a shorter model.max_seq_len, a smaller micro batch, or more data.")
+    return n
+
+
+def _batch(stream: TokenStream, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:
+    rows = np.stack([stream.read(int(w) * seq_len, seq_len + 1) for w in windows])
+    rows = torch.from_numpy(rows.astype(np.int64))
+    return rows[:, :-1], rows[:, 1:]
+
+
+class TrainLoader:
+    """Shuffled training batches for one data-parallel rank; an endless iterator over epochs."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, micro_batch: int, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside 0..{world_size - 1}.")
+        self.stream = shards.streams["train"]
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.per_step = micro_batch * world_size
+        self.n_windows = _check_fill("train", self.stream, seq_len, self.per_step, shards.folder)
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+        self._order = self._permutation(epoch)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position + self.per_step > self.n_windows:
+            warnings.warn(f"The token budget exceeds the training data: starting epoch "
+                          f"{self.epoch + 1} with a new permutation.", EpochWarning, stacklevel=2)
+            self._start_epoch(self.epoch + 1)
+        step = self._order[self.position:self.position + self.per_step]
+        self.position += self.per_step
+        return _batch(self.stream, step[self.rank::self.world_size], self.seq_len)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return self.n_windows * self.seq_len
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "seq_len": self.seq_len, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "seq_len", "n_windows"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"The saved loader state has {key} = {state[key]}, this loader "
+                                f"{getattr(self, key)}: resume with the same data, sequence "
+                                "length and seed.")
+        if state["position"] % self.per_step:
+            raise DataError(f"The saved loader consumed {state['position']} windows, not a "
+                            f"multiple of micro batch x ranks = {self.per_step}; resume with a "
+                            "global batch that divides it.")
+        self._start_epoch(state["epoch"])
+        self.position = state["position"]
+
+
+class ValLoader:
+    """The fixed validation batches of one rank: the first windows of the split, in order."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, micro_batch: int, *, rank: int = 0,
+                 world_size: int = 1, max_batches: int | None = None):
+        self.stream = shards.streams["val"]
+        self.seq_len, self.micro_batch = seq_len, micro_batch
+        self.rank, self.world_size = rank, world_size
+        per_step = micro_batch * world_size
+        n = _check_fill("val", self.stream, seq_len, per_step, shards.folder)
+        self.n_batches = n // per_step if max_batches is None else min(n // per_step, max_batches)
+        self.bytes_per_token = shards.bytes_per_token("val")
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        per_step = self.micro_batch * self.world_size
+        for b in range(self.n_batches):
+            windows = np.arange(b * per_step + self.rank, (b + 1) * per_step, self.world_size)
+            yield _batch(self.stream, windows, self.seq_len)
