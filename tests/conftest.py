@@ -46,3 +46,15 @@ def small_tokenizer(source_folder, tmp_path_factory) -> Tokenizer:
     """A 512-piece tokenizer trained (in well under a second) on `source_folder`."""
     out = tmp_path_factory.mktemp("tokenizer") / "small.model"
     return train_tokenizer(open_corpus(str(source_folder)), 512, out)
+
+
+@pytest.fixture(scope="session")
+def stdlib_shards(tmp_path_factory) -> Path:
+    """The embedded corpus (the standard library) in shards of the default tokenizer."""
+    from megaloop.data.shards import prepare
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER
+
+    out = tmp_path_factory.mktemp("stdlib-shards")
+    prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), out, val_fraction=0.01,
+            workers=2, progress=False)
+    return out

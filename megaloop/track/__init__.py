@@ -1,0 +1,25 @@
+"""Experiment tracking: the only room that talks to MLflow (imported lazily, so this is cheap)."""
+
+from megaloop.track.mlflow_tracker import (
+    DEFAULT_TRACKING_URI,
+    STATUS_TAG,
+    NullTracker,
+    Tracker,
+    find_runs,
+    open_tracker,
+    run_params,
+    run_tags,
+    tracking_uri,
+)
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "STATUS_TAG",
+    "NullTracker",
+    "Tracker",
+    "find_runs",
+    "open_tracker",
+    "run_params",
+    "run_tags",
+    "tracking_uri",
+]

@@ -1,0 +1,414 @@
+"""MLflow tracking of one run: params, batched metrics, text artifacts, resume, run search.
+
+Rank 0 opens a `Tracker`; other ranks (and `track.enabled: false`) get a `NullTracker`. Metrics
+are queued by `log_metrics` (microseconds, never blocking on MLflow) and sent by a daemon thread
+with `MlflowClient.log_batch`, up to 1000 values per call or every second. A failure of the
+thread is reported as a `MegaloopError` by the next `flush()` or by `finish()`, never lost.
+Non-finite values are logged as they are: NaN is stored as NaN (a diverging loss is worth
+seeing); MLflow stores +-inf as +-1.797e308. Only `MlflowClient` is used, never the fluent
+global run, so several trackers may live in one process. mlflow is imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import posixpath
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from megaloop.config import RunConfig, TrackConfig, config_hash
+from megaloop.errors import MegaloopError
+
+DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the working directory
+STATUS_TAG = "megaloop.status"  # running | finished | failed | killed
+STATUSES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}
+RESUMED_WITH = "megaloop.resumed_with."  # + param name: a value that changed on resume
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
+MAX_PARAMS_PER_BATCH = 100  # the same for params and for tags
+_METRIC_NAME = re.compile(r"^[/\w.\- :]+$")  # what MLflow accepts (it also refuses "a/../b")
+
+
+def tracking_uri(track: TrackConfig, create: bool = True) -> str:
+    """`track.tracking_uri`, else $MLFLOW_TRACKING_URI, else an sqlite store in ./runs/ (made
+    unless `create` is false)."""
+    if track.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return track.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    runs = Path.cwd().resolve() / "runs"
+    if create:
+        runs.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def run_params(config: RunConfig, derived: dict) -> dict[str, str]:
+    """The flattened config (`model.d_model`, ...) plus the derived quantities (`n_once`,
+    `n_rec`, `recurrences`, `tokens`, `budget_flops`, `flops_per_token`, `config_hash`)."""
+    values: dict[str, Any] = dict(config.flat())
+    values.update({"recurrences": config.model.recurrences, "config_hash": config_hash(config)})
+    values.update(derived)
+    return {key: str(value) for key, value in values.items()}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=os.getcwd(), capture_output=True, text=True,
+                              timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    module = sys.modules.get(package)
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def run_tags(world_size: int) -> dict[str, str]:
+    """Where and with what a run ran: git commit of the working directory, host, world size,
+    versions. `mlflow.source.git.commit` is MLflow's own name, shown by its UI."""
+    from megaloop import __version__
+
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    tags = {
+        "megaloop.git_commit": commit,
+        "megaloop.git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+        "megaloop.host": socket.gethostname(),
+        "megaloop.world_size": str(world_size),
+        "megaloop.version.python": platform.python_version(),
+        "megaloop.version.torch": _version("torch"),
+        "megaloop.version.deepspeed": _version("deepspeed"),
+        "megaloop.version.mlflow": _version("mlflow"),
+        "megaloop.version.megaloop": __version__,
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of an `sqlite:///` URI (relative paths are under the cwd)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return None if not path or path == ":memory:" else Path(path).resolve()
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _log_batch(client: Any, run_id: str, *, params: dict | None = None,
+               tags: dict | None = None) -> None:
+    """Params or tags in log_batch calls of at most 100 each (MLflow's limit)."""
+    from mlflow.entities import Param, RunTag
+
+    entries = ([Param(k, str(v)) for k, v in (params or {}).items()]
+               + [RunTag(k, str(v)) for k, v in (tags or {}).items()])
+    for i in range(0, len(entries), MAX_PARAMS_PER_BATCH):
+        chunk = entries[i:i + MAX_PARAMS_PER_BATCH]
+        client.log_batch(run_id, params=[e for e in chunk if isinstance(e, Param)],
+                         tags=[e for e in chunk if isinstance(e, RunTag)])
+
+
+class _Sender:
+    """A daemon thread that sends queued metric values in batches and keeps its errors."""
+
+    def __init__(self, client: Any, run_id: str, interval: float, max_batch: int,
+                 retry_delays: tuple[float, ...]):
+        self._client, self._run_id = client, run_id
+        self._interval, self._max_batch, self._retry_delays = interval, max_batch, retry_delays
+        self._cond = threading.Condition()
+        self._pending: list[tuple[str, float, int, int]] = []
+        self._queued = self._handled = self._lost = 0
+        self._urgent = self._closing = False
+        self._error: BaseException | None = None
+        self.batches = 0  # log_batch calls made (for tests and the benchmark)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"megaloop-mlflow-{run_id[:8]}")
+        self._thread.start()
+
+    def put(self, items: list[tuple[str, float, int, int]]) -> None:
+        with self._cond:
+            self._pending.extend(items)
+            self._queued += len(items)
+            if len(self._pending) >= self._max_batch:
+                self._cond.notify_all()
+
+    def _send(self, batch: list[tuple[str, float, int, int]]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in batch]
+        for delay in (*self._retry_delays, None):
+            try:
+                self._client.log_batch(self._run_id, metrics=metrics)
+                self.batches += 1
+                return
+            except Exception as exc:  # kept and reported by flush()/finish()
+                if delay is None:
+                    with self._cond:
+                        self._lost += len(batch)
+                        self._error = self._error or exc
+                    return
+                time.sleep(delay)
+
+    def _run(self) -> None:
+        try:
+            while True:  # wait for a full batch, a flush, the close or `interval` seconds
+                with self._cond:
+                    deadline = time.monotonic() + self._interval
+                    while (len(self._pending) < self._max_batch and not self._urgent
+                           and not self._closing and time.monotonic() < deadline):
+                        self._cond.wait(max(0.0, deadline - time.monotonic()))
+                    batch = self._pending[:self._max_batch]
+                    del self._pending[:self._max_batch]
+                    self._urgent = self._urgent and bool(self._pending)
+                    if self._closing and not batch:
+                        return
+                if batch:
+                    self._send(batch)
+                with self._cond:
+                    self._handled += len(batch)
+                    self._cond.notify_all()
+        except BaseException as exc:  # a bug in this thread must not hang flush()
+            with self._cond:
+                self._error = self._error or exc
+                self._cond.notify_all()
+
+    def flush(self, close: bool = False) -> None:
+        with self._cond:
+            target = self._queued
+            self._urgent = True
+            self._closing = self._closing or close
+            self._cond.notify_all()
+            while self._handled < target and self._thread.is_alive():
+                self._cond.wait(0.5)
+            lost = self._lost + (target - self._handled)
+            error, self._error, self._lost = self._error, None, 0
+            self._handled = max(self._handled, target)
+        if close:
+            self._thread.join()
+        if error is not None or lost:
+            raise MegaloopError(
+                f"{lost} metric values could not be sent to MLflow run {self._run_id}: "
+                f"{error!r}. Check that the tracking store is reachable and writable (a tracking "
+                "server running, an sqlite file not locked by another writer).") from error
+
+
+class Tracker:
+    """One MLflow run seen from rank 0; made by `open_tracker`."""
+
+    def __init__(self, client: Any, run_id: str, *, interval: float = 1.0,
+                 max_batch: int = MAX_METRICS_PER_BATCH,
+                 retry_delays: tuple[float, ...] = (0.2, 1.0)):
+        self.client = client
+        self.run_id: str = run_id
+        self._sender = _Sender(client, run_id, interval, max_batch, retry_delays)
+        self._names: set[str] = set()
+        self._finished = False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue values for `step`; they are sent by the background thread."""
+        if self._finished:
+            raise RuntimeError(f"log_metrics after finish() of MLflow run {self.run_id}")
+        timestamp, step = int(time.time() * 1000), int(step)
+        items = []
+        for key, value in metrics.items():
+            if key not in self._names:  # checked here once: in the thread it would be lost
+                if not (isinstance(key, str) and _METRIC_NAME.match(key)
+                        and posixpath.normpath(key) == key and not key.startswith("/")):
+                    raise ValueError(f"Metric name {key!r} is not accepted by MLflow: use "
+                                     "letters, digits, _ - . : space and / (no '..', '//', "
+                                     "leading or trailing '/').")
+                self._names.add(key)
+            items.append((key, float(value), timestamp, step))
+        self._sender.put(items)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        _log_batch(self.client, self.run_id, tags=tags)
+
+    def flush(self) -> None:
+        """Block until every queued value is sent; raise MegaloopError if some were lost."""
+        self._sender.flush()
+
+    def finish(self, status: str) -> None:
+        """Send what is queued, tag `megaloop.status` and end the run. Idempotent."""
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self._sender.flush(close=True)
+        finally:
+            self.client.set_tag(self.run_id, STATUS_TAG, STATUSES[status])
+            self.client.set_terminated(self.run_id, status)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        killed = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        self.finish("FINISHED" if exc_type is None else "KILLED" if killed else "FAILED")
+
+
+class NullTracker:
+    """The tracker of ranks other than 0 and of `track.enabled: false`: does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def flush(self) -> None: ...
+    def finish(self, status: str) -> None: ...
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None: ...
+    def __enter__(self) -> NullTracker: return self
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of an sqlite store live beside it (runs/artifacts/<experiment>), not in the
+    cwd's ./mlruns (MLflow's default); a server (http) decides for itself."""
+    db = _sqlite_path(uri)
+    if db is None:
+        return None
+    slug = re.sub(r"[^\w.-]+", "_", experiment).strip("._") or "experiment"
+    return (db.parent / "artifacts" / slug).as_uri()
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # made meanwhile by another process
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise MegaloopError(f"MLflow experiment '{name}' in {uri} is deleted: restore it (mlflow "
+                            f"experiments restore --experiment-id {experiment.experiment_id}) or "
+                            "choose another track.experiment.")
+    return experiment.experiment_id
+
+
+def _resume(client: Any, run_id: str, params: dict[str, str], tags: dict[str, str],
+            experiment: str, uri: str) -> None:
+    """Continue a run: status back to RUNNING; params MLflow already holds keep their first
+    value (it refuses changes), a changed one is recorded as tag megaloop.resumed_with.<name>."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise MegaloopError(f"Cannot resume MLflow run {run_id}: it is not in {uri} "
+                            f"({exc.message}). Point track.tracking_uri (or MLFLOW_TRACKING_URI) "
+                            "at the store that holds it, or start a new run.") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise MegaloopError(f"Cannot resume MLflow run {run_id}: it is deleted; restore it "
+                            f"(mlflow runs restore --run-id {run_id}) or start a new run.")
+    name = client.get_experiment(run.info.experiment_id).name
+    if name != experiment:
+        warnings.warn(f"Resuming MLflow run {run_id} of experiment '{name}', not of "
+                      f"track.experiment = '{experiment}'.", stacklevel=3)
+    client.update_run(run_id, status="RUNNING")
+    old = run.data.params
+    changed = {key: value for key, value in params.items() if key in old and old[key] != value}
+    if changed:
+        warnings.warn(f"Resuming MLflow run {run_id} with changed params {sorted(changed)}; "
+                      f"MLflow keeps the first values, the new ones are tags {RESUMED_WITH}*.",
+                      stacklevel=3)
+    for key in run.data.tags:
+        if key.startswith(RESUMED_WITH) and key[len(RESUMED_WITH):] not in changed:
+            client.delete_tag(run_id, key)
+    tags.update({RESUMED_WITH + key: value for key, value in changed.items()})
+    tags["megaloop.resumes"] = str(int(run.data.tags.get("megaloop.resumes", "0")) + 1)
+    _log_batch(client, run_id, params={k: v for k, v in params.items() if k not in old},
+               tags=tags)
+
+
+def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict,
+                 resume_run_id: str | None = None) -> Tracker | NullTracker:
+    """Rank 0 of an enabled config: a new run (or `resume_run_id` continued) in experiment
+    `track.experiment`, created if missing; everyone else: a NullTracker."""
+    if rank != 0 or not config.track.enabled:
+        return NullTracker()
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(config.track)
+    client = _client(uri)
+    params = run_params(config, derived)
+    tags = {**run_tags(world_size), STATUS_TAG: "running",
+            "megaloop.config_hash": params["config_hash"]}
+    try:
+        if resume_run_id:
+            _resume(client, resume_run_id, params, tags, config.track.experiment, uri)
+            return Tracker(client, resume_run_id)
+        experiment_id = _experiment_id(client, config.track.experiment, uri)
+        name = config.track.run_name or (
+            f"r{config.model.recurrences}-d{config.model.d_model}-{params['config_hash']}")
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        _log_batch(client, run.info.run_id, params=params)
+        return Tracker(client, run.info.run_id)
+    except MlflowException as exc:
+        raise MegaloopError(f"MLflow at {uri} refused the run: {exc.message}") from exc
+
+
+def find_runs(experiment: str, *, tracking: str | None = None, status: str | None = "finished",
+              filter_tags: dict | None = None) -> list[dict]:
+    """Runs of `experiment` whose tag megaloop.status is `status` (None: any) and whose tags
+    match `filter_tags`, oldest first: {run_id, name, status, run_status, experiment_id,
+    start_time, end_time, params, metrics (latest values), tags}."""
+    uri = tracking or tracking_uri(TrackConfig(), create=False)
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []  # no store, no runs (and no empty store made as a side effect)
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    wanted = {key: str(value) for key, value in (filter_tags or {}).items()}
+    if status is not None:
+        wanted[STATUS_TAG] = status
+    plain = {k: v for k, v in wanted.items() if not set("'\"`\\") & set(k + v)}  # quotable
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in plain.items())
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], filter_string=query, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    return [{"run_id": run.info.run_id, "name": run.info.run_name,
+             "status": run.data.tags.get(STATUS_TAG), "run_status": run.info.status,
+             "experiment_id": run.info.experiment_id, "start_time": run.info.start_time,
+             "end_time": run.info.end_time, "params": dict(run.data.params),
+             "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
+            for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]

@@ -1,0 +1,186 @@
+"""The trainer for real: `megaloop train` processes with DeepSpeed on CPU (gloo), a real sqlite
+MLflow store, the embedded corpus. Exact resume, ZeRO-3 on two ranks, the guards."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+from training import (
+    assert_ok,
+    client,
+    history,
+    only_run,
+    run_training,
+    start_training,
+    wait_for,
+)
+
+from megaloop import config
+from megaloop.model.accounting import account
+from megaloop.train.engine import render_ds_config
+from megaloop.train.schedule import lr_at
+
+
+def test_loss_falls_on_the_embedded_corpus(stdlib_shards, tmp_path):
+    proc = run_training(stdlib_shards, tmp_path, **{"train.steps": 30, "train.eval_interval": 10})
+    assert_ok(proc)
+    losses = history(tmp_path)
+    assert sorted(losses) == list(range(1, 31))
+    first, last = losses[1][0], losses[30][0]
+    assert first > math.log(4096) - 0.5  # starts near uniform over the vocabulary
+    assert last < first - 1.5, f"loss fell only from {first:.3f} to {last:.3f}"
+    val = history(tmp_path, "val/loss")
+    assert sorted(val) == [10, 20, 30] and val[30][0] < val[10][0]
+
+
+def test_run_is_tracked_with_the_documented_names(stdlib_shards, tmp_path):
+    assert_ok(run_training(stdlib_shards, tmp_path))
+    run = only_run(tmp_path)
+    params, tags = run.data.params, run.data.tags
+    cfg = config.load(None, ["model.d_model=64", "model.n_heads=4", "model.prelude_layers=1",
+                             "model.loop_layers=1", "model.coda_layers=1", "model.recurrences=2",
+                             "model.max_seq_len=64", "model.vocab_size=4096"])
+    counts = account(cfg.model)
+    assert params["model.d_model"] == "64" and params["recurrences"] == "2"
+    assert int(params["n_once"]) == counts["n_once"] and int(params["n_rec"]) == counts["n_rec"]
+    assert int(params["tokens"]) == 8 * 8 * 64 and "config_hash" in params
+    assert tags["megaloop.status"] == "finished" and run.info.status == "FINISHED"
+    for key in ("train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/mfu"):
+        assert key in run.data.metrics, key
+    assert 0 < run.data.metrics["train/mfu"] < 1
+    artifacts = {a.path for a in client(tmp_path).list_artifacts(run.info.run_id)}
+    assert {"ds_config.json", "run_config.yaml"} <= artifacts
+    lrs = history(tmp_path, "train/lr")
+    train = config.load(None, ["train.steps=8", "train.lr=3e-3", "train.warmup_steps=2"]).train
+    for step, values in lrs.items():
+        assert values[0] == pytest.approx(lr_at(step - 1, 8, train))
+
+
+def test_sigkill_and_resume_logs_the_same_losses(stdlib_shards, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    values = {"train.checkpoint_interval": 2, "train.steps": 8}
+    assert_ok(run_training(stdlib_shards, straight, **values))
+
+    process = start_training(stdlib_shards, killed, **values)
+    marker = next_checkpoint_marker(killed, 4)
+    wait_for(marker, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    proc = run_training(stdlib_shards, killed, "--resume", "auto", **values)
+    assert_ok(proc)
+    assert "resumed from step" in proc.stderr + proc.stdout
+
+    want, got = history(straight), history(killed)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        for value in got[step]:  # steps run twice (before the kill and after) agree too
+            assert value == pytest.approx(want[step][0], abs=1e-6), step
+    assert only_run(killed).data.tags["megaloop.status"] == "finished"
+
+
+def next_checkpoint_marker(workdir, step):
+    from megaloop.train.checkpoint import MARKER, tag_of
+
+    run_dirs = workdir / "checkpoints"
+    return _Lazy(run_dirs, tag_of(step), MARKER)
+
+
+class _Lazy:
+    """The marker path of a run folder whose name is known only once the run starts."""
+
+    def __init__(self, root, tag, marker):
+        self.root, self.tag, self.marker = root, tag, marker
+
+    def exists(self) -> bool:
+        return any((run / self.tag / self.marker).exists() for run in self.root.glob("*")) \
+            if self.root.exists() else False
+
+    def __str__(self) -> str:
+        return f"{self.root}/*/{self.tag}/{self.marker}"
+
+
+def test_a_corrupt_latest_checkpoint_is_skipped(stdlib_shards, tmp_path):
+    values = {"train.checkpoint_interval": 2, "train.steps": 6, "train.keep_checkpoints": 5}
+    assert_ok(run_training(stdlib_shards, tmp_path, **values))
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    latest = run_dir / "step_00000006" / "mp_rank_00_model_states.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    proc = run_training(stdlib_shards, tmp_path, "--resume", "auto", **values)
+    assert_ok(proc)
+    assert "Skipping checkpoint" in proc.stderr and "step_00000006" in proc.stderr
+    assert "resumed from step 4" in proc.stdout
+    assert sorted(history(tmp_path)) == list(range(1, 7))
+
+
+def test_non_finite_loss_stops_and_marks_the_run_failed(stdlib_shards, tmp_path):
+    proc = run_training(stdlib_shards, tmp_path, **{"train.lr": 1e6, "train.warmup_steps": 0,
+                                                    "train.steps": 20,
+                                                    "train.checkpoint_interval": 1})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "diverged" in proc.stderr and "Traceback" not in proc.stderr
+    run = only_run(tmp_path)
+    assert run.info.status == "FAILED" and run.data.tags["megaloop.status"] == "failed"
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    kept = sorted(p.name for p in run_dir.iterdir())
+    assert kept, "the last good checkpoint must be kept"
+    assert f"the last good checkpoint is {run_dir / kept[-1]}" in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(stdlib_shards, tmp_path):
+    values = {"train.steps": 400, "train.checkpoint_interval": 2, "train.keep_checkpoints": 50}
+    process = start_training(stdlib_shards, tmp_path, **values)
+    wait_for(next_checkpoint_marker(tmp_path, 2), process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    steps = sorted(int(p.name.split("_")[1]) for p in run_dir.iterdir()
+                   if (p / "megaloop_complete.json").exists())
+    last_logged = max(history(tmp_path))
+    assert steps[-1] == last_logged < 400  # the step it stopped at was saved
+    run = only_run(tmp_path)
+    assert run.info.status == "KILLED" and run.data.tags["megaloop.status"] == "killed"
+
+
+def test_ds_config_command_shows_what_runs(capsys):
+    from megaloop.cli import main
+
+    assert main(["ds-config", "configs/runs/hyperloop-d2048-hyperloop.yaml", "--set",
+                 "train.zero_stage=3", "--set", "train.global_batch=256", "--set",
+                 "train.micro_batch=4", "--world-size", "8"]) == 0
+    rendered = json.loads(capsys.readouterr().out)
+    loop_block = account(config.load("configs/runs/hyperloop-d2048-hyperloop.yaml").model)["loop"]
+    zero = rendered["zero_optimization"]
+    assert zero["stage"] == 3 and rendered["gradient_clipping"] == 0.0
+    assert zero["stage3_max_reuse_distance"] >= 2 * loop_block
+    assert zero["stage3_max_live_parameters"] >= 2 * loop_block
+    assert rendered["gradient_accumulation_steps"] == 256 // (4 * 8)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_template_renders_with_and_without_offload(stage):
+    for offload in ([False, True] if stage else [False]):
+        cfg = config.load("configs/runs/tiny.yaml", [f"train.zero_stage={stage}",
+                                                      f"train.offload={str(offload).lower()}"])
+        rendered = render_ds_config(cfg, 2)
+        assert rendered["zero_optimization"]["stage"] == stage
+        assert ("offload_optimizer" in rendered["zero_optimization"]) == offload
+        assert rendered["train_batch_size"] == 32
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_match_one_process(stdlib_shards, tmp_path):
+    values = {"model.recurrences": 4, "model.activation_checkpointing": "per_recurrence",
+              "train.steps": 5, "train.micro_batch": 2, "train.global_batch": 8}
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_training(stdlib_shards, single, **values))
+    assert_ok(run_training(stdlib_shards, double, nproc=2,
+                           **{**values, "train.zero_stage": 3}))
+    want, got = history(single), history(double)
+    for step in range(1, 6):
+        assert got[step][0] == pytest.approx(want[step][0], abs=1e-5), step

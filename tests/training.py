@@ -1,0 +1,106 @@
+"""Helpers for the training tests: real `megaloop train` processes (DeepSpeed on CPU with gloo),
+a real sqlite MLflow store, and the metric history read back from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = REPO / "configs" / "runs" / "tiny.yaml"
+
+# A very small model on the default tokenizer (vocab 4096), fast enough for many short runs.
+SMALL = {
+    "model.d_model": 64, "model.n_heads": 4, "model.prelude_layers": 1, "model.loop_layers": 1,
+    "model.coda_layers": 1, "model.recurrences": 2, "model.max_seq_len": 64,
+    "train.micro_batch": 4, "train.global_batch": 8, "train.steps": 8, "train.lr": 3e-3,
+    "train.warmup_steps": 2, "train.log_interval": 1, "train.eval_interval": 4,
+    "train.eval_batches": 2, "train.checkpoint_interval": 4,
+}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def overrides(shards: Path, workdir: Path, **values) -> list[str]:
+    """--set arguments for a run in `workdir` on prepared `shards`."""
+    settings = {**SMALL, "data.shards": str(shards), "data.verify": False,
+                "train.checkpoint_dir": str(workdir / "checkpoints"),
+                "track.tracking_uri": f"sqlite:///{workdir}/mlflow.db",
+                "track.experiment": "tests", **values}
+    args = []
+    for key, value in settings.items():
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        args += ["--set", f"{key}={text}"]
+    return args
+
+
+def train_command(shards: Path, workdir: Path, *extra: str, nproc: int = 1, **values) -> list[str]:
+    megaloop = [sys.executable, "-m", "megaloop.cli", "train", str(TINY_RUN), "--no-progress"]
+    if nproc > 1:
+        megaloop = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={nproc}", "-m", "megaloop.cli", "train", str(TINY_RUN),
+                    "--no-progress"]
+    return [*megaloop, *overrides(shards, workdir, **values), *extra]
+
+
+def run_training(shards: Path, workdir: Path, *extra: str, nproc: int = 1, timeout: int = 300,
+                 **values) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(train_command(shards, workdir, *extra, nproc=nproc, **values),
+                          cwd=workdir, env=child_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_training(shards: Path, workdir: Path, *extra: str, **values) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(train_command(shards, workdir, *extra, **values), cwd=workdir,
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended before {path} appeared:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def client(workdir: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
+
+
+def only_run(workdir: Path):
+    mlflow = client(workdir)
+    experiment = mlflow.get_experiment_by_name("tests")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, f"expected one run, found {len(runs)}"
+    return runs[0]
+
+
+def history(workdir: Path, key: str = "train/loss") -> dict[int, list[float]]:
+    """Every value logged for `key`, by step (a resumed run may log a step twice)."""
+    run = only_run(workdir)
+    values: dict[int, list[float]] = {}
+    for metric in client(workdir).get_metric_history(run.info.run_id, key):
+        values.setdefault(metric.step, []).append(metric.value)
+    return values
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n" \
+                                 f"{proc.stderr[-6000:]}"
