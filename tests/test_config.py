@@ -347,3 +347,78 @@ def test_model_validates_before_allocating():
     bad = ModelConfig(**{**TINY, "recurrences": 3, "bptt_k": 5})
     with pytest.raises(ConfigError, match="model.bptt_k"):
         LoopedLM(bad)
+
+
+# ---- the data, train and track sections ------------------------------------------------------
+
+SECTION_ERRORS = [
+    (["train.micro_batch=0"], "train.micro_batch"),
+    (["train.steps=-5"], "train.steps"),
+    (["train.lr=-1e-3"], "train.lr"),
+    (["train.grad_clip=-1"], "train.grad_clip"),
+    (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
+    (["train.beta2=1.0"], "train.beta2"),
+    (["train.tokens=1000", "train.steps=10"], "train.tokens"),
+    (["train.global_batch=null"], "train.global_batch"),
+    (["train.global_batch_tokens=4096"], "train.global_batch_tokens"),
+    (["train.zero_stage=4"], "train.zero_stage"),
+    (["train.offload=true"], "train.offload"),
+    (["train.schedule=exponential"], "train.schedule"),
+    (["train.precision=fp16"], "train.precision"),
+    (["train.wsd_decay_fraction=0"], "train.wsd_decay_fraction"),
+    (["train.eval_interval=0"], "train.eval_interval"),
+    (["train.lr=fast"], "train.lr"),
+    (["train.steps=2.5"], "train.steps"),
+    (["data.val_fraction=1.0"], "data.val_fraction"),
+    (["data.workers=0"], "data.workers"),
+    (["data.verify=maybe"], "data.verify"),
+    (["data.shard=x"], "data.shard"),
+    (["track.experiment= "], "track.experiment"),
+    (["track.enabled=2"], "track.enabled"),
+    (["track.uri=x"], "track.uri"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", SECTION_ERRORS)
+def test_new_sections_refuse_bad_values(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        config.load(None, overrides)
+    assert key in str(info.value)
+
+
+def test_batch_geometry_refuses_a_global_batch_the_ranks_cannot_split():
+    from megaloop.train.engine import batch_geometry
+
+    cfg = config.load(None, ["train.micro_batch=4", "train.global_batch=12"])
+    assert batch_geometry(cfg, 1).grad_accum == 3
+    with pytest.raises(ConfigError, match="train.micro_batch x ranks = 4 x 2"):
+        batch_geometry(cfg, 2)
+    tokens = config.load(None, ["train.global_batch=null", "train.global_batch_tokens=1000",
+                                "model.max_seq_len=256"])
+    with pytest.raises(ConfigError, match="not a multiple of model.max_seq_len"):
+        batch_geometry(tokens, 1)
+
+
+def test_a_budget_is_required_to_train():
+    from megaloop.train.engine import batch_geometry, total_steps
+
+    cfg = config.load(None, [])
+    with pytest.raises(ConfigError, match="train.tokens or train.steps"):
+        total_steps(cfg, batch_geometry(cfg, 1))
+    tokens = config.load(None, ["train.tokens=1000000", "model.max_seq_len=256"])
+    assert total_steps(tokens, batch_geometry(tokens, 1)) == round(1_000_000 / (32 * 256))
+
+
+def test_a_missing_ds_config_template_is_refused(tmp_path):
+    from megaloop.train.engine import render_ds_config
+
+    cfg = config.load(None, [f"train.ds_config={tmp_path / 'mine.json.j2'}"])
+    with pytest.raises(ConfigError, match="mine.json.j2 does not exist"):
+        render_ds_config(cfg)
+    (tmp_path / "mine.json.j2").write_text('{"train_batch_size": {{ global_batch }}, oops}')
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        render_ds_config(cfg)
+    (tmp_path / "mine.json.j2").write_text('{"train_batch_size": {{ global_batch }}, '
+                                           '"zero_optimization": {"stage": {{ stage }}}}')
+    rendered = render_ds_config(cfg)
+    assert rendered["train_batch_size"] == 32 and rendered["gradient_clipping"] == 0.0
