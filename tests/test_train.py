@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
 
 import pytest
 from training import (
@@ -184,3 +186,51 @@ def test_two_ranks_zero3_match_one_process(stdlib_shards, tmp_path):
     want, got = history(single), history(double)
     for step in range(1, 6):
         assert got[step][0] == pytest.approx(want[step][0], abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_two_ranks_zero3_sigkill_and_resume_match(stdlib_shards, tmp_path):
+    values = {"train.zero_stage": 3, "train.checkpoint_interval": 2, "train.steps": 6,
+              "train.micro_batch": 2, "train.global_batch": 8, "train.keep_checkpoints": 5}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert_ok(run_training(stdlib_shards, straight, nproc=2, **values))
+    process = start_training(stdlib_shards, killed, nproc=2, **values)
+    wait_for(next_checkpoint_marker(killed, 4), process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert_ok(run_training(stdlib_shards, killed, "--resume", "auto", nproc=2, **values))
+    want, got = history(straight), history(killed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        for value in got[step]:
+            assert value == pytest.approx(want[step][0], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_together(stdlib_shards, tmp_path):
+    """launch.sh --nnodes 2 --node-rank 0|1 --master-addr 127.0.0.1: one process per node."""
+    from training import REPO, TINY_RUN, child_env, overrides
+
+    port = str(_free_port())
+    args = overrides(stdlib_shards, tmp_path, **{"train.steps": 4, "train.micro_batch": 2,
+                                                 "train.global_batch": 4})
+    nodes = [subprocess.Popen(
+        [str(REPO / "launch.sh"), "train", str(TINY_RUN), *args, "--no-progress", "--nproc", "1",
+         "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+         "--master-port", port], cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, output in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, output[-3000:]
+    run = only_run(tmp_path)
+    assert run.data.params["world_size"] == "2"
+    assert run.data.tags["megaloop.status"] == "finished"
+    assert sorted(history(tmp_path)) == [1, 2, 3, 4]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -62,11 +62,13 @@ def run_training(shards: Path, workdir: Path, *extra: str, nproc: int = 1, timeo
                           timeout=timeout)
 
 
-def start_training(shards: Path, workdir: Path, *extra: str, **values) -> subprocess.Popen:
+def start_training(shards: Path, workdir: Path, *extra: str, nproc: int = 1,
+                   **values) -> subprocess.Popen:
+    """A training in the background, in a session of its own (os.killpg reaches every rank)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(train_command(shards, workdir, *extra, **values), cwd=workdir,
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(train_command(shards, workdir, *extra, nproc=nproc, **values),
+                            cwd=workdir, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
