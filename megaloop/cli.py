@@ -136,6 +136,41 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     ds_config.set_defaults(func=cmd_ds_config)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from megaloop.sweep.execute import execute
+    from megaloop.sweep.plan import plan, plan_rows, plan_table, read_spec
+    from megaloop.train.mfu import peak_flops
+
+    spec = read_spec(args.spec)
+    runs = plan(spec)
+    if args.dry_run and args.json:
+        print(json.dumps(plan_rows(runs), indent=2))
+    elif args.dry_run:
+        peak, _ = peak_flops(None, runs[0].config.train.precision if runs else "fp32")
+        print(plan_table(runs, peak, assumed_mfu=0.4))
+    outcome = execute(runs, spec["experiment"], executor=args.executor, nproc=args.nproc,
+                      dry_run=args.dry_run, progress=not args.no_progress)
+    if outcome.script and args.dry_run:
+        print(outcome.script)
+    if not args.dry_run:
+        print(f"sweep {outcome.experiment}: {outcome.planned} runs planned, "
+              f"{len(outcome.skipped)} already finished, {len(outcome.trained)} trained")
+    return 0
+
+
+def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sweep = sub.add_parser("sweep", parents=[common], help="plan and run a sweep spec")
+    sweep.add_argument("spec", help="sweep spec YAML (see configs/sweeps/)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="print the plan (and the SLURM script) without training")
+    sweep.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    sweep.add_argument("--executor", choices=["inprocess", "local", "slurm"], default="inprocess",
+                       help="one process, launch.sh with --nproc ranks, or a SLURM array")
+    sweep.add_argument("--nproc", type=int, default=1, help="ranks per run (local, slurm)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=cmd_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megaloop", description="Train looped language models and fit how much a recurrence "
@@ -155,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_parser(sub, common)
     _add_data_parser(sub, common)
     _add_train_parsers(sub, common)
+    _add_sweep_parser(sub, common)
     return parser
 
 

@@ -175,6 +175,7 @@ class TrainConfig:
     global_batch_tokens: int | None = None  # alternative to global_batch, in tokens
     tokens: int | None = None  # budget in tokens ...
     steps: int | None = None  # ... or in optimizer steps
+    budget_flops: float | None = None  # nominal compute of a sweep cell (recorded, not enforced)
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
@@ -202,7 +203,7 @@ class TrainConfig:
     def validate(self) -> None:
         positive = ["micro_batch", "global_batch", "global_batch_tokens", "tokens", "steps",
                     "log_interval", "eval_interval", "eval_batches", "checkpoint_interval",
-                    "keep_checkpoints", "peak_flops"]
+                    "keep_checkpoints", "peak_flops", "budget_flops"]
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

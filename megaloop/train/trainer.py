@@ -89,8 +89,9 @@ class Trainer:
         return {"n_once": self.accounting["n_once"], "n_rec": self.accounting["n_rec"],
                 "recurrences": self.config.model.recurrences,
                 "tokens": self.total_steps * self.geometry.tokens_per_step,
-                "budget_flops": (self.total_steps * self.geometry.tokens_per_step
-                                 * self.accounting["flops_per_token"]),
+                "budget_flops": self.config.train.budget_flops or (
+                    self.total_steps * self.geometry.tokens_per_step
+                    * self.accounting["flops_per_token"]),
                 "flops_per_token": self.accounting["flops_per_token"],
                 "config_hash": self.config.hash(), "steps": self.total_steps,
                 "global_batch": self.geometry.global_batch, "grad_accum": self.geometry.grad_accum,
@@ -105,11 +106,24 @@ class Trainer:
             self.train_data.load_state_dict(state["loader"])
             run_id = state.get("mlflow_run_id")
             self.say(f"resumed from step {self.step} ({self.checkpoints.folder})")
+        elif which and self.rank == 0 and self.config.track.enabled:
+            run_id = self.unfinished_run()
         self.tracker = open_tracker(self.config, rank=self.rank, world_size=self.world_size,
                                     derived=self.derived_params(), resume_run_id=run_id)
         self.tracker.log_text(json.dumps(self.ds_config, indent=2), "ds_config.json")
         self.tracker.log_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
                               "run_config.yaml")
+
+    def unfinished_run(self) -> str | None:
+        """The MLflow run of an earlier attempt at this config that died before its first
+        checkpoint: continued rather than duplicated."""
+        from megaloop.track import find_runs, tracking_uri
+
+        runs = find_runs(self.config.track.experiment, status=None,
+                         tracking=tracking_uri(self.config.track),
+                         filter_tags={"megaloop.config_hash": self.config.hash()})
+        unfinished = [run for run in runs if run["status"] != "finished"]
+        return unfinished[-1]["run_id"] if unfinished else None
 
     def say(self, text: str) -> None:
         if self.rank == 0:

@@ -1,0 +1,159 @@
+"""Run a sweep plan: in this process, through launch.sh on local ranks, or as a SLURM array.
+
+Idempotent: a run whose config hash is finished in the experiment is skipped; an interrupted run
+resumes from its newest checkpoint (`--resume auto`) and continues its MLflow run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from megaloop.atomic import atomic_write_bytes
+from megaloop.errors import ConfigError, MegaloopError
+from megaloop.sweep.plan import PlannedRun
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEPS_DIR = Path("runs") / "sweeps"
+
+
+@dataclass
+class SweepOutcome:
+    experiment: str
+    planned: int
+    skipped: list[str]
+    trained: list[str]
+    script: str | None = None
+
+
+def sweep_folder(experiment: str) -> Path:
+    return SWEEPS_DIR / experiment
+
+
+def finished_hashes(experiment: str, tracking: str | None) -> set[str]:
+    from megaloop.track import find_runs
+
+    return {run["params"].get("config_hash") for run in find_runs(experiment, tracking=tracking)}
+
+
+def write_run_configs(experiment: str, runs: list[PlannedRun]) -> list[Path]:
+    """Each run's resolved config as YAML (what launch.sh and SLURM tasks train)."""
+    folder = sweep_folder(experiment) / "configs"
+    paths = []
+    for run in runs:
+        path = folder / f"{run.name}.yaml"
+        text = yaml.safe_dump(run.config.to_dict(), sort_keys=False)
+        atomic_write_bytes(path, text.encode())
+        paths.append(path)
+    return paths
+
+
+def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
+    from megaloop.train.trainer import train
+
+    done = []
+    bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
+    for run in bar:
+        bar.set_postfix_str(run.name)
+        train(run.config, resume="auto", progress=False)
+        done.append(run.name)
+    return done
+
+
+def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: bool) -> list[str]:
+    done = []
+    paths = write_run_configs(experiment, runs)
+    bar = tqdm(list(zip(runs, paths, strict=True)), desc="sweep", unit="run",
+               disable=not progress)
+    for run, path in bar:
+        bar.set_postfix_str(run.name)
+        argv = [str(REPO / "launch.sh"), "train", str(path), "--resume", "auto", "--no-progress",
+                "--nproc", str(nproc)]
+        code = subprocess.call(argv)
+        if code != 0:
+            raise MegaloopError(f"Run {run.name} failed (exit {code}); fix the cause and run the "
+                                "sweep again: finished runs are skipped, this one resumes.")
+        done.append(run.name)
+    return done
+
+
+def slurm_script(experiment: str, config_paths: list[Path], nproc: int,
+                 options: dict[str, Any] | None = None) -> str:
+    """An sbatch array script: task i trains config i through launch.sh, resumable on requeue."""
+    listing = sweep_folder(experiment) / "runs.txt"
+    lines = [
+        "#!/usr/bin/env bash",
+        f"#SBATCH --job-name={shlex.quote('megaloop-' + experiment)}",
+        f"#SBATCH --array=0-{len(config_paths) - 1}",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:TERM@120",
+        f"#SBATCH --output={shlex.quote(str(sweep_folder(experiment).resolve()))}/slurm-%A_%a.out",
+    ]
+    lines += [f"#SBATCH --{key}={shlex.quote(str(value))}" for key, value in
+              (options or {}).items()]
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd().resolve()))}",
+        f"config=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {shlex.quote(str(listing.resolve()))})",
+        "# SIGTERM (sent 120 s before the time limit) makes the trainer save a checkpoint; the",
+        "# requeued task resumes from it.",
+        f"srun --ntasks-per-node=1 {shlex.quote(str(REPO / 'launch.sh'))} train \"$config\" "
+        f"--resume auto --no-progress --nproc {nproc} &",
+        "wait $!",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def submit_slurm(experiment: str, runs: list[PlannedRun], nproc: int, dry_run: bool) -> str:
+    paths = write_run_configs(experiment, runs)
+    listing = sweep_folder(experiment) / "runs.txt"
+    atomic_write_bytes(listing, "".join(f"{p.resolve()}\n" for p in paths).encode())
+    script = slurm_script(experiment, paths, nproc)
+    script_path = sweep_folder(experiment) / "sweep.sbatch"
+    atomic_write_bytes(script_path, script.encode())
+    if not dry_run:
+        if shutil.which("sbatch") is None:
+            raise ConfigError(f"sbatch is not on this machine; the script is at {script_path}: "
+                              "submit it from a SLURM login node, or use --executor local.")
+        subprocess.run(["sbatch", str(script_path)], check=True)
+    return script
+
+
+def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inprocess",
+            nproc: int = 1, dry_run: bool = False, progress: bool = True,
+            tracking: str | None = None) -> SweepOutcome:
+    if tracking is None and runs:
+        from megaloop.track import tracking_uri
+
+        tracking = tracking_uri(runs[0].config.track)
+    finished = finished_hashes(experiment, tracking)
+    todo = [run for run in runs if run.config.hash() not in finished]
+    skipped = [run.name for run in runs if run.config.hash() in finished]
+    outcome = SweepOutcome(experiment, len(runs), skipped, [])
+    if executor == "slurm":
+        outcome.script = submit_slurm(experiment, todo, nproc, dry_run) if todo else None
+        return outcome
+    if dry_run or not todo:
+        return outcome
+    start = time.perf_counter()
+    if executor == "inprocess":
+        outcome.trained = run_inprocess(todo, progress)
+    elif executor == "local":
+        outcome.trained = run_local(todo, experiment, nproc, progress)
+    else:
+        raise ConfigError(f"Unknown executor {executor!r}; use inprocess, local or slurm.")
+    if progress:
+        elapsed = time.perf_counter() - start
+        print(f"sweep {experiment}: trained {len(todo)} runs in {elapsed:.0f} s", file=sys.stderr)
+    return outcome

@@ -1,0 +1,247 @@
+"""Sweep spec -> run configs: a pure function of the spec (and the base config it names).
+
+A spec is data (configs/sweeps/*.yaml):
+
+    experiment: isodepth-paper          # the MLflow experiment
+    base: ../runs/isodepth-s10-r1.yaml  # run config every run starts from (relative to the spec)
+    name: "r{{ r }}-s{{ s }}-C{{ budget | sci }}"
+    recurrences: [1, 2, 4, 8]           # axis r
+    width: {per_scale: 64, multiple: 128}   # d = 64 s rounded up to a multiple of 128
+    budgets: {4.64e17: [6, 8, 10, 12], 1e18: [6, 8, 10, 12, 14]}   # FLOPs -> scales s
+    set:                                # overrides of every run; strings may be Jinja2
+      model.loop_layers: "{{ 16 // r }}"   #   expressions over r, s, d, budget, variant, seed
+      model.n_heads: "{{ d // 128 }}"
+    lr_scaling: {reference_width: 640, exponent: -1.0}   # optional: lr x (d / 640)^-1
+    variants: {looped: {model.hyper: none}, hyperloop: {...}}   # optional axis `variant`
+    seeds: [0, 1, 2]                    # optional axis `seed` (sets train.seed)
+    tokens: 12500000000                 # instead of budgets: a fixed token count per run
+
+Each run's tokens are budget / flops_per_token (the model's accounting), rounded to whole
+global batches; the nominal budget is recorded as train.budget_flops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.nativetypes import NativeEnvironment
+
+from megaloop import config as run_config
+from megaloop.config import RunConfig
+from megaloop.errors import ConfigError
+from megaloop.model.accounting import account
+
+SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "scales", "tokens",
+             "set", "lr_scaling", "variants", "seeds", "description"}
+REQUIRED = {"experiment", "name"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    config: RunConfig
+    context: dict[str, Any]
+    budget_flops: float | None
+    tokens: int
+    flops_per_token: float
+    n_once: int
+    n_rec: int
+
+    @property
+    def compute(self) -> float:
+        return self.tokens * self.flops_per_token
+
+
+def sci(value: float) -> str:
+    """1e18 -> '1e18', 4.64e17 -> '4.64e17', 2.15e+19 -> '2.15e19'."""
+    mantissa, exponent = f"{value:.3g}".split("e") if "e" in f"{value:.3g}" else (f"{value:g}", "0")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _environment() -> NativeEnvironment:
+    env = NativeEnvironment(undefined=jinja2.StrictUndefined)
+    env.filters["sci"] = sci
+    return env
+
+
+def _render(value: Any, context: dict[str, Any], where: str) -> Any:
+    if not isinstance(value, str) or "{" not in value:
+        return value
+    try:
+        return _environment().from_string(value).render(**context)
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"Sweep spec: {where} = {value!r} does not render: {exc}.") from None
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    spec = run_config.read_yaml(path)
+    if not isinstance(spec, dict):
+        raise ConfigError(f"Sweep spec {path} must be a mapping (experiment: ..., name: ...).")
+    unknown = sorted(set(spec) - SPEC_KEYS)
+    if unknown:
+        raise ConfigError(f"Sweep spec {path}: unknown key '{unknown[0]}'; the keys are: "
+                          f"{', '.join(sorted(SPEC_KEYS))}.")
+    missing = sorted(REQUIRED - set(spec))
+    if missing:
+        raise ConfigError(f"Sweep spec {path} lacks '{missing[0]}'.")
+    if ("budgets" in spec) == ("tokens" in spec):
+        raise ConfigError(f"Sweep spec {path}: give either budgets (FLOPs -> scales) or tokens "
+                          "(a fixed count per run), not both or neither.")
+    if "base" in spec:
+        spec["base"] = str((Path(path).parent / spec["base"]).resolve())
+    return spec
+
+
+def width_of(spec: dict[str, Any], scale: float | None) -> int | None:
+    rule = spec.get("width")
+    if rule is None or scale is None:
+        return None
+    unknown = set(rule) - {"per_scale", "multiple"}
+    if unknown:
+        raise ConfigError(f"Sweep spec: width has unknown key '{sorted(unknown)[0]}'; use "
+                          "per_scale and multiple.")
+    raw = rule.get("per_scale", 64) * scale
+    multiple = rule.get("multiple", 1)
+    return int(math.ceil(raw / multiple) * multiple)
+
+
+def _cells(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every combination of the axes, as template contexts."""
+    variants = spec.get("variants") or {None: {}}
+    recurrences = spec.get("recurrences") or [None]
+    seeds = spec.get("seeds") or [None]
+    if "budgets" in spec:
+        budget_scales = [(float(c), s) for c, scales in spec["budgets"].items() for s in scales]
+    else:
+        budget_scales = [(None, s) for s in (spec.get("scales") or [None])]
+    cells = []
+    for variant, r, (budget, s), seed in itertools.product(variants, recurrences, budget_scales,
+                                                           seeds):
+        cells.append({"variant": variant, "r": r, "s": s, "d": width_of(spec, s),
+                      "budget": budget, "seed": seed})
+    return cells
+
+
+def _overrides(spec: dict[str, Any], context: dict[str, Any], name: str) -> list[str]:
+    values: dict[str, Any] = {}
+    if context["r"] is not None:
+        values["model.recurrences"] = context["r"]
+    if context["d"] is not None:
+        values["model.d_model"] = context["d"]
+    if context["seed"] is not None:
+        values["train.seed"] = context["seed"]
+    for key, value in (spec.get("set") or {}).items():
+        values[key] = _render(value, context, f"set.{key}")
+    if context["variant"] is not None:
+        for key, value in (spec["variants"][context["variant"]] or {}).items():
+            values[key] = _render(value, context, f"variants.{context['variant']}.{key}")
+    values["track.experiment"] = spec["experiment"]
+    values["track.run_name"] = name
+    return [f"{key}={_yaml_scalar(value)}" for key, value in values.items()]
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _lr_factor(spec: dict[str, Any], cfg: RunConfig) -> float:
+    rule = spec.get("lr_scaling")
+    if not rule:
+        return 1.0
+    return (cfg.model.d_model / rule["reference_width"]) ** rule["exponent"]
+
+
+def _load(spec: dict[str, Any], overrides: list[str], name: str) -> RunConfig:
+    try:
+        return run_config.load(spec.get("base"), overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"Sweep {spec['experiment']}, run {name}: {exc}") from None
+
+
+def _tokens(spec: dict[str, Any], budget: float | None, cfg: RunConfig, flops: float,
+            name: str) -> int:
+    """Tokens of one run in whole global batches: budget / flops_per_token, or spec tokens."""
+    per_step = cfg.train.global_batch_tokens or cfg.train.global_batch * cfg.model.max_seq_len
+    if budget is None:
+        return int(math.ceil(float(spec["tokens"]) / per_step) * per_step)
+    steps = round(budget / flops / per_step)
+    if steps < 1:
+        raise ConfigError(f"Sweep {spec['experiment']}, run {name}: the budget {budget:.3g} FLOPs "
+                          f"buys {budget / flops:,.0f} tokens, less than one global batch of "
+                          f"{per_step:,}; raise the budget or shrink the batch.")
+    return steps * per_step
+
+
+def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
+    name = str(_render(spec["name"], context, "name"))
+    overrides = _overrides(spec, context, name)
+    cfg = _load(spec, overrides, name)
+    factor = _lr_factor(spec, cfg)
+    if factor != 1.0:
+        overrides += [f"train.lr={cfg.train.lr * factor}",
+                      f"train.min_lr={cfg.train.min_lr * factor}"]
+    counts = account(cfg.model)
+    flops = counts["flops_per_token"]
+    tokens = _tokens(spec, context["budget"], cfg, flops, name)
+    overrides += [f"train.tokens={tokens}", "train.steps=null"]
+    if context["budget"] is not None:
+        overrides.append(f"train.budget_flops={context['budget']}")
+    return PlannedRun(name, _load(spec, overrides, name), context, context["budget"], tokens,
+                      flops, counts["n_once"], counts["n_rec"])
+
+
+def plan(spec: dict[str, Any]) -> list[PlannedRun]:
+    """The runs of a sweep spec, in a fixed order; refuses duplicate run names."""
+    runs = [plan_run(spec, context) for context in _cells(spec)]
+    seen: dict[str, PlannedRun] = {}
+    for run in runs:
+        if run.name in seen:
+            raise ConfigError(f"Sweep {spec['experiment']}: two runs are named {run.name!r} "
+                              f"({seen[run.name].context} and {run.context}); put the differing "
+                              "axis into the name template.")
+        seen[run.name] = run
+    return runs
+
+
+def plan_rows(runs: list[PlannedRun]) -> list[dict[str, Any]]:
+    return [{"name": run.name, "recurrences": run.config.model.recurrences,
+             "d_model": run.config.model.d_model, "n_once": run.n_once, "n_rec": run.n_rec,
+             "budget_flops": run.budget_flops, "tokens": run.tokens,
+             "flops_per_token": run.flops_per_token, "config_hash": run.config.hash()}
+            for run in runs]
+
+
+def plan_table(runs: list[PlannedRun], peak_flops: float, assumed_mfu: float) -> str:
+    """The dry-run table: one line per run, then the total compute and an estimated duration."""
+    header = (f"{'name':<28}{'r':>3}{'d_model':>8}{'n_once':>12}{'n_rec':>12}{'budget':>10}"
+              f"{'tokens':>15}{'FLOPs/token':>13}")
+    lines = [header, "-" * len(header)]
+    for row in plan_rows(runs):
+        budget = "-" if row["budget_flops"] is None else f"{row['budget_flops']:.3g}"
+        lines.append(f"{row['name']:<28}{row['recurrences']:>3}{row['d_model']:>8}"
+                     f"{row['n_once']:>12,}{row['n_rec']:>12,}{budget:>10}{row['tokens']:>15,}"
+                     f"{row['flops_per_token']:>13.4g}")
+    total = sum(run.compute for run in runs)
+    seconds = total / (peak_flops * assumed_mfu)
+    lines.append(f"{len(runs)} runs, {total:.3g} FLOPs in all: about {_duration(seconds)} on one "
+                 f"device of {peak_flops:.3g} FLOP/s at {assumed_mfu:.0%} MFU")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -1,0 +1,186 @@
+"""Sweep specs: the paper's grid planned exactly, bad specs refused, real sweeps run idempotently
+(in one process, through `megaloop sweep`), resumed after a kill, and as SLURM arrays."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from training import REPO, assert_ok, child_env, client, wait_for
+
+from megaloop.errors import ConfigError
+from megaloop.sweep.plan import plan, read_spec, sci
+
+SWEEPS = REPO / "configs" / "sweeps"
+PAPER_BUDGETS = {4.64e17: [6, 8, 10, 12], 1e18: [6, 8, 10, 12, 14], 2.15e18: [8, 10, 12, 14, 16],
+                 4.64e18: [10, 12, 14, 16, 18, 20], 1e19: [12, 16, 18, 20, 24],
+                 2.15e19: [18, 24, 28, 34]}
+PAPER_S10 = {1: 98.3e6, 2: 59.8e6, 4: 40.2e6, 8: 30.3e6}
+
+
+@pytest.fixture(scope="module")
+def paper_runs():
+    return plan(read_spec(SWEEPS / "isodepth-paper.yaml"))
+
+
+def test_paper_spec_plans_the_116_runs(paper_runs):
+    assert len(paper_runs) == 116
+    for r in (1, 2, 4, 8):
+        cells = sorted((run.budget_flops, run.context["s"]) for run in paper_runs
+                       if run.config.model.recurrences == r)
+        assert cells == sorted((c, s) for c, scales in PAPER_BUDGETS.items() for s in scales)
+    for run in paper_runs:
+        m, s = run.config.model, run.context["s"]
+        assert m.d_model == math.ceil(64 * s / 128) * 128 and m.dim_per_head == 128
+        r = m.recurrences
+        assert (m.prelude_layers, m.loop_layers * r, m.coda_layers) == (2, 16, 2)
+        assert (m.mlp, m.mlp_ratio, m.qk_norm, m.logit_softcap) == ("relu2", 4.0, True, 15.0)
+        assert (m.max_seq_len, m.vocab_size) == (2048, 32000)
+        assert run.name == f"r{r}-s{s}-C{sci(run.budget_flops)}"
+
+
+def test_paper_tokens_are_budget_over_flops_per_token(paper_runs):
+    for run in paper_runs:
+        per_step = run.config.train.global_batch * run.config.model.max_seq_len
+        assert run.tokens % per_step == 0
+        assert abs(run.tokens - run.budget_flops / run.flops_per_token) <= per_step / 2
+        assert run.config.train.tokens == run.tokens
+        assert run.config.train.budget_flops == run.budget_flops
+
+
+def test_paper_parameter_counts_at_s10(paper_runs):
+    for run in paper_runs:
+        if run.context["s"] == 10:
+            r = run.config.model.recurrences
+            assert run.n_once + run.n_rec == pytest.approx(PAPER_S10[r], rel=5e-3)
+
+
+def test_case_study_specs():
+    truncated = plan(read_spec(SWEEPS / "isodepth-truncbptt.yaml"))
+    lanes = plan(read_spec(SWEEPS / "isodepth-lanes.yaml"))
+    assert len(truncated) == len(lanes) == 4 * 20
+    for run in truncated:
+        r = run.config.model.recurrences
+        assert run.config.model.bptt_k == math.ceil(r / 2)
+    assert {run.config.model.hyper for run in lanes} == {"lanes"}
+    assert {run.budget_flops for run in lanes} == {4.64e17, 1e18, 2.15e18, 4.64e18}
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
+    spec["base"] = str(REPO / "configs" / "runs" / "tiny.yaml")
+    spec.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"width": {"per_scale": 50, "multiple": 1}}, "not divisible by model.n_heads"),
+    ({"budgets": {1e6: [2]}}, "less than one global batch"),
+    ({"name": "r{{ r }}"}, "two runs are named 'r1'"),
+    ({"tokens": 1000}, "either budgets"),
+    ({"name": "r{{ rr }}"}, "does not render"),
+    ({"set": {"model.colour": 1}}, "model.colour"),
+])
+def test_bad_specs_are_refused_before_anything_runs(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(read_spec(write_spec(tmp_path, **changes)))
+    assert not (tmp_path / "runs").exists()
+
+
+def tiny_sweep(tmp_path: Path, shards: Path, runs: int = 3) -> Path:
+    """A real sweep of `runs` tiny runs on the embedded corpus, tracked in tmp_path."""
+    spec = {
+        "experiment": "tiny-sweep", "base": str(REPO / "configs" / "runs" / "tiny.yaml"),
+        "name": "r{{ r }}-d{{ d }}", "recurrences": [1, 2, 4][:runs],
+        "width": {"per_scale": 32, "multiple": 32}, "budgets": {4e10: [2]},
+        "set": {"model.prelude_layers": 1, "model.loop_layers": "{{ 4 // r }}",
+                "model.coda_layers": 1, "model.n_heads": 2, "model.max_seq_len": 64,
+                "train.micro_batch": 4, "train.global_batch": 4, "train.eval_batches": 2,
+                "train.checkpoint_interval": 2, "data.shards": str(shards), "data.verify": False,
+                "train.checkpoint_dir": str(tmp_path / "checkpoints"),
+                "track.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    }
+    path = tmp_path / "tiny-sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_command(spec: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megaloop.cli", "sweep", str(spec), "--no-progress", *extra]
+
+
+def runs_by_name(tmp_path: Path) -> dict[str, list]:
+    mlflow = client(tmp_path)
+    experiment = mlflow.get_experiment_by_name("tiny-sweep")
+    found: dict[str, list] = {}
+    for run in mlflow.search_runs([experiment.experiment_id]):
+        found.setdefault(run.info.run_name, []).append(run)
+    return found
+
+
+def test_tiny_sweep_runs_in_process_and_is_idempotent(tmp_path, stdlib_shards):
+    spec = tiny_sweep(tmp_path, stdlib_shards)
+    first = subprocess.run(sweep_command(spec), cwd=tmp_path, env=child_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert_ok(first)
+    assert "3 runs planned, 0 already finished, 3 trained" in first.stdout
+    runs = runs_by_name(tmp_path)
+    assert sorted(runs) == ["r1-d64", "r2-d64", "r4-d64"]
+    for (run,) in runs.values():
+        assert run.data.tags["megaloop.status"] == "finished" and "val/loss" in run.data.metrics
+    again = subprocess.run(sweep_command(spec), cwd=tmp_path, env=child_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert_ok(again)
+    assert "3 runs planned, 3 already finished, 0 trained" in again.stdout
+    assert {name: len(found) for name, found in runs_by_name(tmp_path).items()} == \
+        {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
+
+
+def test_killed_sweep_finishes_only_what_is_missing(tmp_path, stdlib_shards):
+    spec = tiny_sweep(tmp_path, stdlib_shards)
+    process = subprocess.Popen(sweep_command(spec), cwd=tmp_path, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    second_run = tmp_path / "checkpoints" / "r2-d64" / "step_00000002" / "megaloop_complete.json"
+    wait_for(second_run, process, timeout=400)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = runs_by_name(tmp_path)
+    (first_run,) = before["r1-d64"]
+    assert first_run.data.tags["megaloop.status"] == "finished"
+
+    again = subprocess.run(sweep_command(spec), cwd=tmp_path, env=child_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert_ok(again)
+    assert "3 runs planned, 1 already finished, 2 trained" in again.stdout
+    after = runs_by_name(tmp_path)
+    assert {name: len(found) for name, found in after.items()} == \
+        {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
+    assert after["r1-d64"][0].info.end_time == first_run.info.end_time  # not trained again
+    assert all(found[0].data.tags["megaloop.status"] == "finished" for found in after.values())
+
+
+def test_slurm_array_script(tmp_path, stdlib_shards):
+    spec = tiny_sweep(tmp_path, stdlib_shards)
+    proc = subprocess.run(sweep_command(spec, "--executor", "slurm", "--dry-run", "--nproc", "4"),
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert_ok(proc)
+    script = proc.stdout[proc.stdout.index("#!/usr/bin/env bash"):]
+    assert "#SBATCH --array=0-2" in script and "#SBATCH --requeue" in script
+    assert "#SBATCH --signal=B:TERM@120" in script
+    assert "--resume auto" in script and "--nproc 4" in script and "launch.sh" in script
+    listing = tmp_path / "runs" / "sweeps" / "tiny-sweep" / "runs.txt"
+    configs = [Path(line) for line in listing.read_text().splitlines()]
+    assert [p.stem for p in configs] == ["r1-d64", "r2-d64", "r4-d64"]
+    assert yaml.safe_load(configs[1].read_text())["model"]["recurrences"] == 2
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
