@@ -58,14 +58,19 @@ def write_run_configs(experiment: str, runs: list[PlannedRun]) -> list[Path]:
 
 
 def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
+    from megaloop.train import engine
     from megaloop.train.trainer import train
 
     done = []
-    bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
-    for run in bar:
-        bar.set_postfix_str(run.name)
-        train(run.config, resume="auto", progress=False)
-        done.append(run.name)
+    *_, created = engine.init_distributed()  # one process group for all the runs
+    try:
+        bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
+        for run in bar:
+            bar.set_postfix_str(run.name)
+            train(run.config, resume="auto", progress=False)
+            done.append(run.name)
+    finally:
+        engine.shutdown(None, destroy_group=created)
     return done
 
 

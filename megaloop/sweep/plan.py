@@ -12,7 +12,8 @@ A spec is data (configs/sweeps/*.yaml):
       model.loop_layers: "{{ 16 // r }}"   #   expressions over r, s, d, budget, variant, seed
       model.n_heads: "{{ d // 128 }}"
     lr_scaling: {reference_width: 640, exponent: -1.0}   # optional: lr x (d / 640)^-1
-    variants: {looped: {model.hyper: none}, hyperloop: {...}}   # optional axis `variant`
+    variants: {looped: {model.hyper: none}, hyperloop: {...}}   # optional axis `variant`;
+                                        # a variant may also give its own base and tokens
     seeds: [0, 1, 2]                    # optional axis `seed` (sets train.seed)
     tokens: 12500000000                 # instead of budgets: a fixed token count per run
 
@@ -39,6 +40,7 @@ from megaloop.model.accounting import account
 SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "scales", "tokens",
              "set", "lr_scaling", "variants", "seeds", "description"}
 REQUIRED = {"experiment", "name"}
+VARIANT_KEYS = {"base", "tokens"}  # what a variant may set besides config overrides
 
 
 @dataclass(frozen=True)
@@ -89,11 +91,18 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     missing = sorted(REQUIRED - set(spec))
     if missing:
         raise ConfigError(f"Sweep spec {path} lacks '{missing[0]}'.")
-    if ("budgets" in spec) == ("tokens" in spec):
+    variants = spec.get("variants") or {}
+    with_tokens = "tokens" in spec or (variants and all("tokens" in (v or {})
+                                                        for v in variants.values()))
+    if ("budgets" in spec) == bool(with_tokens):
         raise ConfigError(f"Sweep spec {path}: give either budgets (FLOPs -> scales) or tokens "
-                          "(a fixed count per run), not both or neither.")
+                          "(a fixed count per run, or per variant), not both or neither.")
+    here = Path(path).parent
     if "base" in spec:
-        spec["base"] = str((Path(path).parent / spec["base"]).resolve())
+        spec["base"] = str((here / spec["base"]).resolve())
+    for variant in variants.values():
+        if variant and "base" in variant:
+            variant["base"] = str((here / variant["base"]).resolve())
     return spec
 
 
@@ -137,8 +146,8 @@ def _overrides(spec: dict[str, Any], context: dict[str, Any], name: str) -> list
         values["train.seed"] = context["seed"]
     for key, value in (spec.get("set") or {}).items():
         values[key] = _render(value, context, f"set.{key}")
-    if context["variant"] is not None:
-        for key, value in (spec["variants"][context["variant"]] or {}).items():
+    for key, value in _variant(spec, context).items():
+        if key not in VARIANT_KEYS:
             values[key] = _render(value, context, f"variants.{context['variant']}.{key}")
     values["track.experiment"] = spec["experiment"]
     values["track.run_name"] = name
@@ -153,6 +162,14 @@ def _yaml_scalar(value: Any) -> str:
     return str(value)
 
 
+def _variant(spec: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    return (spec.get("variants") or {}).get(context["variant"]) or {}
+
+
+def _base(spec: dict[str, Any], context: dict[str, Any]) -> str | None:
+    return _variant(spec, context).get("base", spec.get("base"))
+
+
 def _lr_factor(spec: dict[str, Any], cfg: RunConfig) -> float:
     rule = spec.get("lr_scaling")
     if not rule:
@@ -160,19 +177,21 @@ def _lr_factor(spec: dict[str, Any], cfg: RunConfig) -> float:
     return (cfg.model.d_model / rule["reference_width"]) ** rule["exponent"]
 
 
-def _load(spec: dict[str, Any], overrides: list[str], name: str) -> RunConfig:
+def _load(spec: dict[str, Any], base: str | None, overrides: list[str], name: str) -> RunConfig:
     try:
-        return run_config.load(spec.get("base"), overrides)
+        return run_config.load(base, overrides)
     except ConfigError as exc:
         raise ConfigError(f"Sweep {spec['experiment']}, run {name}: {exc}") from None
 
 
-def _tokens(spec: dict[str, Any], budget: float | None, cfg: RunConfig, flops: float,
+def _tokens(spec: dict[str, Any], context: dict[str, Any], cfg: RunConfig, flops: float,
             name: str) -> int:
-    """Tokens of one run in whole global batches: budget / flops_per_token, or spec tokens."""
+    """Tokens of one run in whole global batches: budget / flops_per_token, or given tokens."""
     per_step = cfg.train.global_batch_tokens or cfg.train.global_batch * cfg.model.max_seq_len
+    budget = context["budget"]
     if budget is None:
-        return int(math.ceil(float(spec["tokens"]) / per_step) * per_step)
+        tokens = _variant(spec, context).get("tokens", spec.get("tokens"))
+        return int(math.ceil(float(tokens) / per_step) * per_step)
     steps = round(budget / flops / per_step)
     if steps < 1:
         raise ConfigError(f"Sweep {spec['experiment']}, run {name}: the budget {budget:.3g} FLOPs "
@@ -184,18 +203,19 @@ def _tokens(spec: dict[str, Any], budget: float | None, cfg: RunConfig, flops: f
 def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
     name = str(_render(spec["name"], context, "name"))
     overrides = _overrides(spec, context, name)
-    cfg = _load(spec, overrides, name)
+    base = _base(spec, context)
+    cfg = _load(spec, base, overrides, name)
     factor = _lr_factor(spec, cfg)
     if factor != 1.0:
         overrides += [f"train.lr={cfg.train.lr * factor}",
                       f"train.min_lr={cfg.train.min_lr * factor}"]
     counts = account(cfg.model)
     flops = counts["flops_per_token"]
-    tokens = _tokens(spec, context["budget"], cfg, flops, name)
+    tokens = _tokens(spec, context, cfg, flops, name)
     overrides += [f"train.tokens={tokens}", "train.steps=null"]
     if context["budget"] is not None:
         overrides.append(f"train.budget_flops={context['budget']}")
-    return PlannedRun(name, _load(spec, overrides, name), context, context["budget"], tokens,
+    return PlannedRun(name, _load(spec, base, overrides, name), context, context["budget"], tokens,
                       flops, counts["n_once"], counts["n_rec"])
 
 
@@ -222,13 +242,14 @@ def plan_rows(runs: list[PlannedRun]) -> list[dict[str, Any]]:
 
 def plan_table(runs: list[PlannedRun], peak_flops: float, assumed_mfu: float) -> str:
     """The dry-run table: one line per run, then the total compute and an estimated duration."""
-    header = (f"{'name':<28}{'r':>3}{'d_model':>8}{'n_once':>12}{'n_rec':>12}{'budget':>10}"
-              f"{'tokens':>15}{'FLOPs/token':>13}")
+    width = max([len(run.name) for run in runs] + [4]) + 2
+    header = (f"{'name':<{width}}{'r':>3}{'d_model':>8}{'n_once':>15}{'n_rec':>15}{'budget':>10}"
+              f"{'tokens':>19}{'FLOPs/token':>13}")
     lines = [header, "-" * len(header)]
     for row in plan_rows(runs):
         budget = "-" if row["budget_flops"] is None else f"{row['budget_flops']:.3g}"
-        lines.append(f"{row['name']:<28}{row['recurrences']:>3}{row['d_model']:>8}"
-                     f"{row['n_once']:>12,}{row['n_rec']:>12,}{budget:>10}{row['tokens']:>15,}"
+        lines.append(f"{row['name']:<{width}}{row['recurrences']:>3}{row['d_model']:>8}"
+                     f"{row['n_once']:>15,}{row['n_rec']:>15,}{budget:>10}{row['tokens']:>19,}"
                      f"{row['flops_per_token']:>13.4g}")
     total = sum(run.compute for run in runs)
     seconds = total / (peak_flops * assumed_mfu)
@@ -244,4 +265,6 @@ def _duration(seconds: float) -> str:
         return f"{seconds / 60:.0f} min"
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+    if seconds < 365 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    return f"{seconds / (365 * 86400):,.0f} years"

@@ -125,28 +125,32 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed() -> tuple[int, int, bool]:
     """Join the process group set up by a launcher (RANK, WORLD_SIZE, ...), or form a group of
-    one for a plain process. Returns (rank, world_size)."""
+    one for a plain process. Returns (rank, world_size, whether this call created the group).
+
+    A group that exists already (several runs in one process) is reused: DeepSpeed keeps
+    references to it, so it must outlive the runs."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-    if not torch.distributed.is_initialized():
+    created = not torch.distributed.is_initialized()
+    if created:
+        if "RANK" not in os.environ:
+            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    verbose=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), created
 
 
-def shutdown(engine: Any | None) -> None:
+def shutdown(engine: Any | None, destroy_group: bool = True) -> None:
     """Tear down in the order that lets every rank exit cleanly."""
     if engine is not None:
         engine.destroy()
-    if torch.distributed.is_initialized():
+    if destroy_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -238,7 +238,7 @@ class Trainer:
 def train(config: RunConfig, *, resume: str | None = None, progress: bool = True,
           peak: float | None = None) -> dict[str, Any]:
     """Train one run to its budget (or until SIGTERM); returns a summary on every rank."""
-    rank, world_size = ds.init_distributed()
+    rank, world_size, created_group = ds.init_distributed()
     trainer = None
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -256,4 +256,4 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        ds.shutdown(trainer.engine if trainer is not None else None)
+        ds.shutdown(trainer.engine if trainer is not None else None, destroy_group=created_group)
