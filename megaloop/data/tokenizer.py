@@ -81,8 +81,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._processor.encode(text, out_type=int)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._processor.encode(list(texts), out_type=int)
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        """Encode several texts; sentencepiece would otherwise start a thread per core, which
+        oversubscribes the cores when `megaloop data prepare` runs worker processes."""
+        return self._processor.encode(list(texts), out_type=int, num_threads=threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
