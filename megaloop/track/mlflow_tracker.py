@@ -11,6 +11,7 @@ global run, so several trackers may live in one process. mlflow is imported lazi
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import posixpath
@@ -202,7 +203,7 @@ class _Sender:
             self._cond.notify_all()
             while self._handled < target and self._thread.is_alive():
                 self._cond.wait(0.5)
-            lost = self._lost + (target - self._handled)
+            lost = self._lost + max(0, target - self._handled)  # > 0: the thread died
             error, self._error, self._lost = self._error, None, 0
             self._handled = max(self._handled, target)
         if close:
@@ -412,3 +413,47 @@ def find_runs(experiment: str, *, tracking: str | None = None, status: str | Non
              "end_time": run.info.end_time, "params": dict(run.data.params),
              "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
             for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]
+
+
+def log_fit_run(experiment: str, *, params: dict, metrics: dict[str, float],
+                artifact_dir: str | Path | None = None, tags: dict | None = None,
+                tracking: str | None = None, run_name: str | None = None) -> str:
+    """Log a scaling-law fit as a finished MLflow run of its own in `experiment`: params,
+    metrics (non-finite ones left out), the files of `artifact_dir` as artifacts. The run is
+    tagged megaloop.kind=fit and carries no megaloop.status, so searches for training runs
+    never return it. Returns the run id."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking or tracking_uri(TrackConfig())
+    client = _client(uri)
+    try:
+        experiment_id = _experiment_id(client, experiment, uri)
+        run_id = client.create_run(experiment_id, run_name=run_name or "fit",
+                                   tags={**run_tags(1), **(tags or {}),
+                                         "megaloop.kind": "fit"}).info.run_id
+    except MlflowException as exc:
+        raise MegaloopError(f"MLflow at {uri} refused the fit run: {exc.message}") from exc
+    try:
+        _log_batch(client, run_id, params={k: v for k, v in params.items() if v is not None})
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
+        for i in range(0, len(values), MAX_METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=values[i:i + MAX_METRICS_PER_BATCH])
+        if artifact_dir is not None:
+            client.log_artifacts(run_id, str(artifact_dir))
+    except BaseException as exc:
+        client.set_terminated(run_id, "FAILED")
+        if isinstance(exc, MlflowException):
+            raise MegaloopError(f"MLflow at {uri} refused the fit run {run_id}: "
+                                f"{exc.message}") from exc
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

@@ -95,8 +95,7 @@ class Trainer:
                 "flops_per_token": self.accounting["flops_per_token"],
                 "config_hash": self.config.hash(), "steps": self.total_steps,
                 "global_batch": self.geometry.global_batch, "grad_accum": self.geometry.grad_accum,
-                "world_size": self.world_size, "peak_flops": self.peak,
-                "peak_flops_source": self.peak_source}
+                "world_size": self.world_size}
 
     def resume(self, which: str | None) -> None:
         state = self.checkpoints.load(self.engine, which) if which else None
@@ -110,6 +109,9 @@ class Trainer:
             run_id = self.unfinished_run()
         self.tracker = open_tracker(self.config, rank=self.rank, world_size=self.world_size,
                                     derived=self.derived_params(), resume_run_id=run_id)
+        # a tag, not a param: a peak measured at start differs a little on every resume
+        self.tracker.set_tags({"megaloop.peak_flops": f"{self.peak:.4g}",
+                               "megaloop.peak_flops_source": self.peak_source})
         self.tracker.log_text(json.dumps(self.ds_config, indent=2), "ds_config.json")
         self.tracker.log_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
                               "run_config.yaml")
