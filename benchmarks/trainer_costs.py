@@ -1,0 +1,115 @@
+"""Costs of the trainer on this CPU, measured in one run:
+
+1. ZeRO-3 against ZeRO-0 on two ranks: the same run (tiny model, r = 2) trained through
+   `launch.sh --nproc 2` at both stages; step time from the logged tokens/s (median after the
+   first steps).
+2. Checkpoint save and load time against model size: megaloop's Checkpoints (DeepSpeed engine
+   state + loader + RNG + marker) for models of increasing width, one process, ZeRO-0.
+
+    PYTHONPATH=. python benchmarks/trainer_costs.py [--steps 30] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "runs" / "tiny.yaml"
+
+
+def zero_run(stage: int, steps: int, shards: Path, workdir: Path) -> float:
+    """Median seconds per optimizer step of a two-rank run at ZeRO `stage`."""
+    from mlflow.tracking import MlflowClient
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    settings = {"train.zero_stage": stage, "train.steps": steps, "train.micro_batch": 4,
+                "train.global_batch": 8, "train.log_interval": 1, "train.eval_interval": 10**6,
+                "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
+                "data.shards": str(shards), "data.verify": "false",
+                "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
+                "track.experiment": f"zero{stage}"}
+    argv = [str(REPO / "launch.sh"), "train", str(TINY), "--nproc", "2", "--no-progress"]
+    for key, value in settings.items():
+        argv += ["--set", f"{key}={value}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    subprocess.run(argv, check=True, cwd=workdir, env=env, capture_output=True)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(f"zero{stage}")
+    (run,) = client.search_runs([experiment.experiment_id])
+    rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
+    tokens_per_step = 8 * 256
+    return statistics.median(tokens_per_step / rate for rate in rates[3:])
+
+
+def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dict]:
+    """Save and load time of a complete checkpoint for models of several widths."""
+    import torch.distributed as dist
+
+    from megaloop import config
+    from megaloop.train import engine as ds
+    from megaloop.train.checkpoint import Checkpoints
+
+    rows = []
+    *_, created = ds.init_distributed()
+    for width in widths:
+        cfg = config.load(TINY, [f"model.d_model={width}", f"model.n_heads={width // 64}",
+                                 f"data.shards={shards}", "train.steps=1"])
+        engine, model, _ = ds.build_engine(cfg, 1)
+        params = sum(p.numel() for p in model.parameters())
+        checkpoints = Checkpoints(workdir / f"d{width}", keep=1, rank=0, world_size=1,
+                                  barrier=dist.barrier)
+        state = {"step": 0, "loader": {}, "mlflow_run_id": None, "config": cfg.to_dict(),
+                 "config_hash": cfg.hash()}
+        start = time.perf_counter()
+        folder = checkpoints.save(engine, 1, state)
+        saved = time.perf_counter() - start
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        start = time.perf_counter()
+        checkpoints.load(engine, "auto")
+        loaded = time.perf_counter() - start
+        rows.append({"d_model": width, "parameters": params, "bytes": size, "save_s": saved,
+                     "load_s": loaded, "save_mb_per_s": size / saved / 1e6,
+                     "load_mb_per_s": size / loaded / 1e6})
+        engine.destroy()
+    ds.shutdown(None, destroy_group=created)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--widths", default="128,256,512,1024")
+    parser.add_argument("--json", default="benchmarks/out/trainer_costs.json")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from megaloop.data.corpus import open_corpus
+    from megaloop.data.shards import prepare
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = tmp / "shards"
+        prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards, progress=False)
+        zero0 = zero_run(0, args.steps, shards, (tmp / "z0").resolve())
+        zero3 = zero_run(3, args.steps, shards, (tmp / "z3").resolve())
+        widths = [int(w) for w in args.widths.split(",")]
+        checkpoints = checkpoint_costs(widths, shards, tmp / "ckpt")
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "two_ranks_step_s": {"zero0": zero0, "zero3": zero3, "ratio": zero3 / zero0},
+              "checkpoints": checkpoints}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
