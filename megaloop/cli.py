@@ -171,6 +171,181 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     sweep.set_defaults(func=cmd_sweep)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from megaloop.infer.evaluate import evaluate_checkpoint, format_eval
+
+    summary = evaluate_checkpoint(args.checkpoint, text=args.text, shards=args.shards,
+                                  recurrences=args.recurrences, batch_size=args.batch_size,
+                                  max_batches=args.max_batches, tokenizer=args.tokenizer,
+                                  device=args.device, progress=not args.json)
+    print(json.dumps(summary, indent=2) if args.json else format_eval(summary))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from megaloop.infer.generate import Sampling, generate_text
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, recurrences=args.recurrences,
+                        stop_at_eos=not args.no_stop)
+    result = generate_text(args.checkpoint, args.prompt, sampling, tokenizer=args.tokenizer,
+                           device=args.device, use_cache=not args.no_cache)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(result["prompt"] + result["text"])
+        print(f"megaloop: {len(result['tokens'])} tokens at {result['tokens_per_s']:.1f} "
+              f"tokens/s (r = {result['recurrences']}, cache {'on' if result['cache'] else 'off'})",
+              file=sys.stderr)
+    return 0
+
+
+def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    checkpoint_help = ("a checkpoint folder (step_*), a run folder (its newest complete "
+                       "checkpoint) or a .safetensors file made by `megaloop export`")
+    evaluate = sub.add_parser("eval", parents=[common],
+                              help="loss (nats/token) and bits per byte of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    data = evaluate.add_mutually_exclusive_group(required=True)
+    data.add_argument("--text", metavar="FILE", help="a UTF-8 text file, read as one document")
+    data.add_argument("--shards", metavar="DIR",
+                      help="prepared token shards: the trainer's validation batches of their "
+                           "val split")
+    evaluate.add_argument("--recurrences", metavar="R[,R...]",
+                          help="loop counts to evaluate at (default: the trained r)")
+    evaluate.add_argument("--batch-size", type=int,
+                          help="sequences per batch (default: the run's train.micro_batch)")
+    evaluate.add_argument("--max-batches", type=int,
+                          help="--shards: batches (default: the run's train.eval_batches x its "
+                               "ranks, which reproduces its last val/loss)")
+    evaluate.add_argument("--tokenizer", help="--text: sentencepiece model (default: the run's)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint")
+    gen.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1)")
+    gen.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
+    gen.add_argument("--recurrences", type=int, help="loop count (default: the trained r)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    gen.add_argument("--no-cache", action="store_true",
+                     help="recompute the whole sequence for every token (no KV cache)")
+    gen.add_argument("--no-stop", action="store_true", help="do not stop at end-of-sequence")
+    gen.add_argument("--tokenizer", help="sentencepiece model (default: the run's)")
+    gen.add_argument("--device", help="cpu, cuda, ... (default: cuda if present)")
+    gen.add_argument("--json", action="store_true", help="print JSON (ids, speed) instead")
+    gen.set_defaults(func=cmd_generate)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from megaloop.train.export import export_safetensors
+
+    result = export_safetensors(args.checkpoint, args.out)
+    print(f"exported {result['parameters']:,} fp32 parameters of {result['checkpoint']} to "
+          f"{result['out']}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from megaloop.train.hf_export import export_hf
+
+    result = export_hf(args.checkpoint, args.out, tokenizer_path=args.tokenizer)
+    print(f"exported {result['checkpoint']} as LlamaForCausalLM ({result['layers']} layers) "
+          f"with its tokenizer to {result['out']}")
+    return 0
+
+
+def _add_export_parsers(sub: argparse._SubParsersAction,
+                        common: argparse.ArgumentParser) -> None:
+    export = sub.add_parser("export", parents=[common],
+                            help="consolidated fp32 weights + config as one .safetensors file")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint folder (step_*) or a run folder")
+    export.add_argument("--out", required=True, help="the .safetensors file to write")
+    export.set_defaults(func=cmd_export)
+    hf = sub.add_parser("export-hf", parents=[common],
+                        help="a Hugging Face LlamaForCausalLM folder with the tokenizer")
+    hf.add_argument("--checkpoint", required=True,
+                    help="a checkpoint folder, run folder or megaloop .safetensors file")
+    hf.add_argument("--out", required=True, help="the folder to write")
+    hf.add_argument("--tokenizer", help="sentencepiece model (default: the run's)")
+    hf.set_defaults(func=cmd_export_hf)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from megaloop.track.browse import format_runs, list_runs
+
+    rows = list_runs(args.experiment, args.tracking_uri)
+    print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from megaloop.track.browse import serve_ui
+
+    return serve_ui(args.port, args.tracking_uri, announce=lambda line: print(line, flush=True))
+
+
+def _add_browse_parsers(sub: argparse._SubParsersAction,
+                        common: argparse.ArgumentParser) -> None:
+    from megaloop.track.browse import DEFAULT_UI_PORT
+
+    store_help = "MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)"
+    runs = sub.add_parser("runs", parents=[common], help="a table of the tracked runs")
+    runs.add_argument("--experiment", help="one experiment (default: all)")
+    runs.add_argument("--tracking-uri", help=store_help)
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.set_defaults(func=cmd_runs)
+    ui = sub.add_parser("ui", parents=[common], help="MLflow's UI over the project's store")
+    ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT,
+                    help=f"port on 127.0.0.1 (default: {DEFAULT_UI_PORT})")
+    ui.add_argument("--tracking-uri", help=store_help)
+    ui.set_defaults(func=cmd_ui)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from megaloop.fit.command import run_fit
+    from megaloop.fit.report import format_summary
+
+    _, summary = run_fit(runs_csv=args.runs, experiment=args.experiment, filters=args.filters,
+                         tracking=args.tracking_uri, fix_phi=args.fix_phi,
+                         restarts=args.restarts, bootstrap=args.bootstrap, seed=args.seed,
+                         json_out=args.json, report_dir=args.report,
+                         log_to_mlflow=not args.no_log)
+    print(format_summary(summary))
+    return 0
+
+
+def _add_fit_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    fit = sub.add_parser("fit", parents=[common],
+                         help="fit the looped scaling law (phi) with bootstrap intervals")
+    source = fit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", metavar="FILE.csv",
+                        help="CSV with n_once, n_rec, recurrences, tokens, loss [, budget_flops]")
+    source.add_argument("--experiment", metavar="NAME",
+                        help="the finished runs of an MLflow experiment (val/loss)")
+    fit.add_argument("--filter", dest="filters", action="append", default=[],
+                     metavar="TAG=VALUE", help="only MLflow runs with this tag (repeatable)")
+    fit.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                                            "sqlite:///runs/mlflow.db)")
+    fit.add_argument("--fix-phi", type=float, metavar="X",
+                     help="fit with phi fixed at X (e.g. 0 or 1) instead of free")
+    fit.add_argument("--restarts", type=int, default=500,
+                     help="random starts in the paper's box (default: 500)")
+    fit.add_argument("--bootstrap", type=int, default=200,
+                     help="bootstrap resamples for the intervals (default: 200; 0: none)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of starts and resamples")
+    fit.add_argument("--json", metavar="OUT", help="write the fit as JSON to OUT")
+    fit.add_argument("--report", metavar="DIR",
+                     help="write a Markdown report with PNG plots to DIR")
+    fit.add_argument("--no-log", action="store_true",
+                     help="with --experiment: do not log the fit as an MLflow run")
+    fit.set_defaults(func=cmd_fit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megaloop", description="Train looped language models and fit how much a recurrence "
@@ -191,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub, common)
     _add_train_parsers(sub, common)
     _add_sweep_parser(sub, common)
+    _add_infer_parsers(sub, common)
+    _add_export_parsers(sub, common)
+    _add_browse_parsers(sub, common)
+    _add_fit_parser(sub, common)
     return parser
 
 

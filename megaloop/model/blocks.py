@@ -1,4 +1,5 @@
-"""Transformer building blocks: RMSNorm, RoPE, attention (flash-attn or SDPA), MLP, Block."""
+"""Transformer building blocks: RMSNorm, RoPE, attention (flash-attn or SDPA), MLP, Block, and the
+KV cache that attention fills during incremental decoding."""
 
 from __future__ import annotations
 
@@ -52,8 +53,11 @@ class Rotary(nn.Module):
         cos, sin = self._tables(self.cos.device)
         self.cos, self.sin = cos, sin
 
-    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[:seq_len].to(dtype), self.sin[:seq_len].to(dtype)
+    def forward(self, seq_len: int, dtype: torch.dtype,
+                start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables of positions start .. start + seq_len - 1."""
+        end = start + seq_len
+        return self.cos[start:end].to(dtype), self.sin[start:end].to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -67,12 +71,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads."""
+    """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads.
+
+    k and v may be longer than q (cached past positions): query i is the key position
+    len(k) - len(q) + i and sees keys up to it. One query (decoding) sees every key."""
     if k.shape[1] != q.shape[1]:
         groups = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q_len, k_len = q.shape[2], k.shape[2]
+    if q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q_len == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for incremental decoding.
+
+    Every attention call of a forward pass takes the next slot in call order, so a looped model
+    holds one slot per (stack, layer, recurrence): the loop's layers run r times, at r different
+    depths, and each run attends to the keys of its own depth. A cache is tied to the number of
+    recurrences it was filled with. Slots are buffers of `max_len` positions, allocated on first
+    use and written in place."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.length = 0  # positions cached
+        self.recurrences: int | None = None
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._cursor = 0
+
+    def begin(self, seq_len: int, recurrences: int) -> int:
+        """Start a forward pass over `seq_len` new positions; returns the first one's index."""
+        if self.recurrences is not None and recurrences != self.recurrences:
+            raise ConfigError(f"This KV cache was filled with {self.recurrences} recurrences; "
+                              f"it cannot continue with {recurrences}: use a new cache.")
+        if self.length + seq_len > self.max_len:
+            raise ConfigError(f"{self.length} cached + {seq_len} new positions exceed the cache "
+                              f"length {self.max_len} (model.max_seq_len).")
+        self.recurrences, self._cursor = recurrences, 0
+        return self.length
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new keys and values (B, H, T, D) of the next attention call; return all
+        of its keys and values so far."""
+        if self._cursor == len(self.slots):
+            if self.length:
+                raise RuntimeError("KV cache: more attention calls than in the first pass")
+            shape = (*k.shape[:2], self.max_len, k.shape[-1])
+            self.slots.append((k.new_empty(shape), v.new_empty(shape)))
+        keys, values = self.slots[self._cursor]
+        self._cursor += 1
+        end = self.length + k.shape[2]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def end(self, seq_len: int) -> None:
+        if self._cursor != len(self.slots):
+            raise RuntimeError("KV cache: fewer attention calls than in the first pass")
+        self.length += seq_len
 
 
 class Attention(nn.Module):
@@ -93,7 +154,8 @@ class Attention(nn.Module):
         return (self.backend != "sdpa" and flash_attn_func is not None and q.is_cuda
                 and q.dtype in (torch.float16, torch.bfloat16))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -104,7 +166,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self._use_flash(q):
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        if self._use_flash(q):  # causal masks of flash-attn >= 2.1 align to the last key
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                 causal=True)
         else:
@@ -142,12 +206,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def attn_update(self, x: torch.Tensor, rope) -> torch.Tensor:
-        return self.attn(self.attn_norm(x), rope)
+    def attn_update(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+        return self.attn(self.attn_norm(x), rope, cache)
 
     def mlp_update(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.mlp_norm(x))
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn_update(x, rope)
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn_update(x, rope, cache)
         return x + self.mlp_update(x)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from megaloop.model.blocks import RMSNorm
+from megaloop.model.blocks import KVCache, RMSNorm
 
 Update = Callable[[torch.Tensor], torch.Tensor]
 
@@ -159,6 +159,6 @@ class MHCBlock(nn.Module):
         self.attn_hc = MHCConnection(n, dim)
         self.mlp_hc = MHCConnection(n, dim)
 
-    def forward(self, streams: torch.Tensor, rope) -> torch.Tensor:
-        streams = self.attn_hc(streams, lambda x: self.block.attn_update(x, rope))
+    def forward(self, streams: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+        streams = self.attn_hc(streams, lambda x: self.block.attn_update(x, rope, cache))
         return self.mlp_hc(streams, self.block.mlp_update)

@@ -3,7 +3,8 @@
 One class covers the standard transformer (r = 1), the looped model with linear, additive or
 passthrough injection, truncated BPTT, Huginn's sampled recurrences, and the hyper-connection
 variants (Hyperloop, lanes, mHC). Activation checkpointing boundaries (per recurrence, per layer)
-are offered here and switched on by the trainer with `set_activation_checkpointing`.
+are offered here and switched on by the trainer with `set_activation_checkpointing`. For
+incremental decoding a `KVCache` (blocks.py) is threaded through every attention call.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megaloop.config import ModelConfig
 from megaloop.errors import ConfigError
-from megaloop.model.blocks import MLP, Attention, Block, RMSNorm, Rotary
+from megaloop.model.blocks import MLP, Attention, Block, KVCache, RMSNorm, Rotary
 from megaloop.model.hyper import DynamicGates, Hyperloop, Lanes, MHCBlock, expand_streams
 
 RECURRENCE_SIGMA = 0.5  # Huginn's log-normal spread of the sampled recurrence count
@@ -117,26 +118,36 @@ class LoopedLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                recurrences: int | None = None) -> torch.Tensor:
-        """Logits (B, T, V), or the mean cross-entropy when targets are given (-1 is ignored)."""
-        r = self._check_recurrences(recurrences)
+                recurrences: int | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V), or the mean cross-entropy when targets are given (-1 is ignored).
+
+        With a `cache` (see `new_cache`), `tokens` continue the positions cached so far and the
+        cache is extended by them."""
+        r = self.check_recurrences(recurrences)
         seq_len = tokens.shape[1]
-        if seq_len > self.cfg.max_seq_len:
-            raise ConfigError(f"Sequence length {seq_len} exceeds model.max_seq_len = "
+        start = 0 if cache is None else cache.begin(seq_len, r)
+        if start + seq_len > self.cfg.max_seq_len:
+            raise ConfigError(f"Sequence length {start + seq_len} exceeds model.max_seq_len = "
                               f"{self.cfg.max_seq_len}; raise max_seq_len or shorten the input.")
         x = self.embed(tokens)
-        rope = self.rotary(seq_len, x.dtype)
+        rope = self.rotary(seq_len, x.dtype, start)
         if self.cfg.hyper == "mhc":
             x = expand_streams(x, self.cfg.hyper_streams)
-        x = self._run_stack(self.prelude, x, rope)
-        x = self._run_loop(x, rope, r)
-        x = self._run_stack(self.coda, x, rope)
+        x = self._run_stack(self.prelude, x, rope, cache)
+        x = self._run_loop(x, rope, r, cache)
+        x = self._run_stack(self.coda, x, rope, cache)
         if self.cfg.hyper == "mhc":
             x = x.mean(dim=-2)
+        if cache is not None:
+            cache.end(seq_len)
         logits = self._logits(self.final_norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for incremental decoding of up to model.max_seq_len positions."""
+        return KVCache(self.cfg.max_seq_len)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -144,7 +155,9 @@ class LoopedLM(nn.Module):
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def _check_recurrences(self, recurrences: int | None) -> int:
+    def check_recurrences(self, recurrences: int | None) -> int:
+        """The r a forward pass runs (None: the configured r); ConfigError for an r this model
+        cannot run."""
         r = self.cfg.recurrences if recurrences is None else int(recurrences)
         if r < 1:
             raise ConfigError(f"recurrences = {r} must be >= 1.")
@@ -155,15 +168,17 @@ class LoopedLM(nn.Module):
             raise ConfigError(f"recurrences = {r} but the model has no loop layers.")
         return r
 
-    def _run_stack(self, stack: nn.ModuleList, x: torch.Tensor, rope) -> torch.Tensor:
+    def _run_stack(self, stack: nn.ModuleList, x: torch.Tensor, rope,
+                   cache: KVCache | None = None) -> torch.Tensor:
         for layer in stack:
-            if self.checkpointing == "per_layer" and torch.is_grad_enabled():
+            if self.checkpointing == "per_layer" and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(layer, x, rope, use_reentrant=False)
             else:
-                x = layer(x, rope)
+                x = layer(x, rope, cache)
         return x
 
-    def _run_loop(self, e: torch.Tensor, rope, r: int) -> torch.Tensor:
+    def _run_loop(self, e: torch.Tensor, rope, r: int,
+                  cache: KVCache | None = None) -> torch.Tensor:
         """r recurrences of the loop block; only the last k (bptt_k) build an autograd graph."""
         if not self.loop:
             return e
@@ -172,10 +187,11 @@ class LoopedLM(nn.Module):
         state = self._loop_start(e)
         for i in range(r):
             with torch.set_grad_enabled(grad_on and i >= r - k):
-                if self.checkpointing == "per_recurrence" and torch.is_grad_enabled():
+                if (self.checkpointing == "per_recurrence" and torch.is_grad_enabled()
+                        and cache is None):
                     state = checkpoint(self._recurrence, state, e, rope, i, use_reentrant=False)
                 else:
-                    state = self._recurrence(state, e, rope, i)
+                    state = self._recurrence(state, e, rope, i, cache)
         return self.hyper.finish(state) if self.hyper is not None else state
 
     def _loop_start(self, e: torch.Tensor) -> torch.Tensor:
@@ -185,12 +201,14 @@ class LoopedLM(nn.Module):
             return torch.zeros_like(e)  # so the first recurrence sees u = e, as for linear
         return e
 
-    def _recurrence(self, state: torch.Tensor, e: torch.Tensor, rope, i: int):
+    def _recurrence(self, state: torch.Tensor, e: torch.Tensor, rope, i: int,
+                    cache: KVCache | None = None):
         """One pass through the loop block: inject, run the shared layers, normalise."""
         if self.hyper is not None:
-            return self.hyper.step(state, i, lambda u: self._run_stack(self.loop, u, rope) - u)
+            return self.hyper.step(state, i,
+                                   lambda u: self._run_stack(self.loop, u, rope, cache) - u)
         u = self._inject(state, e) if self.cfg.is_looped else state
-        state = self._run_stack(self.loop, u, rope)
+        state = self._run_stack(self.loop, u, rope, cache)
         return self.loop_norm(state) if self.loop_norm is not None else state
 
     def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

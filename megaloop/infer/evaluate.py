@@ -1,0 +1,189 @@
+"""Loss in nats per token and bits per byte of a trained model, on token shards or a text file,
+at the trained number of recurrences or at others (test-time scaling of a looped model).
+
+On shards the batches are the trainer's validation batches: the first windows of the `val` split,
+`seq_len + 1` tokens each, `batch_size` to a batch, `max_batches` batches. With the defaults taken
+from the checkpoint (batch size train.micro_batch, train.eval_batches batches per rank times the
+ranks that trained it) they cover exactly the windows the trainer's last evaluation covered, so
+the loss is the run's final `val/loss`. Bits per byte use the split's bytes per token, as the
+trainer's `val/bpb` does.
+
+A text file is read as one document: its tokens follow an EOS and end with one, as documents do
+in the shards. Every token of the text and the closing EOS is predicted once; the stream is cut
+into windows of `seq_len + 1` tokens that overlap by one token (the last may be shorter).
+Bits per byte = loss / ln 2 * tokens / UTF-8 bytes of the text.
+
+The loss is the token-weighted mean of the per-batch mean losses (on shards every batch has the
+same number of tokens, so this is the trainer's mean over batches).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megaloop.data.loader import ValLoader
+from megaloop.data.shards import TokenShards
+from megaloop.data.tokenizer import Tokenizer
+from megaloop.errors import ConfigError, DataError
+from megaloop.model.looped import LoopedLM
+
+
+@dataclass
+class EvalSet:
+    """Batches of (tokens, targets) to evaluate, re-iterable, and what they hold."""
+
+    description: str
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    n_batches: int
+    tokens: int  # predicted tokens
+    bytes_per_token: float
+
+
+def parse_recurrences(text: str | None) -> list[int] | None:
+    """`"1,2,4"` -> [1, 2, 4]; None stays None (the trained r)."""
+    if text is None:
+        return None
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = int(part.strip())
+        except ValueError:
+            raise ConfigError(f"--recurrences {text!r}: {part.strip()!r} is not an integer; "
+                              "write e.g. --recurrences 1,2,4,8.") from None
+        if value < 1:
+            raise ConfigError(f"--recurrences {text!r}: {value} is below 1; a model runs its "
+                              "loop at least once.")
+        values.append(value)
+    return values
+
+
+def shard_set(folder: str | Path, seq_len: int, batch_size: int, max_batches: int | None,
+              vocab_size: int) -> EvalSet:
+    if batch_size < 1 or (max_batches is not None and max_batches < 1):
+        raise ConfigError(f"--batch-size {batch_size} and --max-batches {max_batches} must be "
+                          ">= 1.")
+    shards = TokenShards(folder, verify_hashes=False)
+    if shards.vocab_size != vocab_size:
+        raise DataError(f"The shards in {folder} use a tokenizer of {shards.vocab_size} tokens but "
+                        f"the model has vocab_size {vocab_size}; evaluate on shards made with the "
+                        "run's tokenizer.")
+    loader = ValLoader(shards, seq_len, batch_size, max_batches=max_batches)
+    return EvalSet(f"shards {folder} (val split): {len(loader)} batches of {batch_size} x "
+                   f"{seq_len} tokens", loader, len(loader), len(loader) * batch_size * seq_len,
+                   shards.bytes_per_token("val"))
+
+
+def text_set(path: str | Path, tokenizer: Tokenizer, seq_len: int, batch_size: int) -> EvalSet:
+    path = Path(path)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size} must be >= 1.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"Cannot read {path} ({exc.strerror}); pass a UTF-8 text file.") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise DataError(f"{path} has no tokens (it is empty); give a text to evaluate.")
+    stream = np.asarray([tokenizer.eos_id, *ids, tokenizer.eos_id], dtype=np.int64)
+    windows = [stream[start:start + seq_len + 1] for start in range(0, len(stream) - 1, seq_len)]
+    full = [w for w in windows if len(w) == seq_len + 1]
+    batches = [_rows(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [_rows([w]) for w in windows if len(w) < seq_len + 1]
+    predicted = len(stream) - 1
+    n_bytes = len(text.encode("utf-8"))
+    return EvalSet(f"text {path}: {len(ids):,} tokens + EOS, {n_bytes:,} bytes", batches,
+                   len(batches), predicted, n_bytes / predicted)
+
+
+def _rows(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.from_numpy(np.stack(windows))
+    return rows[:, :-1], rows[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: LoopedLM, data: EvalSet, recurrences: list[int] | None = None,
+             progress: bool = False) -> list[dict[str, Any]]:
+    """Loss (nats per token) and bits per byte at each r of `recurrences` (None: the trained r)."""
+    device = next(model.parameters()).device
+    model.eval()
+    results = []
+    for r in recurrences or [model.cfg.recurrences]:
+        model.check_recurrences(r)  # refuse (e.g. a Hyperloop at another r) before any work
+        total, weight = 0.0, 0
+        start = time.perf_counter()
+        bar = tqdm(data.batches, total=data.n_batches, desc=f"eval r={r}", unit="batch",
+                   leave=False, disable=None if progress else True)  # None: only on a terminal
+        for tokens, targets in bar:
+            loss = model(tokens.to(device), targets.to(device), recurrences=r)
+            count = targets.numel()
+            total += loss.double().item() * count
+            weight += count
+        elapsed = time.perf_counter() - start
+        loss = total / weight
+        results.append({"recurrences": r, "loss": loss,
+                        "bpb": loss / math.log(2) / data.bytes_per_token,
+                        "tokens_per_s": weight / elapsed if elapsed > 0 else None})
+    return results
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = None,
+                        shards: str | Path | None = None,
+                        recurrences: str | list[int] | None = None,
+                        batch_size: int | None = None, max_batches: int | None = None,
+                        tokenizer: str | Path | None = None, device: str | None = None,
+                        progress: bool = False) -> dict[str, Any]:
+    """`megaloop eval`: load the checkpoint, build the evaluation set, evaluate at each r.
+
+    Defaults come from the checkpoint's config: batch size train.micro_batch; on shards
+    train.eval_batches x (ranks that trained it) batches, the trainer's last validation."""
+    from megaloop.data.dataset import tokenizer_path
+    from megaloop.data.tokenizer import check_vocab
+    from megaloop.train.export import load_model
+
+    if (text is None) == (shards is None):
+        raise ConfigError("Evaluate on one of --text FILE or --shards DIR.")
+    r_values = parse_recurrences(recurrences) if isinstance(recurrences, str) else recurrences
+    for r in r_values or []:
+        if r < 1:
+            raise ConfigError(f"recurrences {r} is below 1; a model runs its loop at least once.")
+    model, loaded = load_model(checkpoint, device or default_device())
+    config, seq_len = loaded.config, loaded.config.model.max_seq_len
+    batch_size = batch_size or config.train.micro_batch
+    if shards is not None:
+        max_batches = max_batches or config.train.eval_batches * loaded.world_size
+        data = shard_set(shards, seq_len, batch_size, max_batches, config.model.vocab_size)
+    else:
+        encoder = Tokenizer.load(tokenizer or tokenizer_path(config))
+        check_vocab(encoder, config.model.vocab_size)
+        data = text_set(text, encoder, seq_len, batch_size)
+    results = evaluate(model, data, r_values, progress=progress)
+    return {"checkpoint": str(loaded.path), "step": loaded.step,
+            "trained_recurrences": config.model.recurrences, "data": data.description,
+            "tokens": data.tokens, "batches": data.n_batches, "results": results}
+
+
+def format_eval(summary: dict[str, Any]) -> str:
+    step = "" if summary["step"] is None else f" (step {summary['step']})"
+    lines = [f"checkpoint {summary['checkpoint']}{step}, trained with r = "
+             f"{summary['trained_recurrences']}",
+             f"data       {summary['data']}: {summary['tokens']:,} tokens predicted",
+             f"{'r':>4}  {'loss (nats/token)':>17}  {'bits/byte':>9}  {'tokens/s':>9}"]
+    for row in summary["results"]:
+        speed = f"{row['tokens_per_s']:9.0f}" if row["tokens_per_s"] else f"{'-':>9}"
+        lines.append(f"{row['recurrences']:>4}  {row['loss']:17.4f}  {row['bpb']:9.4f}  {speed}")
+    return "\n".join(lines)

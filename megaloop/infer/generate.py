@@ -1,0 +1,112 @@
+"""Sampling from a trained model, with the KV cache (prompt once, then one position per token)
+or without it (the whole sequence again for every token). Both give the same tokens.
+
+Deterministic under a seed: one torch.Generator draws every sample. Temperature 0 is greedy.
+The prompt follows an EOS, as a document does in the training stream; sampling stops at the
+first EOS or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megaloop.errors import ConfigError, DataError
+from megaloop.model.looped import LoopedLM
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None  # None: the whole vocabulary
+    seed: int = 0
+    recurrences: int | None = None  # None: the trained r
+    stop_at_eos: bool = True
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} must be >= 1.")
+        if not self.temperature >= 0:
+            raise ConfigError(f"--temperature {self.temperature} must be >= 0 (0 is greedy).")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"--top-k {self.top_k} must be >= 1.")
+        if self.recurrences is not None and self.recurrences < 1:
+            raise ConfigError(f"--recurrences {self.recurrences} is below 1; a model runs its "
+                              "loop at least once.")
+
+
+def sample_next(logits: torch.Tensor, sampling: Sampling,
+                generator: torch.Generator) -> torch.Tensor:
+    """The next token (B, 1) from the logits (B, V) of the last position."""
+    logits = logits.float()
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: LoopedLM, prompt: list[int], sampling: Sampling, *, eos_id: int | None,
+             use_cache: bool = True) -> dict:
+    """New token ids after `prompt` (ids, without the leading EOS, which is added here);
+    returns {"tokens", "seconds", "tokens_per_s"}."""
+    sampling.validate()
+    r = model.check_recurrences(sampling.recurrences)
+    context = ([eos_id] if eos_id is not None else []) + list(prompt)
+    if not context:
+        raise DataError("The prompt has no tokens; give a non-empty --prompt.")
+    limit = model.cfg.max_seq_len
+    if len(context) + sampling.max_new_tokens - 1 > limit:  # the last token is not read back
+        raise ConfigError(f"The prompt ({len(context)} tokens with the leading EOS) and "
+                          f"--max-new-tokens {sampling.max_new_tokens} exceed model.max_seq_len "
+                          f"= {limit}; shorten the prompt or ask for at most "
+                          f"{max(limit - len(context) + 1, 0)} new tokens.")
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    sequence = torch.tensor([context], dtype=torch.long, device=device)
+    cache = model.new_cache() if use_cache else None
+    step_input = sequence
+    new: list[int] = []
+    start = time.perf_counter()
+    for _ in range(sampling.max_new_tokens):
+        logits = model(step_input if use_cache else sequence, recurrences=r, cache=cache)
+        token = sample_next(logits[:, -1], sampling, generator)
+        new.append(int(token.item()))
+        if sampling.stop_at_eos and new[-1] == eos_id:
+            break
+        sequence = torch.cat([sequence, token], dim=1)
+        step_input = token
+    seconds = time.perf_counter() - start
+    return {"tokens": new, "seconds": seconds,
+            "tokens_per_s": len(new) / seconds if seconds > 0 else None}
+
+
+def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,
+                  tokenizer: str | Path | None = None, device: str | None = None,
+                  use_cache: bool = True) -> dict:
+    """`megaloop generate`: load the checkpoint and its tokenizer, sample a continuation."""
+    from megaloop.data.dataset import tokenizer_path
+    from megaloop.data.tokenizer import Tokenizer, check_vocab
+    from megaloop.infer.evaluate import default_device
+    from megaloop.train.export import load_model
+
+    sampling.validate()
+    model, loaded = load_model(checkpoint, device or default_device())
+    encoder = Tokenizer.load(tokenizer or tokenizer_path(loaded.config))
+    check_vocab(encoder, loaded.config.model.vocab_size)
+    ids = encoder.encode(prompt)
+    if not ids:
+        raise DataError("The prompt has no tokens; give a non-empty --prompt.")
+    out = generate(model, ids, sampling, eos_id=encoder.eos_id, use_cache=use_cache)
+    text_ids = [t for t in out["tokens"] if t != encoder.eos_id]
+    return {"checkpoint": str(loaded.path), "prompt": prompt, "text": encoder.decode(text_ids),
+            "prompt_tokens": ids, **out, "recurrences": model.check_recurrences(
+                sampling.recurrences), "cache": use_cache}

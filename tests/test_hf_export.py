@@ -1,0 +1,91 @@
+"""`megaloop export-hf`: the folder loads in `transformers` as LlamaForCausalLM with a tokenizer
+that encodes like sentencepiece, and gives the loss `megaloop eval` gives; models Llama cannot
+express are refused, naming the feature."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megaloop import config
+from megaloop.cli import main
+from megaloop.data.loader import ValLoader
+from megaloop.data.shards import TokenShards
+from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from megaloop.model import LoopedLM
+from megaloop.train.export import LoadedCheckpoint, write_export
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = ["model.vocab_size=4096", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.max_seq_len=64", "model.prelude_layers=1", "model.loop_layers=2",
+         "model.coda_layers=1", "train.micro_batch=2", "train.eval_batches=3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def exported(tmp_path: Path, *overrides: str) -> Path:
+    """A perturbed tiny model of the given config, written as a `megaloop export` file."""
+    run = config.load(None, [*SMALL, *overrides])
+    torch.manual_seed(0)
+    model = LoopedLM(run.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    out = tmp_path / "model.safetensors"
+    write_export(LoadedCheckpoint(run, model.state_dict(), Path("in-memory"), 0, 1), out)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.recurrences=1"],
+    ["model.recurrences=3", "model.injection=passthrough", "model.tie_embeddings=true"],
+], ids=["r1", "passthrough_r3_tied"])
+def test_llama_export_gives_the_loss_of_megaloop_eval(tmp_path, capsys, stdlib_shards, overrides):
+    checkpoint, out = exported(tmp_path, *overrides), tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert main(["eval", "--checkpoint", str(checkpoint), "--shards", str(stdlib_shards),
+                 "--json"]) == 0
+    want = json.loads(capsys.readouterr().out.split("\n", 1)[1])["results"][0]["loss"]
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    run = config.load(None, [*SMALL, *overrides])
+    assert hf.config.num_hidden_layers == (1 + 2 * run.model.recurrences + 1)
+    batches = ValLoader(TokenShards(stdlib_shards), 64, 2, max_batches=3)
+    with torch.no_grad():
+        losses = [F.cross_entropy(hf(tokens).logits.flatten(0, 1), targets.flatten()).double()
+                  for tokens, targets in batches]
+    assert float(sum(losses) / len(losses)) == pytest.approx(want, abs=1e-4)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = Path(json.__file__).read_text()
+    assert tokenizer.encode(text, add_special_tokens=False) == \
+        Tokenizer.load(DEFAULT_TOKENIZER).encode(text)
+    assert tokenizer.eos_token_id == 2 and tokenizer.decode(tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("overrides, feature", [
+    (["model.recurrences=3", "model.injection=passthrough", "model.hyper=hyperloop"],
+     "hyper-connections (model.hyper = hyperloop)"),
+    (["model.hyper=mhc"], "hyper-connections (model.hyper = mhc)"),
+    (["model.recurrences=2", "model.injection=linear"], "linear input injection"),
+    (["model.mlp=relu2"], "the relu2 MLP"),
+    (["model.qk_norm=true"], "QK-norm"),
+    (["model.logit_softcap=15"], "the logit soft-cap"),
+])
+def test_models_llama_cannot_express_are_refused(tmp_path, capsys, overrides, feature):
+    checkpoint, out = exported(tmp_path, *overrides), tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"Llama lacks {feature}" in err and "Traceback" not in err
+    assert not out.exists()
