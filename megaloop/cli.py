@@ -155,6 +155,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.dry_run:
         print(f"sweep {outcome.experiment}: {outcome.planned} runs planned, "
               f"{len(outcome.skipped)} already finished, {len(outcome.trained)} trained")
+    if args.fit and not args.dry_run and args.executor != "slurm":
+        from megaloop.fit.command import run_fit
+        from megaloop.fit.report import format_summary
+        from megaloop.sweep.execute import sweep_folder
+        from megaloop.track import tracking_uri
+
+        folder = sweep_folder(outcome.experiment) / "fit"
+        _, summary = run_fit(experiment=outcome.experiment,
+                             tracking=tracking_uri(runs[0].config.track),
+                             report_dir=str(folder), json_out=str(folder / "fit.json"),
+                             restarts=args.fit_restarts, bootstrap=args.fit_bootstrap)
+        print(format_summary(summary))
+        print(f"report: {summary.get('report', folder)}")
     return 0
 
 
@@ -168,6 +181,10 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.Argument
                        help="one process, launch.sh with --nproc ranks, or a SLURM array")
     sweep.add_argument("--nproc", type=int, default=1, help="ranks per run (local, slurm)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.add_argument("--fit", action="store_true",
+                       help="fit the scaling law on the experiment when the runs are done")
+    sweep.add_argument("--fit-restarts", type=int, default=500, help="starts of the fit")
+    sweep.add_argument("--fit-bootstrap", type=int, default=200, help="bootstrap resamples")
     sweep.set_defaults(func=cmd_sweep)
 
 
