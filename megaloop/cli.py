@@ -333,6 +333,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                          json_out=args.json, report_dir=args.report,
                          log_to_mlflow=not args.no_log)
     print(format_summary(summary))
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
     return 0
 
 

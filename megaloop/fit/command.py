@@ -1,0 +1,85 @@
+"""`megaloop fit` as one function: read the runs, fit, write the JSON and report, log to MLflow."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from megaloop.atomic import atomic_write_json
+from megaloop.errors import FitError
+from megaloop.fit.fitter import FitResult, fit
+from megaloop.fit.inputs import parse_filters, read_csv, read_mlflow
+
+
+def run_fit(*, runs_csv: str | None = None, experiment: str | None = None,
+            filters: list[str] | None = None, tracking: str | None = None,
+            fix_phi: float | None = None, restarts: int = 500, bootstrap: int = 200,
+            seed: int = 0, json_out: str | None = None, report_dir: str | None = None,
+            log_to_mlflow: bool = True) -> tuple[FitResult, dict]:
+    """Fit the runs of a CSV file or of an MLflow experiment; returns the fit and its summary
+    (the JSON). From MLflow the fit is also logged as a run of its own, with the report (made in
+    a temporary folder when `report_dir` is not given) as artifacts."""
+    if (runs_csv is None) == (experiment is None):
+        raise FitError("Give the runs to fit: either --runs FILE.csv or --experiment NAME.")
+    if filters and experiment is None:
+        raise FitError("--filter selects MLflow runs: use it with --experiment, not --runs.")
+    if runs_csv is not None:
+        runs = read_csv(runs_csv)
+    else:
+        runs = read_mlflow(experiment, tracking=tracking, filter_tags=parse_filters(filters))
+    result = fit(runs, fix_phi=fix_phi, restarts=restarts, bootstrap=bootstrap, seed=seed)
+    summary = result.to_json()
+    if experiment is not None and log_to_mlflow:
+        if report_dir is not None:
+            summary["report"] = str(write(result, summary, report_dir))
+            summary["mlflow_run_id"] = _log(experiment, filters, tracking, summary, report_dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="megaloop-fit-") as folder:
+                write(result, summary, folder)
+                summary["mlflow_run_id"] = _log(experiment, filters, tracking, summary, folder)
+    elif report_dir is not None:
+        summary["report"] = str(write(result, summary, report_dir))
+    if json_out is not None:
+        atomic_write_json(json_out, summary)
+    return result, summary
+
+
+def write(result: FitResult, summary: dict, folder: str | Path) -> Path:
+    from megaloop.fit.report import write_report
+
+    return write_report(result, summary, folder)
+
+
+def fit_metrics(summary: dict) -> dict[str, float]:
+    """The numbers of a fit as flat MLflow metric names."""
+    metrics = {k: summary[k] for k in ("E", "A", "B", "alpha", "beta", "phi", "r2",
+                                       "objective", "n_runs", "rmse")}
+    for name, ci in summary["ci"].items():
+        if ci:
+            metrics[f"{name}_lo"], metrics[f"{name}_hi"] = ci
+    metrics.update({f"rmse_r{r}": v for r, v in summary["rmse_per_r"].items()})
+    for name, row in (summary.get("comparison") or {}).items():
+        if name != "verdict":
+            tag = "free" if name == "free" else f"fixed_{name}"
+            metrics.update({f"compare/{tag}/r2": row["r2"],
+                            f"compare/{tag}/objective": row["objective"]})
+            if "delta_bic" in row:
+                metrics[f"compare/{tag}/delta_bic"] = row["delta_bic"]
+    return metrics
+
+
+def _log(experiment: str, filters, tracking, summary: dict, folder) -> str:
+    from megaloop.track.mlflow_tracker import log_fit_run
+
+    settings = summary["settings"]
+    params = {"fit.law": summary["law"], "fit.source": summary["source"],
+              "fit.filter": ",".join(filters or []) or None,
+              "fit.restarts": settings["restarts"], "fit.starts": settings["starts"],
+              "fit.bootstrap": settings["bootstrap"], "fit.seed": settings["seed"],
+              "fit.fix_phi": settings["fix_phi"],
+              "fit.bootstrap_unit": summary["bootstrap"]["unit"]}
+    skipped = sum(summary["skipped"].values())
+    tags = {"megaloop.fit.experiment": experiment, "megaloop.fit.skipped_runs": str(skipped)}
+    return log_fit_run(experiment, params=params, metrics=fit_metrics(summary),
+                       artifact_dir=folder, tags=tags, tracking=tracking,
+                       run_name=f"fit-{summary['law'].replace(', ', '-').replace(' ', '-')}")

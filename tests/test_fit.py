@@ -1,0 +1,402 @@
+"""The phi fitter end to end: recovery of known laws on the paper's grid, fixed phi, the
+Chinchilla form, the real Chinchilla points, determinism, every FitError, readouts, the report,
+the CLI, and the MLflow path (a real sqlite store)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megaloop.cli import main
+from megaloop.errors import FitError
+from megaloop.fit import Runs, compute_optimal, equivalence, fit, iso_flop_minima, read_csv
+from megaloop.fit.command import run_fit
+from megaloop.fit.law import from_natural
+from megaloop.fit.synthetic import PAPER_BUDGETS, PAPER_LAW, simulate
+
+CHINCHILLA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla" / \
+    "svg_extracted_data.csv"
+DESIGN_KEYS = {"E", "A", "B", "alpha", "beta", "phi", "phi_ci", "r2", "objective", "n_runs"}
+QUICK = {"restarts": 50, "bootstrap": 0, "per_r": False}
+
+
+def write_csv(path: Path, runs: Runs, budgets: bool = True) -> Path:
+    with path.open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["n_once", "n_rec", "recurrences", "tokens", "loss"]
+                     + (["budget_flops"] if budgets else []))
+        for i in range(len(runs)):
+            out.writerow([int(runs.n_once[i]), int(runs.n_rec[i]), int(runs.recurrences[i]),
+                          repr(float(runs.tokens[i])), repr(float(runs.loss[i]))]
+                         + ([repr(float(runs.budget_flops[i]))] if budgets else []))
+    return path
+
+
+@pytest.mark.parametrize("law", [
+    PAPER_LAW,
+    {"E": 1.8, "A": 400.0, "B": 2000.0, "alpha": 0.34, "beta": 0.28, "phi": 0.8},
+    {"E": 2.0, "A": 100.0, "B": 500.0, "alpha": 0.25, "beta": 0.3, "phi": 0.2},
+])
+def test_recovers_the_law_without_noise(law):
+    summary = fit(simulate(law), **QUICK).to_json()
+    assert abs(summary["phi"] - law["phi"]) < 0.03
+    for name in ("E", "alpha", "beta", "phi"):
+        assert summary[name] == pytest.approx(law[name], rel=1e-3)
+    for name in ("A", "B"):
+        assert summary[name] == pytest.approx(law[name], rel=1e-2)
+    assert summary["r2"] == pytest.approx(1.0, abs=1e-9)
+    assert summary["objective"] < 1e-12
+    assert summary["warnings"] == []
+
+
+def test_recovers_phi_with_noise_inside_its_interval():
+    result = fit(simulate(noise=0.004, seed=3), restarts=80, bootstrap=40, seed=3)
+    summary = result.to_json()
+    lo, hi = summary["phi_ci"]
+    assert lo <= PAPER_LAW["phi"] <= hi
+    assert abs(summary["phi"] - PAPER_LAW["phi"]) < 0.05
+    assert summary["bootstrap"] == {"resamples": 40, "fitted": 40, "unit": "cell"}
+    for name in ("E", "A", "B", "alpha", "beta", "phi"):
+        low, high = summary["ci"][name]
+        assert low <= summary[name] <= high
+    # phi free against fixed: both rejected, as in the paper (R2 0.986 and 0.955 vs 0.997)
+    comparison = summary["comparison"]
+    assert comparison["free"]["objective"] <= comparison["0"]["objective"]
+    assert comparison["free"]["objective"] <= comparison["1"]["objective"]
+    assert comparison["0"]["r2"] == pytest.approx(0.986, abs=0.01)
+    assert comparison["1"]["r2"] == pytest.approx(0.955, abs=0.015)
+    assert comparison["0"]["delta_bic"] > 10 and comparison["1"]["delta_bic"] > 10
+    assert "phi = 0 rejected" in comparison["verdict"]
+    assert set(summary["rmse_per_r"]) == {"1", "2", "4", "8"}
+    assert set(summary["per_r"]) == {"1", "2", "4", "8"}
+    assert json.loads(json.dumps(summary)) == summary  # plain JSON, no NaN
+
+
+@pytest.mark.slow
+def test_phi_inside_its_interval_for_most_noisy_seeds():
+    inside, errors = 0, []
+    for seed in range(12):
+        summary = fit(simulate(noise=0.004, seed=100 + seed), restarts=150, bootstrap=100,
+                      seed=seed, per_r=False).to_json()
+        lo, hi = summary["phi_ci"]
+        inside += lo <= PAPER_LAW["phi"] <= hi
+        errors.append(summary["phi"] - PAPER_LAW["phi"])
+    assert inside >= 10
+    assert np.sqrt(np.mean(np.square(errors))) < 0.04
+
+
+def test_fixed_phi():
+    runs = simulate()
+    summary = fit(runs, fix_phi=0.46, **QUICK).to_json()
+    assert summary["law"] == "looped, phi fixed"
+    assert summary["phi"] == 0.46 and summary["phi_ci"] is None and "phi" not in summary["ci"]
+    assert summary["E"] == pytest.approx(1.568, rel=1e-4)
+    assert summary["alpha"] == pytest.approx(0.199, rel=1e-4)
+    assert set(summary["comparison"]) == {"free", "0", "1", "0.46", "verdict"}
+    for phi in (0.0, 1.0):
+        fixed = fit(runs, fix_phi=phi, **QUICK).to_json()
+        assert fixed["phi"] == phi
+        assert fixed["objective"] > 1e-5  # the wrong phi cannot fit the paper's law
+        assert fixed["objective"] == pytest.approx(
+            fixed["comparison"][f"{phi:g}"]["objective"], rel=1e-9)
+
+
+def test_phi_is_null_on_r1_data():
+    runs = simulate(recurrences=(1,))
+    result = fit(runs, restarts=100, bootstrap=20, grid=False)
+    summary = result.to_json()
+    assert summary["phi"] is None and summary["phi_ci"] is None
+    assert summary["law"] == "chinchilla" and summary["comparison"] is None
+    assert summary["E"] == pytest.approx(PAPER_LAW["E"], rel=1e-3)
+    assert summary["alpha"] == pytest.approx(PAPER_LAW["alpha"], rel=1e-3)
+    assert summary["equivalence"] == [] and "phi" not in summary["ci"]
+    warned = fit(runs, fix_phi=1.0, restarts=20, bootstrap=0, grid=False).to_json()
+    assert warned["phi"] is None and "no effect" in warned["warnings"][0]
+
+
+def test_no_loop_parameters_means_no_phi():
+    runs = simulate()
+    runs = Runs(runs.n_once + runs.n_rec, np.zeros(len(runs)), runs.recurrences, runs.tokens,
+                runs.loss)
+    assert fit(runs, restarts=20, bootstrap=0, grid=False).to_json()["phi"] is None
+
+
+def load_chinchilla() -> Runs:
+    if not CHINCHILLA.exists():
+        pytest.skip(f"{CHINCHILLA} is absent")
+    with CHINCHILLA.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    n = np.array([float(r["Model Size"]) for r in rows])
+    flops = np.array([float(r["Training FLOP"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    keep = loss < np.sort(loss)[-5]  # Epoch drops the five highest losses
+    return Runs(n[keep], np.zeros(keep.sum()), np.ones(keep.sum()), flops[keep] / (6 * n[keep]),
+                loss[keep], source="Chinchilla Figure 4 (Epoch AI)")
+
+
+def test_real_chinchilla_points_give_epochs_replication():
+    runs = load_chinchilla()
+    assert len(runs) == 240
+    summary = fit(runs, restarts=0, bootstrap=0).to_json()
+    # Besiroglu et al. 2024: E 1.82, A 482, B 2085, alpha 0.348, beta 0.366
+    assert summary["E"] == pytest.approx(1.82, abs=0.01)
+    assert summary["alpha"] == pytest.approx(0.348, abs=0.003)
+    assert summary["beta"] == pytest.approx(0.366, abs=0.003)
+    assert 300 < summary["A"] < 700 and 1000 < summary["B"] < 4000  # poorly identified
+    assert summary["objective"] <= 0.00101827404  # Epoch's notebook reaches 0.0010182740346
+    assert summary["phi"] is None
+    assert summary["settings"]["starts"] == 4500 and summary["settings"]["hoffmann_grid"]
+
+
+def test_same_seed_same_fit_other_seed_other_intervals():
+    runs = simulate(noise=0.004, seed=1)
+    first = fit(runs, restarts=25, bootstrap=8, seed=7, per_r=False).to_json()
+    again = fit(runs, restarts=25, bootstrap=8, seed=7, per_r=False).to_json()
+    other = fit(runs, restarts=25, bootstrap=8, seed=8, per_r=False).to_json()
+    assert first == again
+    assert first["ci"] != other["ci"]
+
+
+def test_bootstrap_over_runs_when_budgets_are_unknown():
+    runs = simulate(noise=0.004, seed=2)
+    runs.budget_flops = None
+    summary = fit(runs, restarts=40, bootstrap=10, per_r=False).to_json()
+    assert summary["bootstrap"]["unit"] == "run"
+    assert summary["iso_flop_minima"] == []
+    assert len(summary["compute_optimal"]) > 0
+
+
+def test_solution_on_the_edge_of_the_box_is_reported():
+    runs = simulate()
+    runs.loss = 2.0 + 1e-10 * runs.n_unique  # loss grows with size: alpha wants to be < 0
+    summary = fit(runs, restarts=20, bootstrap=0, per_r=False).to_json()
+    assert summary["alpha"] in (0.0, 2.5)  # the size term is switched off one way or another
+    assert any(w.startswith(f"alpha = {summary['alpha']:g} lies on the edge of the search "
+                            "box [0, 2.5]") for w in summary["warnings"])
+
+
+def test_too_few_runs():
+    runs = simulate().subset(np.arange(6))
+    quick = {**QUICK, "restarts": 8}
+    with pytest.raises(FitError, match="6 runs cannot fit.*at least 7 runs.*--fix-phi"):
+        fit(runs, **quick)
+    fixed = fit(runs, fix_phi=0.5, **quick).to_json()  # 5 free parameters: 6 runs are enough
+    assert "free" not in fixed["comparison"] and "cannot be compared" in fixed["comparison"][
+        "verdict"]
+    with pytest.raises(FitError, match="5 runs cannot fit"):
+        fit(runs.subset(np.arange(5)), fix_phi=0.5, **quick)
+
+
+@pytest.mark.parametrize(("column", "value", "message"), [
+    ("loss", "0", "loss must be finite and > 0"),
+    ("loss", "-2.5", "loss must be finite and > 0"),
+    ("tokens", "nan", "tokens must be finite and > 0"),
+    ("tokens", "inf", "tokens must be finite and > 0"),
+    ("recurrences", "0.5", "recurrences must be finite and >= 1"),
+    ("n_rec", "-1", "n_rec must be finite and >= 0"),
+    ("budget_flops", "-1e18", "budget_flops must be finite and > 0"),
+    ("loss", "abc", "loss = 'abc' in .* line 4 is not a number"),
+])
+def test_bad_values_in_csv(tmp_path, column, value, message):
+    path = write_csv(tmp_path / "runs.csv", simulate())
+    rows = list(csv.DictReader(path.open()))
+    rows[2][column] = value
+    with path.open("w", newline="") as handle:
+        out = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        out.writeheader()
+        out.writerows(rows)
+    with pytest.raises(FitError, match=message):
+        read_csv(path)
+
+
+def test_missing_column_and_missing_file(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text("n_once,n_rec,tokens,loss\n1,2,3,4\n")
+    with pytest.raises(FitError, match="lacks column recurrences.*needs columns"):
+        read_csv(path)
+    with pytest.raises(FitError, match="does not exist"):
+        read_csv(tmp_path / "absent.csv")
+    (tmp_path / "empty.csv").write_text("n_once,n_rec,recurrences,tokens,loss\n")
+    with pytest.raises(FitError, match="no runs"):
+        read_csv(tmp_path / "empty.csv")
+    with pytest.raises(FitError, match="either --runs"):
+        run_fit()
+
+
+def test_csv_round_trip_keeps_values(tmp_path):
+    runs = simulate(noise=0.01)
+    back = read_csv(write_csv(tmp_path / "runs.csv", runs))
+    for name in ("n_once", "n_rec", "recurrences", "tokens", "loss", "budget_flops"):
+        assert np.array_equal(getattr(back, name), getattr(runs, name))
+    assert back.flops_per_token is None
+    assert back.names[0].endswith("line 2")
+
+
+def test_equivalence_reproduces_the_papers_sentence():
+    theta = from_natural(**PAPER_LAW)
+    example = equivalence(theta, n_once=219e6, n_rec=191e6, r=4)
+    assert example["n_unique"] == pytest.approx(410e6)
+    assert example["n_equivalent"] == pytest.approx(580e6, rel=0.01)
+    assert example["n_unrolled"] == pytest.approx(983e6, rel=0.01)
+    assert "410M unique parameters" in example["sentence"]
+    assert "580M parameters in loss" in example["sentence"]
+    assert "983M model it unrolls to" in example["sentence"]
+
+
+def test_compute_optimal_matches_chinchillas_closed_form():
+    law = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28}
+    runs = simulate({**law, "phi": 0.0}, recurrences=(1,))
+    runs = Runs(runs.n_once + runs.n_rec, np.zeros(len(runs)), runs.recurrences, runs.tokens,
+                runs.loss)  # no budgets and no FLOPs per token: C = 6 N D
+    result = fit(runs, restarts=40, bootstrap=0, grid=False)
+    rows = compute_optimal(result, budgets=[1e20, 1e22])
+    a, b = law["alpha"], law["beta"]
+    g = (a * law["A"] / (b * law["B"])) ** (1 / (a + b))
+    for row in rows:
+        expected = g * (row["budget_flops"] / 6) ** (b / (a + b))
+        assert row["n_unique"] == pytest.approx(expected, rel=2e-3)
+        assert row["tokens"] * row["n_unique"] * 6 == pytest.approx(row["budget_flops"])
+        assert not row["at_edge"]
+
+
+def test_iso_flop_minimum_of_a_parabola():
+    n = np.array([1e7, 2e7, 4e7, 8e7, 1.6e8])
+    loss = 3.0 + 0.02 * (np.log(n) - np.log(3e7)) ** 2
+    runs = Runs(n, np.zeros(5), np.ones(5), np.full(5, 1e9), loss, budget_flops=np.full(5, 1e18))
+    (row,) = iso_flop_minima(runs)
+    assert row["n_unique"] == pytest.approx(3e7, rel=1e-6)
+    assert row["loss"] == pytest.approx(3.0, rel=1e-9)
+    assert row["inside"] and row["n_points"] == 5
+    assert row["best_run_n_unique"] == 4e7
+
+
+def test_cli_fit_writes_json_and_report(tmp_path, capsys):
+    path = write_csv(tmp_path / "runs.csv", simulate(noise=0.004, seed=5))
+    out, report = tmp_path / "fit.json", tmp_path / "report"
+    code = main(["fit", "--runs", str(path), "--restarts", "30", "--bootstrap", "10",
+                 "--json", str(out), "--report", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out.read_text())
+    assert set(summary) >= DESIGN_KEYS
+    assert summary["n_runs"] == 116 and len(summary["phi_ci"]) == 2
+    for word in ("phi", "95% interval", "R2", "comparison:", "unrolls to"):
+        assert word in printed
+    assert {p.name for p in report.iterdir()} == {
+        "report.md", "fit.json", "loss_vs_n.png", "residuals.png", "phi_bootstrap.png",
+        "frontier.png"}
+    assert (report / "loss_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (report / "report.md").read_text()
+    assert "![Loss against unique parameters](loss_vs_n.png)" in text
+    assert "phi free against fixed phi" in text
+    assert len(summary["iso_flop_minima"]) == 24 and len(summary["compute_optimal"]) == 24
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    path.write_text("n_once,n_rec,recurrences,loss\n1,2,1,3\n")
+    assert main(["fit", "--runs", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "lacks column tokens" in err and "Traceback" not in err
+
+
+# --- MLflow ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory) -> tuple[Path, Runs]:
+    """An sqlite store with experiment 'sweep': 28 finished runs (r = 1 and 4, three budgets),
+    one still running, one finished without val/loss and one without n_rec."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{path}")
+    experiment = client.create_experiment("sweep")
+    budgets = dict(list(PAPER_BUDGETS.items())[:3])
+    runs = simulate(noise=0.003, seed=4, recurrences=(1, 4), budgets=budgets)
+
+    def add(params: dict, loss: float | None, status: str, batch: str = "a") -> None:
+        run = client.create_run(experiment, tags={"megaloop.status": status, "batch": batch})
+        client.log_batch(run.info.run_id,
+                         metrics=[Metric("val/loss", loss, 0, 10)] if loss else [],
+                         params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("megaloop.config_hash", "x")])
+        client.set_terminated(run.info.run_id, "FINISHED" if status == "finished" else
+                              "RUNNING" if status == "running" else "FAILED")
+
+    for i in range(len(runs)):
+        params = {"n_once": int(runs.n_once[i]), "n_rec": int(runs.n_rec[i]),
+                  "recurrences": int(runs.recurrences[i]), "tokens": runs.tokens[i],
+                  "budget_flops": runs.budget_flops[i],
+                  "flops_per_token": runs.flops_per_token[i], "config_hash": f"h{i}",
+                  "model.d_model": 640}
+        add(params, float(runs.loss[i]), "finished", batch="a" if i % 2 else "b")
+    add(params, 3.0, "running", batch="bad")
+    add(params, None, "finished", batch="bad")
+    add({k: v for k, v in params.items() if k != "n_rec"}, 3.0, "finished", batch="bad")
+    return path, runs
+
+
+def test_fit_from_mlflow_is_logged_as_its_own_run(tmp_path, sweep_store):
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(sweep_store[0], db)
+    uri = f"sqlite:///{db}"
+    report = tmp_path / "report"
+    _, summary = run_fit(experiment="sweep", tracking=uri, restarts=20, bootstrap=6,
+                         report_dir=str(report))
+    assert summary["n_runs"] == 28
+    assert summary["skipped"] == {"not finished (megaloop.status=running)": 1,
+                                  "no finite final val/loss": 1, "missing params n_rec": 1}
+    assert abs(summary["phi"] - PAPER_LAW["phi"]) < 0.15
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["megaloop.kind"] == "fit" and run.info.status == "FINISHED"
+    assert "megaloop.status" not in run.data.tags
+    assert run.data.metrics["phi"] == pytest.approx(summary["phi"])
+    assert run.data.metrics["r2"] == pytest.approx(summary["r2"])
+    assert run.data.params["fit.law"] == "looped"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "fit.json", "loss_vs_n.png", "phi_bootstrap.png"} <= artifacts
+    assert (report / "report.md").exists()
+    # the fit run is not taken for a training run by the next fit; a filter selects runs
+    _, again = run_fit(experiment="sweep", tracking=uri, restarts=10, bootstrap=0,
+                       filters=["batch=a"], log_to_mlflow=False)
+    assert again["n_runs"] == 14 and "mlflow_run_id" not in again
+
+
+def test_mlflow_without_report_dir_logs_a_temporary_report(tmp_path, sweep_store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(sweep_store[0], db)
+    uri = f"sqlite:///{db}"
+    assert main(["fit", "--experiment", "sweep", "--tracking-uri", uri, "--restarts", "10",
+                 "--bootstrap", "0", "--fix-phi", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped: 1 not finished" in printed and "logged as MLflow run" in printed
+    run_id = printed.rsplit("logged as MLflow run ", 1)[1].split()[0]
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run_id)}
+    assert "report.md" in artifacts and "phi_bootstrap.png" not in artifacts  # no bootstrap
+
+
+def test_experiment_without_finished_runs(tmp_path, sweep_store):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(sweep_store[0], db)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(FitError, match="no finished runs.*no runs at all"):
+        run_fit(experiment="absent", tracking=uri)
+    with pytest.raises(FitError, match=r"no finished runs to fit \(3 skipped.*1 not finished"):
+        run_fit(experiment="sweep", tracking=uri, filters=["megaloop.config_hash=x",
+                                                          "batch=bad"], restarts=0)
+    with pytest.raises(FitError, match="not TAG=VALUE"):
+        run_fit(experiment="sweep", tracking=uri, filters=["batch"])
+    with pytest.raises(FitError, match="--filter selects MLflow runs"):
+        run_fit(runs_csv="x.csv", filters=["batch=a"])
