@@ -67,7 +67,8 @@ def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
         bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
         for run in bar:
             bar.set_postfix_str(run.name)
-            train(run.config, resume="auto", progress=False)
+            if train(run.config, resume="auto", progress=False).get("stopped"):
+                break  # SIGTERM: the run saved a checkpoint; the whole sweep stops here
             done.append(run.name)
     finally:
         engine.shutdown(None, destroy_group=created)
