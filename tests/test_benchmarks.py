@@ -1,0 +1,53 @@
+"""The training-step benchmark runs end to end on tiny shapes (benchmarks/train_step.py --quick)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_quick(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "benchmarks/train_step.py", "--quick", "--out", str(out), *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| megaloop r=1 |" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_quick_benchmark_reports_every_model(tmp_path):
+    report = run_quick(tmp_path, "--no-hf")
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["megaloop r=1", "megaloop r=2", "megaloop r=4", "megaloop r=8",
+                     "megaloop r=8 ckpt", "reference"]
+    for row in report["rows"]:
+        assert row["tokens_per_s"] > 0 and row["achieved_flops"] > 0
+        assert row["steps_run"] >= 3
+        assert row["vs_reference"] > 0
+    layouts = {row["name"]: row["layout"] for row in report["rows"]}
+    assert layouts["megaloop r=2"] == "2 + 2x2 + 2"
+    assert layouts["megaloop r=8"] == "0 + 1x8 + 0"
+    assert report["matmul_peak"]["peak_flops"] > 0
+    memory = report["memory"]
+    assert memory["recurrences"] == 8
+    # checkpointing each recurrence keeps only its inputs: far fewer bytes saved for backward
+    assert memory["per_recurrence"]["saved_tensor_bytes"] < memory["none"]["saved_tensor_bytes"]
+    assert {check["what"] for check in report["targets"]} >= {"megaloop r=1 mfu"}
+
+
+@pytest.mark.slow
+def test_quick_benchmark_with_hugging_face(tmp_path):
+    pytest.importorskip("transformers")
+    report = run_quick(tmp_path, "--recurrences", "1", "--no-checkpoint-row", "--no-memory")
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["megaloop r=1", "reference", "hf llama"]
+    assert report["rows"][0]["vs_hf"] > 0
