@@ -317,7 +317,8 @@ def sweep_store(tmp_path_factory) -> tuple[Path, Runs]:
 
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{path}")
-    experiment = client.create_experiment("sweep")
+    experiment = client.create_experiment("sweep", artifact_location=(path.parent / "artifacts")
+                                          .as_uri())
     budgets = dict(list(PAPER_BUDGETS.items())[:3])
     runs = simulate(noise=0.003, seed=4, recurrences=(1, 4), budgets=budgets)
 
