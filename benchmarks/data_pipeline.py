@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -24,6 +23,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from benchmarks.machine import cpu_model
 from megaloop import config
 from megaloop.data.corpus import open_corpus
 from megaloop.data.loader import TrainLoader
@@ -114,9 +114,8 @@ def main() -> None:
     mb = n_bytes / 1e6
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-                    .split("Model name:")[-1].splitlines()[0].strip(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {"cpu": cpu_model(), "python": platform.python_version(),
+                    "torch": torch.__version__},
         "text_mb": mb,
         "encode_mb_per_s": {"plain sentencepiece, 1 thread": mb / plain,
                             "prepare, 1 worker": mb / one, "prepare, 2 workers": mb / two},

@@ -42,6 +42,7 @@ import scipy
 from scipy.optimize import minimize
 
 from benchmarks.contention import Monitor
+from benchmarks.machine import cpu_model
 from megaloop.fit import fitter
 from megaloop.fit.inputs import Runs
 from megaloop.fit.law import BOX, HUBER_DELTA, LawData
@@ -53,12 +54,7 @@ CHINCHILLA = ROOT.parent / "shared" / "data" / "chinchilla" / "svg_extracted_dat
 
 
 def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
+    model = cpu_model()
     return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
             f"{np.__version__}, scipy {scipy.__version__}")
 

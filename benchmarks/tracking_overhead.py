@@ -27,9 +27,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor
+from benchmarks.machine import cpu_model
 from megaloop import config as cfg
 from megaloop.model import build
 from megaloop.model.accounting import account
@@ -49,12 +48,7 @@ INTERVAL_S = 1.0  # the Tracker sends at most one batch per second below 1000 va
 
 
 def machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                     if line.startswith("Model name"))
-    except (OSError, subprocess.SubprocessError, StopIteration):
-        model = platform.processor() or "unknown CPU"
+    model = cpu_model()
     threads = torch.get_num_threads()
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads)"
 

@@ -22,6 +22,17 @@ SOURCE_MODULES = ["textwrap.py", "string.py", "json/encoder.py", "argparse.py", 
                   "locale.py"]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread (and on a busy machine, far faster)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config() -> Callable[..., ModelConfig]:
     return make_config

@@ -26,12 +26,7 @@ SMALL = ["model.vocab_size=4096", "model.d_model=64", "model.n_heads=4", "model.
          "model.coda_layers=1", "train.micro_batch=2", "train.eval_batches=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def exported(tmp_path: Path, *overrides: str) -> Path:

@@ -29,12 +29,7 @@ from megaloop.train.export import LoadedCheckpoint, load_checkpoint, write_expor
 TEXT = Path(json.__file__).parent / "decoder.py"  # real source, ~10 kB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from megaloop.errors import ConfigError
 from megaloop.infer.generate import Sampling, generate
 from megaloop.model.blocks import sdpa_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and on a busy machine, far faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
