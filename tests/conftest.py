@@ -3,20 +3,17 @@ real standard-library source as .txt documents and a small tokenizer trained on 
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tiny import make_config, make_model
+from tiny import make_config, make_model, stdlib_documents
 
 from megaloop.config import ModelConfig
 from megaloop.data.corpus import open_corpus
 from megaloop.data.tokenizer import Tokenizer, train_tokenizer
 from megaloop.model import LoopedLM
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Real source for corpus and tokenizer tests: code, docstrings, a little non-ASCII text.
 SOURCE_MODULES = ["textwrap.py", "string.py", "json/encoder.py", "argparse.py", "dataclasses.py",
                   "locale.py"]
@@ -46,10 +43,7 @@ def tiny_model() -> Callable[..., LoopedLM]:
 @pytest.fixture(scope="session")
 def source_folder(tmp_path_factory) -> Path:
     """The SOURCE_MODULES of the standard library as .txt documents, in that order."""
-    folder = tmp_path_factory.mktemp("sources")
-    for i, module in enumerate(SOURCE_MODULES):
-        shutil.copy(STDLIB / module, folder / f"{i:02d}_{Path(module).stem}.txt")
-    return folder
+    return stdlib_documents(SOURCE_MODULES, tmp_path_factory.mktemp("sources"))
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,10 @@ permutation per epoch, a fixed validation set, refusal of lengths the data can't
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from tiny import stdlib_documents
 
 from megaloop.data.corpus import open_corpus
 from megaloop.data.loader import EpochWarning, TrainLoader, ValLoader
@@ -17,16 +14,14 @@ from megaloop.data.shards import TokenShards, prepare
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from megaloop.errors import DataError
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> TokenShards:
-    folder = tmp_path_factory.mktemp("docs")
-    for i, module in enumerate(["textwrap.py", "string.py", "bisect.py", "heapq.py", "glob.py",
-                                "shlex.py", "fnmatch.py", "calendar.py"]):
-        shutil.copy(STDLIB / module, folder / f"{i}.txt")
+    folder = stdlib_documents(["textwrap.py", "string.py", "bisect.py", "heapq.py", "glob.py",
+                               "shlex.py", "fnmatch.py", "calendar.py"],
+                              tmp_path_factory.mktemp("docs"))
     out = tmp_path_factory.mktemp("shards")
     prepare(open_corpus(str(folder)), Tokenizer.load(DEFAULT_TOKENIZER), out, val_fraction=0.25,
             part_tokens=4000, progress=False)

@@ -4,19 +4,17 @@ resumable after a crash, and refused when truncated, corrupt or made with anothe
 from __future__ import annotations
 
 import os
-import shutil
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import stdlib_documents
 
 from megaloop.data.corpus import open_corpus
 from megaloop.data.shards import TokenShards, is_validation, prepare, read_manifest
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from megaloop.errors import DataError
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SAMPLE_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py",
                   "heapq.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py", "shlex.py",
                   "calendar.py"]
@@ -30,10 +28,7 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory) -> Path:
     """A dozen real standard-library modules as .txt documents."""
-    folder = tmp_path_factory.mktemp("texts")
-    for i, module in enumerate(SAMPLE_MODULES):
-        shutil.copy(STDLIB / module, folder / f"{i:02d}_{Path(module).stem}.txt")
-    return folder
+    return stdlib_documents(SAMPLE_MODULES, tmp_path_factory.mktemp("texts"))
 
 
 def documents_of(folder: Path) -> list[str]:

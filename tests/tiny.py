@@ -64,3 +64,14 @@ def make_model(seed: int = 0, perturb: float = 0.0, **overrides) -> LoopedLM:
 def random_tokens(batch: int = 2, seq: int = 12, vocab: int = 64, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=generator)
+
+
+def stdlib_documents(modules: list[str], folder: Path) -> Path:
+    """Standard-library modules copied into `folder` as .txt documents, in the given order."""
+    import shutil
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for i, module in enumerate(modules):
+        shutil.copy(stdlib / module, folder / f"{i:02d}_{Path(module).stem}.txt")
+    return folder

@@ -58,6 +58,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
+def marker_problem(folder: Path) -> str | None:
+    """Why the checkpoint `folder` is incomplete or damaged (its marker unreadable, a file
+    missing or of another size than was written), or None."""
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"its marker {MARKER} is unreadable ({exc})"
+    for name, size in files.items():
+        file = folder / name
+        if not file.exists():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
+
+
 class Checkpoints:
     """The checkpoints of one run, in `folder`."""
 
@@ -107,20 +123,13 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
 
     def _problem(self, path: Path) -> str | None:
-        """Why the checkpoint at `path` cannot be loaded, or None."""
-        try:
-            marker = json.loads((path / MARKER).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            return f"its marker is unreadable ({exc})"
-        if marker.get("world_size") != self.world_size:
-            return (f"it was saved by {marker.get('world_size')} ranks, this run has "
-                    f"{self.world_size}")
-        for name, size in marker["files"].items():
-            file = path / name
-            if not file.exists():
-                return f"{name} is missing"
-            if file.stat().st_size != size:
-                return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        """Why the checkpoint at `path` cannot be loaded by this run, or None."""
+        problem = marker_problem(path)
+        if problem is not None:
+            return problem
+        saved_by = json.loads((path / MARKER).read_text()).get("world_size")
+        if saved_by != self.world_size:
+            return f"it was saved by {saved_by} ranks, this run has {self.world_size}"
         return None
 
     def load(self, engine: Any, which: str) -> dict[str, Any] | None:

@@ -35,7 +35,7 @@ import torch
 from megaloop.config import RunConfig, from_dict
 from megaloop.errors import CheckpointError, MegaloopError
 from megaloop.model.looped import LoopedLM
-from megaloop.train.checkpoint import MARKER, TAG, CheckpointWarning
+from megaloop.train.checkpoint import MARKER, TAG, CheckpointWarning, marker_problem
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2
 ZERO3_MODEL_STATES = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
@@ -56,22 +56,6 @@ class LoadedCheckpoint:
 
 # ---- finding a checkpoint --------------------------------------------------------------------
 
-def _problem(folder: Path) -> str | None:
-    """Why the checkpoint `folder` cannot be read, or None."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-        files = marker["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        return f"its marker {MARKER} is unreadable ({exc})"
-    for name, size in files.items():
-        file = folder / name
-        if not file.exists():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} were written"
-    return None
-
-
 def resolve(path: str | Path) -> Path:
     """The checkpoint that `path` names: a .safetensors file, a step folder, or the newest
     readable complete checkpoint of a run folder."""
@@ -86,7 +70,7 @@ def resolve(path: str | Path) -> Path:
                                   "`megaloop export`.")
         return path
     if (path / MARKER).exists():
-        problem = _problem(path)
+        problem = marker_problem(path)
         if problem:
             raise CheckpointError(f"Checkpoint {path} cannot be read: {problem}.")
         return path
@@ -94,7 +78,7 @@ def resolve(path: str | Path) -> Path:
     for step in steps:
         if not (step / MARKER).exists():
             continue
-        problem = _problem(step)
+        problem = marker_problem(step)
         if problem is None:
             return step
         warnings.warn(f"Skipping checkpoint {step}: {problem}.", CheckpointWarning, stacklevel=2)
