@@ -2,11 +2,15 @@
 
 1. Encoding: `megaloop data prepare` (megaloop.data.shards.prepare) with 1 and 2 worker processes
    against a plain single-threaded sentencepiece `encode` of the same documents, in MB of text
-   per second (target: 2 workers at least 1.7x the plain encode).
+   per second (target: 2 workers at least 1.7x the plain encode), and the fixed cost of starting
+   the worker processes (preparing one small document).
 2. Loading: the time of TrainLoader.next_batch() against one training step (forward, backward,
    AdamW) of the quickstart model on the same batch shape (target: under 1% of the step).
 
-    PYTHONPATH=. python benchmarks/data_pipeline.py [--megabytes 8] [--json OUT]
+    PYTHONPATH=. python benchmarks/data_pipeline.py [--megabytes 32] [--json OUT]
+
+Worker processes are spawned and re-import this script's top level, as they would the `megaloop`
+command's, so torch and the model are imported only inside the loading measurement.
 """
 
 from __future__ import annotations
@@ -21,16 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 
 from benchmarks.machine import cpu_model
-from megaloop import config
 from megaloop.data.corpus import open_corpus
-from megaloop.data.loader import TrainLoader
-from megaloop.data.shards import TokenShards, prepare
+from megaloop.data.shards import prepare
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from megaloop.model import build
-from megaloop.sweep.plan import plan, read_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,13 +63,30 @@ def prepare_time(folder: Path, tokenizer: Tokenizer, workers: int, out: Path) ->
     return time.perf_counter() - start
 
 
-def quickstart_config() -> config.RunConfig:
+def startup_time(tokenizer: Tokenizer, workers: int, tmp: Path) -> float:
+    """Preparing one short document: the cost of starting the worker processes."""
+    folder = tmp / "one"
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("def f():\n    return 1\n")
+    return prepare_time(folder, tokenizer, workers, tmp / f"one_w{workers}")
+
+
+def quickstart_config():
     """The largest model of the quickstart sweep (the step the loader must keep up with)."""
+    from megaloop.sweep.plan import plan, read_spec
+
     runs = plan(read_spec(REPO / "configs" / "sweeps" / "quickstart.yaml"))
     return max(runs, key=lambda run: run.flops_per_token).config
 
 
-def loader_vs_step(shards: TokenShards, cfg: config.RunConfig, repeats: int) -> dict:
+def loader_vs_step(folder: Path, cfg, repeats: int) -> dict:
+    import torch
+
+    from megaloop.data.loader import TrainLoader
+    from megaloop.data.shards import TokenShards
+    from megaloop.model import build
+
+    shards = TokenShards(folder)
     loader = TrainLoader(shards, cfg.model.max_seq_len, cfg.train.micro_batch)
     for _ in range(10):
         loader.next_batch()
@@ -99,19 +115,27 @@ def loader_vs_step(shards: TokenShards, cfg: config.RunConfig, repeats: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", type=float, default=8.0)
+    parser.add_argument("--megabytes", type=float, default=32.0,
+                        help="text to encode (the embedded corpus holds about 30 MB)")
+    parser.add_argument("--trials", type=int, default=3, help="encoding runs; medians reported")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--json", default="benchmarks/out/data_pipeline.json")
     args = parser.parse_args()
-    torch.set_num_threads(2)
     tokenizer = Tokenizer.load(DEFAULT_TOKENIZER)
     with tempfile.TemporaryDirectory() as tmp:
         folder, n_bytes = sample_folder(args.megabytes, Path(tmp) / "docs")
-        plain = plain_encode(folder)
-        one = prepare_time(folder, tokenizer, 1, Path(tmp) / "w1")
-        two = prepare_time(folder, tokenizer, 2, Path(tmp) / "w2")
-        loading = loader_vs_step(TokenShards(Path(tmp) / "w2"), quickstart_config(), args.repeats)
+        times: dict[str, list[float]] = {"plain": [], "one": [], "two": []}
+        for trial in range(args.trials):  # interleaved, so that a busy moment hits all three
+            times["plain"].append(plain_encode(folder))
+            times["one"].append(prepare_time(folder, tokenizer, 1, Path(tmp) / f"w1_{trial}"))
+            times["two"].append(prepare_time(folder, tokenizer, 2, Path(tmp) / f"w2_{trial}"))
+        plain, one, two = (statistics.median(times[k]) for k in ("plain", "one", "two"))
+        startup = {"1 worker (in process)": startup_time(tokenizer, 1, Path(tmp) / "s1"),
+                   "2 workers": startup_time(tokenizer, 2, Path(tmp) / "s2")}
+        loading = loader_vs_step(Path(tmp) / "w2_0", quickstart_config(), args.repeats)
     mb = n_bytes / 1e6
+    import torch
+
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "python": platform.python_version(),
@@ -120,6 +144,8 @@ def main() -> None:
         "encode_mb_per_s": {"plain sentencepiece, 1 thread": mb / plain,
                             "prepare, 1 worker": mb / one, "prepare, 2 workers": mb / two},
         "speedup_2_workers_vs_plain": plain / two,
+        "encode_seconds_per_trial": times,
+        "prepare_one_small_document_s": startup,
         "loading": loading,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

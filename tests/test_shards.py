@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tiny import stdlib_documents
 
+from megaloop.data import shards as shards_module
 from megaloop.data.corpus import open_corpus
 from megaloop.data.shards import TokenShards, is_validation, prepare, read_manifest
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
@@ -48,8 +49,14 @@ def stream_array(shards: TokenShards, split: str) -> np.ndarray:
     return stream.read(0, len(stream)).astype(np.int64)
 
 
+@pytest.fixture()
+def small_tasks(monkeypatch):
+    """Encoding tasks of 8k characters, so that these few documents make several."""
+    monkeypatch.setattr(shards_module, "CHUNK_CHARS", 8192)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-def test_shards_equal_direct_encoding(tmp_path, text_folder, tokenizer, workers):
+def test_shards_equal_direct_encoding(tmp_path, text_folder, tokenizer, workers, small_tasks):
     manifest = prepare(open_corpus(str(text_folder)), tokenizer, tmp_path, val_fraction=0.25,
                        workers=workers, part_tokens=3000, progress=False)
     shards = TokenShards(tmp_path)
@@ -91,7 +98,8 @@ class CrashingCorpus:
             yield text
 
 
-def test_crash_leaves_nothing_readable_and_rerun_resumes(tmp_path, text_folder, tokenizer):
+def test_crash_leaves_nothing_readable_and_rerun_resumes(tmp_path, text_folder, tokenizer,
+                                                         small_tasks):
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     options = {"val_fraction": 0.25, "part_tokens": 3000, "workers": 1, "progress": False}
     prepare(open_corpus(str(text_folder)), tokenizer, clean, **options)

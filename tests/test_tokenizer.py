@@ -48,7 +48,7 @@ def test_ids_and_no_special_tokens_added(small_tokenizer):
 def test_encode_batch_and_decode_of_arrays(small_tokenizer):
     texts = [ODD_TEXT, *unseen_sources()[:2]]
     batch = small_tokenizer.encode_batch(texts)
-    assert batch == [small_tokenizer.encode(text) for text in texts]
+    assert [ids.tolist() for ids in batch] == [small_tokenizer.encode(text) for text in texts]
     assert small_tokenizer.decode(np.asarray(batch[0], dtype=np.uint16)) == texts[0]
 
 

@@ -34,7 +34,9 @@ from megaloop.errors import DataError
 FORMAT = "megaloop-shards-v1"
 SPLITS = ("train", "val")
 DEFAULT_PART_TOKENS = 1 << 26  # 64M tokens: 128 MB per train part at uint16
-CHUNK_DOCUMENTS, CHUNK_CHARS = 64, 1 << 16  # a task sent to a worker: up to 64 docs or 64k chars
+# A worker's task: up to 1024 documents or 1M characters. Smaller tasks cost the main process
+# more pickling and bookkeeping, which on 2 cores is taken from the workers.
+CHUNK_DOCUMENTS, CHUNK_CHARS = 1024, 1 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -54,8 +56,23 @@ def file_sha256(path: Path) -> str:
 
 
 # ---- encoding, in worker processes ----------------------------------------------------------
+# A task is a chunk of documents; its answer is one array (each document's ids followed by EOS)
+# with the document boundaries, so that a chunk crosses the process boundary as a few buffers.
 
 _worker_tokenizer: Tokenizer | None = None
+
+
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # the documents' ids, each followed by EOS, in the shard dtype
+    ends: np.ndarray  # where each document's ids end in `tokens`
+    text_bytes: list[int]  # UTF-8 bytes of each document
+
+    def documents(self) -> Iterator[tuple[np.ndarray, int]]:
+        start = 0
+        for end, n_bytes in zip(self.ends.tolist(), self.text_bytes, strict=True):
+            yield self.tokens[start:end], n_bytes
+            start = end
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -63,18 +80,20 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
-def _encode_chunk(texts: list[str]) -> list[tuple[np.ndarray, int]]:
-    return _encode_with(_worker_tokenizer, texts)
+def _encode_chunk(texts: list[str]) -> EncodedChunk:
+    return encode_chunk(_worker_tokenizer, texts)
 
 
-def _encode_with(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[np.ndarray, int]]:
-    """Each text -> (token ids followed by EOS, as the shard dtype; UTF-8 bytes of the text)."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    out = []
-    for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
-        ids.append(tokenizer.eos_id)
-        out.append((np.asarray(ids, dtype=dtype), len(text.encode("utf-8"))))
-    return out
+def encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> EncodedChunk:
+    encoded = tokenizer.encode_batch(texts)
+    ends = np.cumsum([len(ids) + 1 for ids in encoded], dtype=np.int64)
+    tokens = np.full(int(ends[-1]) if len(ends) else 0, tokenizer.eos_id,
+                     dtype=token_dtype(tokenizer.vocab_size))
+    start = 0
+    for ids, end in zip(encoded, ends.tolist(), strict=True):
+        tokens[start:end - 1] = ids
+        start = end
+    return EncodedChunk(tokens, ends, [len(text.encode("utf-8")) for text in texts])
 
 
 def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
@@ -92,16 +111,21 @@ def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
 
 def encode_documents(documents: Iterable[str], tokenizer: Tokenizer,
                      workers: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Encoded documents in corpus order; `workers` > 1 encodes in that many processes."""
+    """(token ids followed by EOS, UTF-8 bytes of the text) of each document, in corpus order;
+    `workers` > 1 encodes in that many processes.
+
+    The processes are spawned, not forked (forking a process that already runs threads, such as
+    a trainer's, is unsafe), so each re-imports the calling script's main module: call this from
+    a script whose top level imports little (the `megaloop` command does)."""
     chunks = _chunks(documents)
     if workers <= 1:
         for chunk in chunks:
-            yield from _encode_with(tokenizer, chunk)
+            yield from encode_chunk(tokenizer, chunk).documents()
         return
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
         for encoded in pool.imap(_encode_chunk, chunks):
-            yield from encoded
+            yield from encoded.documents()
 
 
 # ---- preparation -----------------------------------------------------------------------------
