@@ -80,21 +80,3 @@ def peak_rss_increase(step: Callable[[], None]) -> int | None:
     if before is None or peak is None:
         return None
     return (peak - before) * 1024
-
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the system: no mmap
-    for large blocks, no trimming of the heap top. Without it every step re-faults (and the
-    kernel re-zeroes) each large tensor it allocates: gradients after zero_grad(set_to_none),
-    the logits and their gradient. Process-wide, so it applies to every model measured.
-    Equivalent to MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> in the environment.
-    Returns False where glibc's mallopt is unavailable."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False

@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor, wait_for_quiet
-from benchmarks.memory import peak_rss_increase, reuse_freed_memory, saved_tensor_bytes
+from benchmarks.memory import peak_rss_increase, saved_tensor_bytes
 from benchmarks.reference_models import HFLlama, ReferenceTransformer
 from megaloop.config import ModelConfig
 from megaloop.model.accounting import account
 from megaloop.model.looped import LoopedLM
+from megaloop.train.host_memory import reuse_freed_memory
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 TARGETS = {"vs_reference": 0.95, "vs_hf": 1.0, "mfu": 0.75, "checkpoint_memory_ratio": 0.40}

@@ -1,10 +1,11 @@
 """Costs of the trainer on this CPU, measured in one run:
 
-1. ZeRO-3 against ZeRO-0 on two ranks: the same run (tiny model, r = 2) trained through
-   `launch.sh --nproc 2` at both stages; step time from the logged tokens/s (median after the
-   first steps).
+1. ZeRO-3 against ZeRO-0 on two ranks: the same run (the tiny model's layout, r = 2, at each of
+   `--zero-widths`) trained through `launch.sh --nproc 2` at both stages; step time from the
+   logged tokens/s (median after the first steps).
 2. Checkpoint save and load time against model size: megaloop's Checkpoints (DeepSpeed engine
-   state + loader + RNG + marker) for models of increasing width, one process, ZeRO-0.
+   state with AdamW's moments after one step, loader, RNG, fsync, marker) for models of
+   increasing width, one process, ZeRO-0.
 
     PYTHONPATH=. python benchmarks/trainer_costs.py [--steps 30] [--json OUT]
 """
@@ -25,14 +26,19 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "runs" / "tiny.yaml"
 
 
-def zero_run(stage: int, steps: int, shards: Path, workdir: Path) -> float:
+def width_settings(width: int) -> dict[str, int]:
+    return {"model.d_model": width, "model.n_heads": max(1, width // 64)}
+
+
+def zero_run(stage: int, width: int, steps: int, shards: Path, workdir: Path) -> float:
     """Median seconds per optimizer step of a two-rank run at ZeRO `stage`."""
     from mlflow.tracking import MlflowClient
 
     workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{workdir}/mlflow.db"
-    settings = {"train.zero_stage": stage, "train.steps": steps, "train.micro_batch": 4,
-                "train.global_batch": 8, "train.log_interval": 1, "train.eval_interval": 10**6,
+    settings = {**width_settings(width), "train.zero_stage": stage, "train.steps": steps,
+                "train.micro_batch": 4, "train.global_batch": 8, "train.log_interval": 1,
+                "train.eval_interval": 10**6,
                 "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
                 "data.shards": str(shards), "data.verify": "false",
                 "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
@@ -43,7 +49,7 @@ def zero_run(stage: int, steps: int, shards: Path, workdir: Path) -> float:
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     subprocess.run(argv, check=True, cwd=workdir, env=env, capture_output=True)
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(f"zero{stage}")
+    experiment = client.get_experiment_by_name(f"zero{stage}")  # one run per database
     (run,) = client.search_runs([experiment.experiment_id])
     rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
     tokens_per_step = 8 * 256
@@ -52,6 +58,7 @@ def zero_run(stage: int, steps: int, shards: Path, workdir: Path) -> float:
 
 def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dict]:
     """Save and load time of a complete checkpoint for models of several widths."""
+    import torch
     import torch.distributed as dist
 
     from megaloop import config
@@ -61,10 +68,13 @@ def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dic
     rows = []
     *_, created = ds.init_distributed()
     for width in widths:
-        cfg = config.load(TINY, [f"model.d_model={width}", f"model.n_heads={width // 64}",
-                                 f"data.shards={shards}", "train.steps=1"])
+        overrides = [f"{k}={v}" for k, v in width_settings(width).items()]
+        cfg = config.load(TINY, [*overrides, f"data.shards={shards}", "train.steps=1"])
         engine, model, _ = ds.build_engine(cfg, 1)
         params = sum(p.numel() for p in model.parameters())
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.model.max_seq_len + 1))
+        engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
+        engine.step()  # so that the optimizer holds its moments, as in any real checkpoint
         checkpoints = Checkpoints(workdir / f"d{width}", keep=1, rank=0, world_size=1,
                                   barrier=dist.barrier)
         state = {"step": 0, "loader": {}, "mlflow_run_id": None, "config": cfg.to_dict(),
@@ -87,6 +97,7 @@ def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--zero-widths", default="128,512")
     parser.add_argument("--widths", default="128,256,512,1024")
     parser.add_argument("--json", default="benchmarks/out/trainer_costs.json")
     args = parser.parse_args()
@@ -99,12 +110,21 @@ def main() -> None:
         tmp = Path(tmp)
         shards = tmp / "shards"
         prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards, progress=False)
-        zero0 = zero_run(0, args.steps, shards, (tmp / "z0").resolve())
-        zero3 = zero_run(3, args.steps, shards, (tmp / "z3").resolve())
+        zero = []
+        for width in (int(w) for w in args.zero_widths.split(",")):
+            times = {f"zero{stage}": zero_run(stage, width, args.steps, shards,
+                                              (tmp / f"z{stage}_{width}").resolve())
+                     for stage in (0, 3)}
+            zero.append({"d_model": width, **times, "ratio": times["zero3"] / times["zero0"]})
         widths = [int(w) for w in args.widths.split(",")]
         checkpoints = checkpoint_costs(widths, shards, tmp / "ckpt")
+    import torch
+
+    from benchmarks.machine import cpu_model
+
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "two_ranks_step_s": {"zero0": zero0, "zero3": zero3, "ratio": zero3 / zero0},
+              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
+              "two_ranks_step_s": zero,
               "checkpoints": checkpoints}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))

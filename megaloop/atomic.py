@@ -42,3 +42,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def fsync_files(paths: list[Path]) -> None:
+    """Flush files written by others (e.g. DeepSpeed's torch.save) to disk, so that a marker
+    written after them never outlives their contents in a power loss."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

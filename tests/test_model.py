@@ -185,7 +185,7 @@ def manual_recurrence(model, state, e, rope, index):
         return loop(state + e)
     if model.injection is None:
         return loop(state)
-    return model.loop_norm(loop(model.injection(torch.cat([e, state], dim=-1))))
+    return model.loop_norm(loop(F.linear(torch.cat([e, state], dim=-1), model.injection.weight)))
 
 
 BPTT_CASES = [
@@ -230,15 +230,17 @@ def test_truncated_bptt_still_trains_the_prelude(variant):
 
 
 def test_detached_recurrences_build_no_graph():
-    """With bptt_k = 1 only the last recurrence's activations are saved for backward."""
+    """Each recurrence with gradients saves the same tensors for backward; one without saves
+    none. (r = 4 and k < r, so that the first recurrence with gradients always starts from a
+    detached state.)"""
     def saved_tensors(k):
-        model = make_model(bptt_k=k, **VARIANTS["linear_r3"])
+        model = make_model(bptt_k=k, **{**VARIANTS["linear_r3"], "recurrences": 4})
         tokens, targets = tokens_and_targets()
         return count_saved_tensors(lambda: model(tokens, targets))
 
-    per_recurrence = (saved_tensors(3) - saved_tensors(1)) / 2
+    per_recurrence = saved_tensors(2) - saved_tensors(1)
     assert per_recurrence > 0
-    assert saved_tensors(2) == saved_tensors(1) + per_recurrence
+    assert saved_tensors(3) == saved_tensors(2) + per_recurrence
 
 
 # ---- activation checkpointing -----------------------------------------------------------------

@@ -27,6 +27,22 @@ from megaloop.model.hyper import DynamicGates, Hyperloop, Lanes, MHCBlock, expan
 RECURRENCE_SIGMA = 0.5  # Huginn's log-normal spread of the sampled recurrence count
 
 
+class LinearInjection(nn.Linear):
+    """u = W [e ; state], W = [W_e | W_s] of shape (d, 2d), [I | 0] at init.
+
+    W_e e is the same in every recurrence, so the loop computes it once per forward pass
+    (`part="embedding"`) and each recurrence adds W_s state (`part="state"`): r + 1 matmuls of
+    d x d instead of r of d x 2d. Both halves go through this module's call, so that ZeRO-3
+    gathers the weight."""
+
+    def __init__(self, d: int):
+        super().__init__(2 * d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, part: str) -> torch.Tensor:
+        d = self.out_features
+        return F.linear(x, self.weight[:, :d] if part == "embedding" else self.weight[:, d:])
+
+
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, init_weights: bool = True):
         super().__init__()
@@ -39,7 +55,7 @@ class LoopedLM(nn.Module):
         self.loop = self._stack(cfg.loop_layers)
         self.coda = self._stack(cfg.coda_layers)
         linear_injection = cfg.is_looped and cfg.injection == "linear"
-        self.injection = nn.Linear(2 * d, d, bias=False) if linear_injection else None
+        self.injection = LinearInjection(d) if linear_injection else None
         self.loop_norm = RMSNorm(d) if self.injection is not None else None
         self.hyper = None
         if cfg.hyper == "hyperloop":
@@ -185,6 +201,8 @@ class LoopedLM(nn.Module):
         k = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
         grad_on = torch.is_grad_enabled()
         state = self._loop_start(e)
+        if self.injection is not None:
+            e = self.injection(e, "embedding")
         for i in range(r):
             with torch.set_grad_enabled(grad_on and i >= r - k):
                 if (self.checkpointing == "per_recurrence" and torch.is_grad_enabled()
@@ -212,8 +230,8 @@ class LoopedLM(nn.Module):
         return self.loop_norm(state) if self.loop_norm is not None else state
 
     def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        if self.injection is not None:
-            return self.injection(torch.cat([e, state], dim=-1))
+        if self.injection is not None:  # `e` is already W_e e here (see _run_loop)
+            return self.injection(state, "state") + e
         if self.cfg.injection == "additive":
             return state + e
         return state

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaloop.atomic import atomic_write, atomic_write_json
+from megaloop.atomic import atomic_write, atomic_write_json, fsync_files
 from megaloop.errors import CheckpointError
 
 MARKER = "megaloop_complete.json"
@@ -95,8 +95,9 @@ class Checkpoints:
         self.barrier()
         if self.rank == 0:
             folder = self.folder / tag
-            files = {str(p.relative_to(folder)): p.stat().st_size
-                     for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+            written = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
+            fsync_files(written)
+            files = {str(p.relative_to(folder)): p.stat().st_size for p in written}
             atomic_write_json(folder / MARKER, {
                 "step": step, "world_size": self.world_size, "files": files,
                 "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")})

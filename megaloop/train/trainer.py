@@ -26,6 +26,7 @@ from megaloop.model.accounting import account
 from megaloop.track import open_tracker
 from megaloop.train import engine as ds
 from megaloop.train.checkpoint import Checkpoints
+from megaloop.train.host_memory import tune_for_cpu_training
 from megaloop.train.mfu import peak_flops
 from megaloop.train.schedule import lr_at
 
@@ -65,6 +66,7 @@ class Trainer:
                  peak: float | None = None):
         self.config, self.rank, self.world_size = config, rank, world_size
         self.progress = progress and rank == 0
+        self.host_allocator = "CUDA" if torch.cuda.is_available() else tune_for_cpu_training()
         self.geometry = ds.batch_geometry(config, world_size)
         self.total_steps = ds.total_steps(config, self.geometry)
         self.accounting = account(config.model)
@@ -111,7 +113,8 @@ class Trainer:
                                     derived=self.derived_params(), resume_run_id=run_id)
         # a tag, not a param: a peak measured at start differs a little on every resume
         self.tracker.set_tags({"megaloop.peak_flops": f"{self.peak:.4g}",
-                               "megaloop.peak_flops_source": self.peak_source})
+                               "megaloop.peak_flops_source": self.peak_source,
+                               "megaloop.host_allocator": self.host_allocator})
         self.tracker.log_text(json.dumps(self.ds_config, indent=2), "ds_config.json")
         self.tracker.log_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
                               "run_config.yaml")

@@ -1,0 +1,96 @@
+"""The CPU trainer with and without megaloop's glibc setting (keep freed memory: no mmap of
+large blocks, no trim), measured on the real `megaloop train` with MLflow tracking.
+
+Each variant trains the same run in a fresh process; the other variant is glibc's own default
+behaviour, chosen with MALLOC_MMAP_MAX_=65536 (glibc's default value, which megaloop leaves as
+the user set it). Reported: median step time after warm-up, minor page faults per step, and the
+peak RSS at each logged step, so that a heap that keeps growing (fragmentation, since freed
+memory is never returned) would show.
+
+    PYTHONPATH=. python benchmarks/host_allocator.py [--steps 200] [--d-model 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"megaloop (reuse freed memory)": {}, "glibc defaults": {"MALLOC_MMAP_MAX_": "65536"}}
+
+
+def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    settings = {"model.d_model": args.d_model, "model.n_heads": args.d_model // 64,
+                "train.steps": args.steps, "train.micro_batch": 8, "train.global_batch": 8,
+                "train.log_interval": 10, "train.eval_interval": 10**6, "train.eval_batches": 1,
+                "train.checkpoint_interval": 10**6, "data.shards": str(shards),
+                "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
+                "track.experiment": "allocator"}
+    cli_args = ["train", str(REPO / "configs/runs/tiny.yaml"), "--no-progress",
+                "--peak-flops", "1e11"]
+    for key, value in settings.items():
+        cli_args += ["--set", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    probe = ("import resource, runpy, sys; sys.argv = ['megaloop', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('megaloop.cli', run_name='__main__')\n"
+             "finally:\n    u = resource.getrusage(resource.RUSAGE_SELF)\n"
+             "    print('FAULTS', u.ru_minflt, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", probe, *cli_args], cwd=workdir, check=True,
+                          env={**env, **variant_env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True)
+    faults = int(next(line.split()[1] for line in done.stderr.splitlines()
+                      if line.startswith("FAULTS")))
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("allocator").experiment_id])
+    history = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name),
+                                              key=lambda m: m.step)]
+               for name in ("train/tokens_per_s", "train/peak_mem_gb")}
+    tokens_per_step = 8 * 256
+    step_s = [tokens_per_step / rate for rate in history["train/tokens_per_s"][2:]]
+    return {"step_s_median": statistics.median(step_s),
+            "minor_faults_per_step": faults / args.steps,
+            "peak_rss_gb_by_log": history["train/peak_mem_gb"],
+            "host_allocator_tag": run.data.tags.get("megaloop.host_allocator")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--json", default="benchmarks/out/host_allocator.json")
+    args = parser.parse_args()
+    from megaloop.data.corpus import open_corpus
+    from megaloop.data.shards import prepare
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards, progress=False)
+        for name, env in VARIANTS.items():
+            workdir = Path(tmp) / f"v{len(results)}"
+            workdir.mkdir()
+            results[name] = train(env, args, shards, workdir)
+    reuse, system = (results[name] for name in VARIANTS)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "model": {"layout": "tiny.yaml (1 + 2x2 + 1)", "d_model": args.d_model,
+                        "batch": [8, 256], "steps": args.steps},
+              "variants": results,
+              "step_time_ratio_reuse_vs_glibc": reuse["step_s_median"] / system["step_s_median"]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
