@@ -69,12 +69,14 @@ def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dic
     *_, created = ds.init_distributed()
     for width in widths:
         overrides = [f"{k}={v}" for k, v in width_settings(width).items()]
-        cfg = config.load(TINY, [*overrides, f"data.shards={shards}", "train.steps=1"])
+        cfg = config.load(TINY, [*overrides, f"data.shards={shards}", "train.steps=1",
+                                 "train.micro_batch=1", "train.global_batch=1"])
         engine, model, _ = ds.build_engine(cfg, 1)
         params = sum(p.numel() for p in model.parameters())
         tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.model.max_seq_len + 1))
         engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
         engine.step()  # so that the optimizer holds its moments, as in any real checkpoint
+        assert engine.global_steps == 1
         checkpoints = Checkpoints(workdir / f"d{width}", keep=1, rank=0, world_size=1,
                                   barrier=dist.barrier)
         state = {"step": 0, "loader": {}, "mlflow_run_id": None, "config": cfg.to_dict(),
@@ -97,7 +99,7 @@ def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--zero-widths", default="128,512")
+    parser.add_argument("--zero-widths", default="128,512", help="'' to skip this part")
     parser.add_argument("--widths", default="128,256,512,1024")
     parser.add_argument("--json", default="benchmarks/out/trainer_costs.json")
     args = parser.parse_args()
@@ -111,7 +113,7 @@ def main() -> None:
         shards = tmp / "shards"
         prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards, progress=False)
         zero = []
-        for width in (int(w) for w in args.zero_widths.split(",")):
+        for width in (int(w) for w in args.zero_widths.split(",") if w):
             times = {f"zero{stage}": zero_run(stage, width, args.steps, shards,
                                               (tmp / f"z{stage}_{width}").resolve())
                      for stage in (0, 3)}

@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 from training import (
@@ -234,3 +235,39 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_trains_like_the_device_optimizer(stdlib_shards, tmp_path, stage):
+    """train.offload: DeepSpeedCPUAdam on the offloaded optimizer state (and, at stage 3, the
+    parameters) gives the losses of torch's AdamW without offload."""
+    values = {"train.zero_stage": stage, "train.steps": 4, "train.eval_interval": 10**6,
+              "train.checkpoint_interval": 10**6}
+    plain, offloaded = tmp_path / "plain", tmp_path / "offload"
+    assert_ok(run_training(stdlib_shards, plain, **values))
+    assert_ok(run_training(stdlib_shards, offloaded, timeout=900,
+                           **{**values, "train.offload": True}))
+    rendered = client(offloaded).download_artifacts(only_run(offloaded).info.run_id,
+                                                    "ds_config.json", str(tmp_path))
+    ds_config = json.loads(Path(rendered).read_text())
+    assert ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    want, got = history(plain), history(offloaded)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert got[step][0] == pytest.approx(want[step][0], abs=1e-4), step
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(stdlib_shards, tmp_path):
+    """train.compile: torch.compile of the blocks (inductor's C++ backend on CPU) gives the
+    losses of the eager model."""
+    values = {"train.steps": 4, "train.eval_interval": 10**6, "train.checkpoint_interval": 10**6}
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert_ok(run_training(stdlib_shards, eager, **values))
+    assert_ok(run_training(stdlib_shards, compiled, timeout=900,
+                           **{**values, "train.compile": True}))
+    want, got = history(eager), history(compiled)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in range(1, 5):
+        assert got[step][0] == pytest.approx(want[step][0], abs=1e-4), step
