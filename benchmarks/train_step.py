@@ -90,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the peak")
     p.add_argument("--adamw", choices=["auto", "fused", "foreach"], default="auto",
                    help="AdamW implementation; auto times both and keeps the faster")
-    p.add_argument("--malloc", choices=["system", "reuse"], default="system",
-                   help="reuse: glibc keeps freed memory (no mmap, no trim) for every model; "
-                        "system: glibc's defaults")
+    p.add_argument("--malloc", choices=["system", "reuse"], default="reuse",
+                   help="reuse (what megaloop's CPU trainer does): glibc keeps freed memory (no "
+                        "mmap, no trim) for every model; system: glibc's defaults")
     p.add_argument("--no-hf", action="store_true", help="skip transformers.LlamaForCausalLM")
     p.add_argument("--no-checkpoint-row", action="store_true",
                    help="do not time the largest r with per-recurrence checkpointing")

@@ -14,7 +14,7 @@ import pytest
 from tiny import REPO
 
 from megaloop import launch
-from megaloop.launch import LaunchError, expand_hostlist, parse_hostfile
+from megaloop.cluster import LaunchError, expand_hostlist, parse_hostfile
 
 LAUNCH = str(REPO / "launch.sh")
 CONFIG = "configs/runs/tiny.yaml"

@@ -184,3 +184,21 @@ def test_slurm_array_script(tmp_path, stdlib_shards):
     assert [p.stem for p in configs] == ["r1-d64", "r2-d64", "r4-d64"]
     assert yaml.safe_load(configs[1].read_text())["model"]["recurrences"] == 2
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_local_executor_runs_each_run_on_two_ranks(tmp_path, stdlib_shards):
+    spec = tiny_sweep(tmp_path, stdlib_shards, runs=2)
+    settings = yaml.safe_load(spec.read_text())
+    settings["set"]["train.micro_batch"] = 2  # 2 ranks x 2 = the global batch of 4
+    spec.write_text(yaml.safe_dump(settings))
+    proc = subprocess.run(sweep_command(spec, "--executor", "local", "--nproc", "2"),
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert_ok(proc)
+    assert "2 runs planned, 0 already finished, 2 trained" in proc.stdout
+    runs = runs_by_name(tmp_path)
+    assert sorted(runs) == ["r1-d64", "r2-d64"]
+    for (run,) in runs.values():
+        assert run.data.params["world_size"] == "2"
+        assert run.data.tags["megaloop.status"] == "finished"

@@ -69,7 +69,7 @@ def fit_metrics(summary: dict) -> dict[str, float]:
 
 
 def _log(experiment: str, filters, tracking, summary: dict, folder) -> str:
-    from megaloop.track.mlflow_tracker import log_fit_run
+    from megaloop.track.runs import log_fit_run
 
     settings = summary["settings"]
     params = {"fit.law": summary["law"], "fit.source": summary["source"],

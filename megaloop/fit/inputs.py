@@ -168,7 +168,7 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
                 filter_tags: dict[str, str] | None = None) -> Runs:
     """The finished runs of an MLflow experiment; `Runs.skipped` counts the others by reason."""
     from megaloop.config import TrackConfig
-    from megaloop.track.mlflow_tracker import find_runs, tracking_uri
+    from megaloop.track import find_runs, tracking_uri
 
     uri = tracking or tracking_uri(TrackConfig(), create=False)
     every = [run for run in find_runs(experiment, tracking=uri, status=None,

@@ -5,12 +5,12 @@ from megaloop.track.mlflow_tracker import (
     STATUS_TAG,
     NullTracker,
     Tracker,
-    find_runs,
     open_tracker,
     run_params,
     run_tags,
     tracking_uri,
 )
+from megaloop.track.runs import find_runs
 
 __all__ = [
     "DEFAULT_TRACKING_URI",

@@ -16,7 +16,8 @@ from typing import Any
 
 from megaloop.config import TrackConfig
 from megaloop.errors import MegaloopError
-from megaloop.track.mlflow_tracker import _client, _sqlite_path, find_runs, tracking_uri
+from megaloop.track.mlflow_tracker import open_client, sqlite_path, tracking_uri
+from megaloop.track.runs import find_runs
 
 DEFAULT_UI_PORT = 5000  # MLflow's own default
 COLUMNS = ["name", "status", "r", "d_model", "n_once", "n_rec", "tokens", "val/loss", "duration"]
@@ -25,7 +26,7 @@ COLUMNS = ["name", "status", "r", "d_model", "n_once", "n_rec", "tokens", "val/l
 def store_uri(tracking: str | None = None) -> str:
     """The tracking URI to browse; MegaloopError when it names an sqlite file that is absent."""
     uri = tracking or tracking_uri(TrackConfig(), create=False)
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None and not db.exists():
         raise MegaloopError(f"There is no MLflow store at {uri} (no file {db}); train a run first, "
                             "or point --tracking-uri (or MLFLOW_TRACKING_URI) at the store.")
@@ -66,7 +67,7 @@ def list_runs(experiment: str | None = None, tracking: str | None = None) -> lis
     {experiment, run_id, name, status, recurrences, d_model, n_once, n_rec, tokens, val/loss,
     duration_s}."""
     uri = store_uri(tracking)
-    client = _client(uri)
+    client = open_client(uri)
     names = _experiment_names(client)
     if experiment is not None:
         if experiment not in names:
@@ -124,7 +125,7 @@ def ui_command(port: int, tracking: str | None = None) -> tuple[list[str], str, 
     uri = store_uri(tracking)
     argv = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:  # artifacts of new experiments beside the store, as the tracker puts them
         argv += ["--artifacts-destination", (db.parent / "artifacts").as_uri()]
     return argv, f"http://127.0.0.1:{port}", uri

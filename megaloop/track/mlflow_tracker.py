@@ -1,4 +1,4 @@
-"""MLflow tracking of one run: params, batched metrics, text artifacts, resume, run search.
+"""MLflow tracking of one run: params, batched metrics, text artifacts, resume.
 
 Rank 0 opens a `Tracker`; other ranks (and `track.enabled: false`) get a `NullTracker`. Metrics
 are queued by `log_metrics` (microseconds, never blocking on MLflow) and sent by a daemon thread
@@ -11,7 +11,6 @@ global run, so several trackers may live in one process. mlflow is imported lazi
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import posixpath
@@ -101,7 +100,7 @@ def run_tags(world_size: int) -> dict[str, str]:
     return tags
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of an `sqlite:///` URI (relative paths are under the cwd)."""
     if not uri.startswith("sqlite:///"):
         return None
@@ -109,16 +108,16 @@ def _sqlite_path(uri: str) -> Path | None:
     return None if not path or path == ":memory:" else Path(path).resolve()
 
 
-def _client(uri: str) -> Any:
+def open_client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=uri)
 
 
-def _log_batch(client: Any, run_id: str, *, params: dict | None = None,
+def log_batch(client: Any, run_id: str, *, params: dict | None = None,
                tags: dict | None = None) -> None:
     """Params or tags in log_batch calls of at most 100 each (MLflow's limit)."""
     from mlflow.entities import Param, RunTag
@@ -248,7 +247,7 @@ class Tracker:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        _log_batch(self.client, self.run_id, tags=tags)
+        log_batch(self.client, self.run_id, tags=tags)
 
     def flush(self) -> None:
         """Block until every queued value is sent; raise MegaloopError if some were lost."""
@@ -292,14 +291,14 @@ class NullTracker:
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of an sqlite store live beside it (runs/artifacts/<experiment>), not in the
     cwd's ./mlruns (MLflow's default); a server (http) decides for itself."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is None:
         return None
     slug = re.sub(r"[^\w.-]+", "_", experiment).strip("._") or "experiment"
     return (db.parent / "artifacts" / slug).as_uri()
 
 
-def _experiment_id(client: Any, name: str, uri: str) -> str:
+def experiment_id_of(client: Any, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -350,7 +349,7 @@ def _resume(client: Any, run_id: str, params: dict[str, str], tags: dict[str, st
             client.delete_tag(run_id, key)
     tags.update({RESUMED_WITH + key: value for key, value in changed.items()})
     tags["megaloop.resumes"] = str(int(run.data.tags.get("megaloop.resumes", "0")) + 1)
-    _log_batch(client, run_id, params={k: v for k, v in params.items() if k not in old},
+    log_batch(client, run_id, params={k: v for k, v in params.items() if k not in old},
                tags=tags)
 
 
@@ -363,7 +362,7 @@ def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(config.track)
-    client = _client(uri)
+    client = open_client(uri)
     params = run_params(config, derived)
     tags = {**run_tags(world_size), STATUS_TAG: "running",
             "megaloop.config_hash": params["config_hash"]}
@@ -371,89 +370,11 @@ def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict
         if resume_run_id:
             _resume(client, resume_run_id, params, tags, config.track.experiment, uri)
             return Tracker(client, resume_run_id)
-        experiment_id = _experiment_id(client, config.track.experiment, uri)
+        experiment_id = experiment_id_of(client, config.track.experiment, uri)
         name = config.track.run_name or (
             f"r{config.model.recurrences}-d{config.model.d_model}-{params['config_hash']}")
         run = client.create_run(experiment_id, run_name=name, tags=tags)
-        _log_batch(client, run.info.run_id, params=params)
+        log_batch(client, run.info.run_id, params=params)
         return Tracker(client, run.info.run_id)
     except MlflowException as exc:
         raise MegaloopError(f"MLflow at {uri} refused the run: {exc.message}") from exc
-
-
-def find_runs(experiment: str, *, tracking: str | None = None, status: str | None = "finished",
-              filter_tags: dict | None = None) -> list[dict]:
-    """Runs of `experiment` whose tag megaloop.status is `status` (None: any) and whose tags
-    match `filter_tags`, oldest first: {run_id, name, status, run_status, experiment_id,
-    start_time, end_time, params, metrics (latest values), tags}."""
-    uri = tracking or tracking_uri(TrackConfig(), create=False)
-    db = _sqlite_path(uri)
-    if db is not None and not db.exists():
-        return []  # no store, no runs (and no empty store made as a side effect)
-    client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    wanted = {key: str(value) for key, value in (filter_tags or {}).items()}
-    if status is not None:
-        wanted[STATUS_TAG] = status
-    plain = {k: v for k, v in wanted.items() if not set("'\"`\\") & set(k + v)}  # quotable
-    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in plain.items())
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], filter_string=query, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    return [{"run_id": run.info.run_id, "name": run.info.run_name,
-             "status": run.data.tags.get(STATUS_TAG), "run_status": run.info.status,
-             "experiment_id": run.info.experiment_id, "start_time": run.info.start_time,
-             "end_time": run.info.end_time, "params": dict(run.data.params),
-             "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
-            for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]
-
-
-def log_fit_run(experiment: str, *, params: dict, metrics: dict[str, float],
-                artifact_dir: str | Path | None = None, tags: dict | None = None,
-                tracking: str | None = None, run_name: str | None = None) -> str:
-    """Log a scaling-law fit as a finished MLflow run of its own in `experiment`: params,
-    metrics (non-finite ones left out), the files of `artifact_dir` as artifacts. The run is
-    tagged megaloop.kind=fit and carries no megaloop.status, so searches for training runs
-    never return it. Returns the run id."""
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    uri = tracking or tracking_uri(TrackConfig())
-    client = _client(uri)
-    try:
-        experiment_id = _experiment_id(client, experiment, uri)
-        run_id = client.create_run(experiment_id, run_name=run_name or "fit",
-                                   tags={**run_tags(1), **(tags or {}),
-                                         "megaloop.kind": "fit"}).info.run_id
-    except MlflowException as exc:
-        raise MegaloopError(f"MLflow at {uri} refused the fit run: {exc.message}") from exc
-    try:
-        _log_batch(client, run_id, params={k: v for k, v in params.items() if v is not None})
-        now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
-        for i in range(0, len(values), MAX_METRICS_PER_BATCH):
-            client.log_batch(run_id, metrics=values[i:i + MAX_METRICS_PER_BATCH])
-        if artifact_dir is not None:
-            client.log_artifacts(run_id, str(artifact_dir))
-    except BaseException as exc:
-        client.set_terminated(run_id, "FAILED")
-        if isinstance(exc, MlflowException):
-            raise MegaloopError(f"MLflow at {uri} refused the fit run {run_id}: "
-                                f"{exc.message}") from exc
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
-
-
-def _finite(value: Any) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
