@@ -51,3 +51,17 @@ def test_quick_benchmark_with_hugging_face(tmp_path):
     names = [row["name"] for row in report["rows"]]
     assert names == ["megaloop r=1", "reference", "hf llama"]
     assert report["rows"][0]["vs_hf"] > 0
+
+
+def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_mfu.py --quick: the real trainer, the MFU read back from MLflow."""
+    out = tmp_path / "gpu_mfu.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
+    done = subprocess.run([sys.executable, "benchmarks/gpu_mfu.py", "--quick", "--json", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    sdpa = report["results"]["sdpa"]
+    assert 0 < sdpa["mfu"] < 1 and sdpa["tokens_per_s"] > 0
+    assert sdpa["steps_measured"] == 4  # 6 steps, the first 2 left out
+    assert "| sdpa |" in done.stdout

@@ -1,0 +1,166 @@
+"""MFU of the real trainer on one GPU: the d=2048 Hyperloop model in bf16 with ZeRO-3, flash-attn
+against PyTorch SDPA (trainer issue; target: at least 50% MFU on an H200).
+
+Each attention backend trains in a fresh `megaloop train` process (world size 1, DeepSpeed
+ZeRO-3, MLflow on a temporary sqlite store). MFU is the trainer's own `train/mfu` metric:
+training FLOPs per token from the accounting (the papers' convention) times tokens/s over the
+device's dense bf16 peak (megaloop/train/mfu.py's table: 989 TFLOP/s for an H200). Reported:
+the median over the steps after `--warmup`, tokens/s and peak memory.
+
+The data must match the model's 32,000-piece vocabulary. Prepare it once (on any machine; the
+shards of the embedded corpus are about 16 MB) and pass the folder:
+
+    megaloop tokenizer train --corpus stdlib --vocab-size 32000 --out /tmp/sp32k.model
+    megaloop data prepare --corpus stdlib --tokenizer /tmp/sp32k.model --out shards-32k
+    PYTHONPATH=. python benchmarks/gpu_mfu.py --shards shards-32k [--steps 30] [--json OUT]
+
+`--quick` is a smoke run of this script on the CPU (tiny model, fp32, ZeRO-0, SDPA only, the
+default tokenizer's shards prepared on the fly): it checks the harness, not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_MODEL = REPO / "configs" / "runs" / "hyperloop-d2048-hyperloop.yaml"
+MFU_TARGET = 0.50
+
+
+def backends(quick: bool) -> list[str]:
+    """flash-attn where it can run (installed, CUDA), and always PyTorch SDPA."""
+    if quick:
+        return ["sdpa"]
+    import torch
+
+    usable = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return ["flash", "sdpa"] if usable else ["sdpa"]
+
+
+def settings_for(args: argparse.Namespace, attention: str, shards: Path,
+                 workdir: Path) -> dict[str, object]:
+    settings: dict[str, object] = {
+        "model.attention": attention, "train.precision": args.precision,
+        "train.zero_stage": args.zero_stage, "train.steps": args.steps,
+        "train.micro_batch": args.micro_batch, "train.global_batch": args.micro_batch,
+        "train.warmup_steps": 1, "train.log_interval": 1, "train.eval_interval": 10**6,
+        "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
+        "model.activation_checkpointing": args.checkpointing,
+        "data.shards": str(shards), "data.verify": False,
+        "train.checkpoint_dir": str(workdir / "checkpoints"),
+        "track.tracking_uri": f"sqlite:///{workdir}/mlflow.db", "track.experiment": "gpu_mfu",
+    }
+    if args.quick:
+        settings["model.max_seq_len"] = 128
+    return settings
+
+
+def train_once(config: Path, settings: dict[str, object], workdir: Path, warmup: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    workdir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "megaloop.cli", "train", str(config), "--no-progress"]
+    for key, value in settings.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        argv += ["--set", f"{key}={text}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"training with {settings['model.attention']} failed:\n"
+                         f"{done.stderr[-4000:]}")
+    client = MlflowClient(tracking_uri=str(settings["track.tracking_uri"]))
+    (run,) = client.search_runs([client.get_experiment_by_name("gpu_mfu").experiment_id])
+
+    def series(name: str) -> list[float]:
+        points = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
+        return [m.value for m in points if m.step > warmup]
+
+    return {"mfu": statistics.median(series("train/mfu")),
+            "tokens_per_s": statistics.median(series("train/tokens_per_s")),
+            "peak_mem_gb": max(series("train/peak_mem_gb")),
+            "peak_flops": float(run.data.tags["megaloop.peak_flops"]),
+            "peak_source": run.data.tags["megaloop.peak_flops_source"],
+            "flops_per_token": float(run.data.params["flops_per_token"]),
+            "steps_measured": len(series("train/mfu"))}
+
+
+def quick_shards(tmp: Path) -> Path:
+    from megaloop.data.corpus import open_corpus
+    from megaloop.data.shards import prepare
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+    prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), tmp / "shards",
+            progress=False)
+    return tmp / "shards"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    from benchmarks.machine import cpu_model
+
+    return f"CPU: {cpu_model()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=PAPER_MODEL)
+    parser.add_argument("--shards", type=Path, help="prepared shards of the model's vocabulary")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5, help="logged steps left out")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--zero-stage", type=int, default=3)
+    parser.add_argument("--checkpointing", default="none",
+                        help="model.activation_checkpointing: none, per_recurrence, per_layer")
+    parser.add_argument("--quick", action="store_true", help="a CPU smoke run of the harness")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/out/gpu_mfu.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.config = REPO / "configs" / "runs" / "tiny.yaml"
+        args.precision, args.zero_stage, args.micro_batch = "fp32", 0, 2
+        args.steps, args.warmup = min(args.steps, 6), min(args.warmup, 2)
+    elif args.shards is None:
+        parser.error("--shards is required (see the module docstring for how to prepare them), "
+                     "or --quick for a CPU smoke run")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        shards = quick_shards(tmp) if args.quick else args.shards.resolve()
+        results = {attention: train_once(args.config, settings_for(args, attention, shards,
+                                                                   tmp / attention),
+                                         tmp / attention, args.warmup)
+                   for attention in backends(args.quick)}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name(), "config": str(args.config.relative_to(REPO)),
+              "settings": {k: str(v) if isinstance(v, Path) else v
+                           for k, v in vars(args).items()},
+              "results": results,
+              "target": {"mfu_at_least": MFU_TARGET,
+                         "met": {k: r["mfu"] >= MFU_TARGET for k, r in results.items()}}}
+    if "flash" in results:
+        report["flash_vs_sdpa_tokens_per_s"] = (results["flash"]["tokens_per_s"]
+                                                / results["sdpa"]["tokens_per_s"])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"{report['device']}, {report['config']}, {args.precision}, ZeRO-{args.zero_stage}, "
+          f"micro batch {args.micro_batch}")
+    print("| attention | MFU | tokens/s | peak memory |")
+    print("|---|---|---|---|")
+    for attention, r in results.items():
+        print(f"| {attention} | {r['mfu']:.1%} | {r['tokens_per_s']:,.0f} | "
+              f"{r['peak_mem_gb']:.1f} GB |")
+
+
+if __name__ == "__main__":
+    main()
