@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up the environment, then run the quickstart sweep (16+
 # tiny looped models at r = 1, 2, 4, 8 on the embedded corpus) and fit how much one recurrence
-# is worth. About 15 minutes on 2 CPU cores; re-running skips what is finished.
+# is worth. About 3 minutes on 2 CPU cores; re-running skips what is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
