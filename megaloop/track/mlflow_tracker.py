@@ -118,7 +118,7 @@ def open_client(uri: str) -> Any:
 
 
 def log_batch(client: Any, run_id: str, *, params: dict | None = None,
-               tags: dict | None = None) -> None:
+              tags: dict | None = None) -> None:
     """Params or tags in log_batch calls of at most 100 each (MLflow's limit)."""
     from mlflow.entities import Param, RunTag
 
