@@ -3,8 +3,11 @@
 `ReferenceTransformer` is a minimal Llama-shaped transformer written the plain way (nn.Linear
 q/k/v/o, SwiGLU with separate gate/up/down projections, RMSNorm, rotate-half RoPE, causal
 F.scaled_dot_product_attention, untied LM head): what a competent PyTorch user writes in an
-afternoon, with no tricks in either direction. `hf_llama` builds `transformers.LlamaForCausalLM`
-of the same shape. Both return the mean next-token cross-entropy from `loss(tokens, targets)`.
+afternoon, with no tricks in either direction. `ReferenceLooped` is the same written as a looped
+model (prelude, loop block run r times with the linear injection and an RMSNorm after every
+recurrence, coda), the plain way: the same computation as megaloop's looped model. `HFLlama`
+builds `transformers.LlamaForCausalLM` of the plain shape. All return the mean next-token
+cross-entropy from `loss(tokens, targets)`.
 """
 
 from __future__ import annotations
@@ -90,6 +93,41 @@ class ReferenceTransformer(nn.Module):
         cos, sin = self.cos[:t], self.sin[:t]
         x = self.embed(tokens)
         for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.head(self.norm(x))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class ReferenceLooped(ReferenceTransformer):
+    """prelude -> (u = W [e ; s], loop blocks, s = RMSNorm(u)) x r -> coda, W = [I | 0] at init."""
+
+    def __init__(self, vocab_size: int, d_model: int, layout: tuple[int, int, int],
+                 recurrences: int, n_heads: int, hidden: int, max_seq_len: int,
+                 rope_theta: float = 10000.0):
+        super().__init__(vocab_size, d_model, sum(layout), n_heads, hidden, max_seq_len,
+                         rope_theta)
+        self.layout, self.recurrences = layout, recurrences
+        self.inject = nn.Linear(2 * d_model, d_model, bias=False)
+        self.loop_norm = nn.RMSNorm(d_model, eps=1e-6)
+        with torch.no_grad():
+            self.inject.weight.zero_()
+            self.inject.weight[:, :d_model].copy_(torch.eye(d_model))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        cos, sin = self.cos[:t], self.sin[:t]
+        prelude, loop, _ = self.layout
+        x = self.embed(tokens)
+        for block in self.blocks[:prelude]:
+            x = block(x, cos, sin)
+        e = state = x
+        for _ in range(self.recurrences):
+            u = self.inject(torch.cat([e, state], dim=-1))
+            for block in self.blocks[prelude:prelude + loop]:
+                u = block(u, cos, sin)
+            state = self.loop_norm(u)
+        x = state
+        for block in self.blocks[prelude + loop:]:
             x = block(x, cos, sin)
         logits = self.head(self.norm(x))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())

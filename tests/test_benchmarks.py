@@ -28,14 +28,16 @@ def test_quick_benchmark_reports_every_model(tmp_path):
     report = run_quick(tmp_path, "--no-hf")
     names = [row["name"] for row in report["rows"]]
     assert names == ["megaloop r=1", "megaloop r=2", "megaloop r=4", "megaloop r=8",
-                     "megaloop r=8 ckpt", "reference"]
+                     "megaloop r=8 ckpt", "reference", "reference r=2", "reference r=4",
+                     "reference r=8"]
     for row in report["rows"]:
         assert row["tokens_per_s"] > 0 and row["achieved_flops"] > 0
         assert row["steps_run"] >= 3
         assert row["vs_reference"] > 0
+        assert ("vs_looped_reference" in row) == row["name"].startswith("megaloop")
     layouts = {row["name"]: row["layout"] for row in report["rows"]}
     assert layouts["megaloop r=2"] == "2 + 2x2 + 2"
-    assert layouts["megaloop r=8"] == "0 + 1x8 + 0"
+    assert layouts["megaloop r=8"] == "0 + 1x8 + 0" == layouts["reference r=8"]
     assert report["matmul_peak"]["peak_flops"] > 0
     memory = report["memory"]
     assert memory["recurrences"] == 8
