@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor
+from benchmarks.machine import cpu_model
 from megaloop import config
 from megaloop.infer.evaluate import EvalSet, evaluate
 from megaloop.infer.generate import Sampling, generate
@@ -60,14 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> dict:
-    name = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as info:
-            name = next(line.split(":", 1)[1].strip() for line in info
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor, wait_for_quiet
+from benchmarks.machine import cpu_model
 from benchmarks.memory import peak_rss_increase, saved_tensor_bytes
 from benchmarks.reference_models import HFLlama, ReferenceLooped, ReferenceTransformer
 from megaloop.config import ModelConfig
@@ -421,14 +422,7 @@ def check_targets(report: dict) -> list[dict]:
 
 
 def machine() -> dict[str, object]:
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as info:
-            model = next(line.split(":", 1)[1].strip() for line in info
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "load_average_start": os.getloadavg()}
 
