@@ -145,10 +145,7 @@ class Objective:
             total = x1 + x2 + x3
             residual = np.log(total) - d.log_loss
         if not np.all(np.isfinite(residual)):
-            top = np.maximum(np.maximum(t1, t2), e)
-            x1, x2, x3 = np.exp(t1 - top), np.exp(t2 - top), np.exp(e - top)
-            total = x1 + x2 + x3
-            residual = top + np.log(total) - d.log_loss
+            x1, x2, x3, total, residual = _shifted_terms(t1, t2, e, d.log_loss)
         clipped = np.clip(residual, -self.delta, self.delta)  # Huber'(residual)
         value = clipped @ (residual - 0.5 * clipped)
         u = clipped / total
@@ -158,6 +155,15 @@ class Objective:
         if dlog_n is not None:
             grad.append(-alpha * (u1 @ dlog_n))
         return float(value) * self.scale, np.array(grad) * self.scale
+
+
+def _shifted_terms(t1, t2, e, log_loss):
+    """The three exponentials of the law and the log-residual, computed relative to the largest
+    exponent so that nothing overflows (for points far outside the search box)."""
+    top = np.maximum(np.maximum(t1, t2), e)
+    x1, x2, x3 = np.exp(t1 - top), np.exp(t2 - top), np.exp(e - top)
+    total = x1 + x2 + x3
+    return x1, x2, x3, total, top + np.log(total) - log_loss
 
 
 def batch_objective(X: np.ndarray, data: LawData, phi: float | None = None,
@@ -178,10 +184,7 @@ def batch_objective(X: np.ndarray, data: LawData, phi: float | None = None,
         total = x1 + x2 + x3
         residual = np.log(total) - data.log_loss
     if not np.all(np.isfinite(residual)):
-        top = np.maximum(np.maximum(t1, t2), e)
-        x1, x2, x3 = np.exp(t1 - top), np.exp(t2 - top), np.exp(e - top)
-        total = x1 + x2 + x3
-        residual = top + np.log(total) - data.log_loss
+        x1, x2, x3, total, residual = _shifted_terms(t1, t2, e, data.log_loss)
     clipped = np.clip(residual, -delta, delta)
     terms = clipped * (residual - 0.5 * clipped)
     if weights is not None:
