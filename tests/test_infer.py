@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from training import assert_ok, child_env, history, run_training
+from training import assert_ok, child_env, history, run_training, stop_group
 
 from megaloop import config
 from megaloop.cli import main
@@ -209,12 +207,7 @@ def test_ui_answers_and_its_api_lists_the_runs_megaloop_prints(trained, capsys):
         ids = [e["experiment_id"] for e in experiments["experiments"]]
         listed = _post(base + "/api/2.0/mlflow/runs/search", {"experiment_ids": ids})["runs"]
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        try:
-            ui.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(ui.pid, signal.SIGKILL)
-            ui.wait()
+        stop_group(ui, timeout=30)
     code, out, _ = megaloop(capsys, "runs", "--tracking-uri", trained.uri, "--json")
     printed = {row["run_id"]: row for row in json.loads(out)}
     served = {run["info"]["run_id"]: run for run in listed}

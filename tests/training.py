@@ -4,6 +4,7 @@ a real sqlite MLflow store, and the metric history read back from it."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,16 @@ def start_training(shards: Path, workdir: Path, *extra: str, nproc: int = 1,
     return subprocess.Popen(train_command(shards, workdir, *extra, nproc=nproc, **values),
                             cwd=workdir, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def stop_group(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to a process started in a session of its own, SIGKILL if it outlives `timeout`."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
