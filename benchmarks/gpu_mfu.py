@@ -31,6 +31,8 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+
 REPO = Path(__file__).resolve().parents[1]
 PAPER_MODEL = REPO / "configs" / "runs" / "hyperloop-d2048-hyperloop.yaml"
 MFU_TARGET = 0.50
@@ -65,24 +67,18 @@ def settings_for(args: argparse.Namespace, attention: str, shards: Path,
 
 
 def train_once(config: Path, settings: dict[str, object], workdir: Path, warmup: int) -> dict:
-    from mlflow.tracking import MlflowClient
-
     workdir.mkdir(parents=True)
-    argv = [sys.executable, "-m", "megaloop.cli", "train", str(config), "--no-progress"]
-    for key, value in settings.items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        argv += ["--set", f"{key}={text}"]
+    argv = [sys.executable, "-m", "megaloop.cli", "train", str(config), "--no-progress",
+            *set_arguments(settings)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"training with {settings['model.attention']} failed:\n"
                          f"{done.stderr[-4000:]}")
-    client = MlflowClient(tracking_uri=str(settings["track.tracking_uri"]))
-    (run,) = client.search_runs([client.get_experiment_by_name("gpu_mfu").experiment_id])
+    client, run = only_run(str(settings["track.tracking_uri"]), "gpu_mfu")
 
     def series(name: str) -> list[float]:
-        points = sorted(client.get_metric_history(run.info.run_id, name), key=lambda m: m.step)
-        return [m.value for m in points if m.step > warmup]
+        return metric_values(client, run, name, after_step=warmup)
 
     return {"mfu": statistics.median(series("train/mfu")),
             "tokens_per_s": statistics.median(series("train/tokens_per_s")),

@@ -22,13 +22,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"megaloop (reuse freed memory)": {}, "glibc defaults": {"MALLOC_MMAP_MAX_": "65536"}}
 
 
 def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dict:
-    from mlflow.tracking import MlflowClient
-
     uri = f"sqlite:///{workdir}/mlflow.db"
     settings = {"model.d_model": args.d_model, "model.n_heads": args.d_model // 64,
                 "train.steps": args.steps, "train.micro_batch": 8, "train.global_batch": 8,
@@ -37,9 +37,7 @@ def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dic
                 "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
                 "track.experiment": "allocator"}
     cli_args = ["train", str(REPO / "configs/runs/tiny.yaml"), "--no-progress",
-                "--peak-flops", "1e11"]
-    for key, value in settings.items():
-        cli_args += ["--set", f"{key}={value}"]
+                "--peak-flops", "1e11", *set_arguments(settings)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     probe = ("import resource, runpy, sys; sys.argv = ['megaloop', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('megaloop.cli', run_name='__main__')\n"
@@ -50,10 +48,8 @@ def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dic
                           capture_output=True, text=True)
     faults = int(next(line.split()[1] for line in done.stderr.splitlines()
                       if line.startswith("FAULTS")))
-    client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("allocator").experiment_id])
-    history = {name: [m.value for m in sorted(client.get_metric_history(run.info.run_id, name),
-                                              key=lambda m: m.step)]
+    client, run = only_run(uri, "allocator")
+    history = {name: metric_values(client, run, name)
                for name in ("train/tokens_per_s", "train/peak_mem_gb")}
     tokens_per_step = 8 * 256
     step_s = [tokens_per_step / rate for rate in history["train/tokens_per_s"][2:]]

@@ -22,6 +22,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "runs" / "tiny.yaml"
 
@@ -32,8 +34,6 @@ def width_settings(width: int) -> dict[str, int]:
 
 def zero_run(stage: int, width: int, steps: int, shards: Path, workdir: Path) -> float:
     """Median seconds per optimizer step of a two-rank run at ZeRO `stage`."""
-    from mlflow.tracking import MlflowClient
-
     workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{workdir}/mlflow.db"
     settings = {**width_settings(width), "train.zero_stage": stage, "train.steps": steps,
@@ -43,17 +43,14 @@ def zero_run(stage: int, width: int, steps: int, shards: Path, workdir: Path) ->
                 "data.shards": str(shards), "data.verify": "false",
                 "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
                 "track.experiment": f"zero{stage}"}
-    argv = [str(REPO / "launch.sh"), "train", str(TINY), "--nproc", "2", "--no-progress"]
-    for key, value in settings.items():
-        argv += ["--set", f"{key}={value}"]
+    argv = [str(REPO / "launch.sh"), "train", str(TINY), "--nproc", "2", "--no-progress",
+            *set_arguments(settings)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     subprocess.run(argv, check=True, cwd=workdir, env=env, capture_output=True)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(f"zero{stage}")  # one run per database
-    (run,) = client.search_runs([experiment.experiment_id])
-    rates = [m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")]
+    client, run = only_run(uri, f"zero{stage}")
     tokens_per_step = 8 * 256
-    return statistics.median(tokens_per_step / rate for rate in rates[3:])
+    rates = metric_values(client, run, "train/tokens_per_s", after_step=3)
+    return statistics.median(tokens_per_step / rate for rate in rates)
 
 
 def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dict]:
