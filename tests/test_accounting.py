@@ -8,10 +8,18 @@ import time
 import pytest
 import torch
 from tiny import RUN_CONFIGS, VARIANTS, make_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from megaloop import config
 from megaloop.model import LoopedLM
-from megaloop.model.accounting import GROUPS, account, count_parameters
+from megaloop.model.accounting import (
+    GROUPS,
+    account,
+    count_parameters,
+    executed_flops_per_token,
+    place,
+)
 
 # (run config, what the paper counts, millions). Hyperloop paper: all parameters but the input
 # embedding (LM head included). Iso-depth paper: unique non-embedding parameters, n_once + n_rec.
@@ -176,6 +184,28 @@ def test_flops_follow_the_paper_formula_at_s10():
         executed = counts["n_once"] + r * counts["n_rec"] + cfg.vocab_size * cfg.d_model
         expected = 6 * executed + 12 * 20 * cfg.max_seq_len * cfg.d_model
         assert counts["flops_per_token"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("variant, bptt_k", [
+    ("plain", None), ("linear_r3", None), ("linear_r3", 1), ("additive_r3", None),
+    ("passthrough_r3", None), ("gqa_qknorm_softcap", None)])
+def test_executed_flops_are_what_torch_counts(variant, bptt_k):
+    """torch's FlopCounterMode over a real forward and backward counts every matmul (attention
+    too, on SDPA's math backend). The convention also counts each norm gain, a 1-D parameter, at
+    6 FLOPs per token, where the model multiplies elementwise; nothing else may differ."""
+    cfg = make_config(**VARIANTS[variant], **({"bptt_k": bptt_k} if bptt_k else {}))
+    model = LoopedLM(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(tokens, tokens).backward()
+    counted = counter.get_total_flops() / tokens.numel()
+    r, k = cfg.recurrences, cfg.grad_recurrences
+    uses = {"shared": 6 * k + 2 * (r - k), "once": 6}
+    gains = sum(p.numel() * uses[place(name).role]
+                for name, p in model.named_parameters() if p.ndim == 1)
+    assert counted == pytest.approx(executed_flops_per_token(cfg) - gains, rel=1e-12)
+    if cfg.injection == "linear" and r > 1:
+        assert executed_flops_per_token(cfg) < account(cfg)["flops_per_token"]
 
 
 # ---- the meta device ---------------------------------------------------------------------------

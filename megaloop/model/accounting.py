@@ -11,6 +11,9 @@ Training FLOPs per token (RESEARCH.md section 2):
 where a recurrence run without gradients (truncated BPTT) costs only its forward pass: 2 FLOPs
 per parameter and 4 T d per attention layer. Parameters that exist once per recurrence
 (Hyperloop, lanes) run once per token each.
+
+`executed_flops_per_token` is what LoopedLM's training step runs under the same convention: with
+linear injection it computes W_e e once per forward pass, not once per recurrence.
 """
 
 from __future__ import annotations
@@ -79,6 +82,24 @@ def training_flops_per_token(cfg: ModelConfig, counts: dict[str, int]) -> float:
     attn_layers_forward = (r - k) * cfg.loop_layers
     attention = attn_width * cfg.max_seq_len * (12 * attn_layers_backprop + 4 * attn_layers_forward)
     return 6 * backprop_params + 2 * forward_only_params + attention
+
+
+def executed_flops_per_token(cfg: ModelConfig) -> float:
+    """`flops_per_token` less the matmuls that LoopedLM's training step does not run with linear
+    injection: W_e e is computed once, with gradients (6 d^2), where the convention counts it in
+    every recurrence (6 d^2 with gradients, 2 d^2 without); and under truncated BPTT the first
+    recurrence with gradients needs no gradient of the state it receives (2 d^2 for W_s s).
+
+    Exact for full backpropagation and for linear injection. At the truncation boundary of a
+    passthrough loop or a hyper-connection loop autograd also skips the first loop layer's
+    input gradient, which this does not subtract."""
+    flops = account(cfg)["flops_per_token"]
+    if not (cfg.is_looped and cfg.injection == "linear"):
+        return flops
+    r, k, d2 = cfg.recurrences, cfg.grad_recurrences, cfg.d_model**2
+    embedding_half = 6 * k * d2 + 2 * (r - k) * d2 - 6 * d2
+    boundary = 2 * d2 if k < r else 0
+    return flops - embedding_half - boundary
 
 
 def account(cfg: ModelConfig) -> dict[str, float | int]:
