@@ -188,6 +188,7 @@ def test_flops_follow_the_paper_formula_at_s10():
 
 @pytest.mark.parametrize("variant, bptt_k", [
     ("plain", None), ("linear_r3", None), ("linear_r3", 1), ("additive_r3", None),
+    ("additive_r3", 2),
     ("passthrough_r3", None), ("gqa_qknorm_softcap", None)])
 def test_executed_flops_are_what_torch_counts(variant, bptt_k):
     """torch's FlopCounterMode over a real forward and backward counts every matmul (attention

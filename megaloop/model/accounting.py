@@ -89,10 +89,10 @@ def executed_flops_per_token(cfg: ModelConfig) -> float:
     injection: W_e e is computed once, with gradients (6 d^2), where the convention counts it in
     every recurrence (6 d^2 with gradients, 2 d^2 without); and under truncated BPTT the first
     recurrence with gradients needs no gradient of the state it receives (2 d^2 for W_s s).
-
-    Exact for full backpropagation and for linear injection. At the truncation boundary of a
-    passthrough loop or a hyper-connection loop autograd also skips the first loop layer's
-    input gradient, which this does not subtract."""
+    Other models without hyper-connections run what the convention counts (truncated BPTT
+    needs linear or additive injection, and additive's u = s + e carries a gradient into the
+    first recurrence). Hyper-connection models also run their stream mixing, O(n^2 d) per
+    connection and token, which neither count includes."""
     flops = account(cfg)["flops_per_token"]
     if not (cfg.is_looped and cfg.injection == "linear"):
         return flops
