@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="reuse (what megaloop's CPU trainer does): glibc keeps freed memory (no "
                         "mmap, no trim) for every model; system: glibc's defaults")
     p.add_argument("--no-hf", action="store_true", help="skip transformers.LlamaForCausalLM")
+    p.add_argument("--compile", action="store_true",
+                   help="also time megaloop with train.compile (torch.compile of each block, as "
+                        "the trainer does) and HF with each decoder layer compiled")
     p.add_argument("--no-checkpoint-row", action="store_true",
                    help="do not time the largest r with per-recurrence checkpointing")
     p.add_argument("--no-memory", action="store_true", help="skip the activation memory phase")
@@ -181,6 +184,30 @@ def build_entries(args: argparse.Namespace) -> list[Entry]:
     if not args.no_hf:
         hf = HFLlama(*shape)
         entries.append(Entry("hf llama", hf, hf.loss, flops, f"{args.layers} layers"))
+    if args.compile:
+        entries += compiled_entries(args, shape)
+    return entries
+
+
+def compiled_entries(args: argparse.Namespace, shape: tuple) -> list[Entry]:
+    """megaloop with train.compile (LoopedLM.compile_blocks) at each r, and HF with each decoder
+    layer compiled the same way. Inductor compiles during the warm-up steps."""
+    entries = []
+    for r in args.recurrences:
+        cfg = megaloop_config(args, r)
+        model = LoopedLM(cfg)
+        model.compile_blocks()
+        entries.append(Entry(f"megaloop r={r} compiled", model, model,
+                             account(cfg)["flops_per_token"],
+                             f"{cfg.prelude_layers} + {cfg.loop_layers}x{r} + {cfg.coda_layers}",
+                             executed_flops_per_token(cfg)))
+    if not args.no_hf:
+        hf = HFLlama(*shape)
+        for layer in hf.model.model.layers:
+            layer.compile()
+        entries.append(Entry("hf llama compiled", hf, hf.loss,
+                             account(megaloop_config(args, 1))["flops_per_token"],
+                             f"{args.layers} layers"))
     return entries
 
 
@@ -348,15 +375,17 @@ def summarize(entries: list[Entry], peak_flops: float, tokens_per_step: int,
         same_shape = entry.name.replace("megaloop", "reference").removesuffix(" ckpt")
         same_shape = "reference" if same_shape == "reference r=1" else same_shape
         pairs = (("vs_reference", "reference"), ("vs_hf", "hf llama"),
-                 ("vs_looped_reference", same_shape))
+                 ("vs_looped_reference", same_shape), ("vs_hf_compiled", "hf llama compiled"))
         for key, other in pairs:
             if key == "vs_looped_reference" and not entry.name.startswith("megaloop"):
+                continue
+            if key == "vs_hf_compiled" and not entry.name.endswith("compiled"):
                 continue
             if other in by_name:
                 ref_row = next(x for x in rows if x["name"] == other)
                 row[key + "_of_medians"] = row["tokens_per_s"] / ref_row["tokens_per_s"]
                 row[key] = paired_speed_ratio(entry, by_name[other], threshold_s)
-                if key != "vs_looped_reference":
+                if key in ("vs_reference", "vs_hf", "vs_hf_compiled"):
                     row[key + "_per_flop"] = row[key] * (entry.executed_flops_per_token
                                                          / ref_row["executed_flops_per_token"])
     return rows
@@ -394,6 +423,12 @@ def markdown(report: dict) -> str:
                      f"| {row['achieved_flops'] / 1e9:.1f} | {row['mfu']:.1%} "
                      f"| {row['mfu_executed']:.1%} | "
                      + " | ".join(ratio[k] for k in ratio_keys) + " |")
+    compiled = [row for row in report["rows"] if "vs_hf_compiled" in row]
+    if compiled:
+        lines += ["", "Compiled (train.compile; HF with each decoder layer compiled):", "",
+                  "| model | vs HF compiled | per FLOP vs HF compiled |", "|---|---|---|"]
+        lines += [f"| {row['name']} | {row['vs_hf_compiled']:.3f} "
+                  f"| {row['vs_hf_compiled_per_flop']:.3f} |" for row in compiled]
     peak = report["matmul_peak"]
     lines.append("")
     shapes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak["by_shape"].items())
@@ -423,8 +458,8 @@ def _mib(n: int | None) -> str:
 def check_targets(report: dict) -> list[dict]:
     checks = []
     for row in report["rows"]:
-        if not row["name"].startswith("megaloop") or row["name"].endswith("ckpt"):
-            continue
+        if not row["name"].startswith("megaloop") or row["name"].endswith(("ckpt", "compiled")):
+            continue  # the targets are for the trainer's default step
         for key in ("vs_reference", "vs_looped_reference", "vs_hf", "vs_reference_per_flop",
                     "vs_hf_per_flop", "mfu", "mfu_executed"):
             if key in row:

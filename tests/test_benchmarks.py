@@ -30,11 +30,20 @@ def test_quick_benchmark_reports_every_model(tmp_path):
     assert names == ["megaloop r=1", "megaloop r=2", "megaloop r=4", "megaloop r=8",
                      "megaloop r=8 ckpt", "reference", "reference r=2", "reference r=4",
                      "reference r=8"]
+    reference_executed = report["rows"][names.index("reference")]["executed_flops_per_token"]
     for row in report["rows"]:
         assert row["tokens_per_s"] > 0 and row["achieved_flops"] > 0
         assert row["steps_run"] >= 3
         assert row["vs_reference"] > 0
         assert ("vs_looped_reference" in row) == row["name"].startswith("megaloop")
+        assert row["vs_reference_per_flop"] == pytest.approx(
+            row["vs_reference"] * row["executed_flops_per_token"] / reference_executed)
+    rows = {row["name"]: row for row in report["rows"]}
+    # linear injection runs W_e e once, not r times: fewer FLOPs than the convention's count
+    assert rows["megaloop r=8"]["executed_flops_per_token"] < rows["megaloop r=8"][
+        "flops_per_token"]
+    assert rows["reference r=8"]["executed_flops_per_token"] == rows["reference r=8"][
+        "flops_per_token"]
     layouts = {row["name"]: row["layout"] for row in report["rows"]}
     assert layouts["megaloop r=2"] == "2 + 2x2 + 2"
     assert layouts["megaloop r=8"] == "0 + 1x8 + 0" == layouts["reference r=8"]
@@ -49,10 +58,17 @@ def test_quick_benchmark_reports_every_model(tmp_path):
 @pytest.mark.slow
 def test_quick_benchmark_with_hugging_face(tmp_path):
     pytest.importorskip("transformers")
-    report = run_quick(tmp_path, "--recurrences", "1", "--no-checkpoint-row", "--no-memory")
+    report = run_quick(tmp_path, "--recurrences", "1,2", "--no-checkpoint-row", "--no-memory",
+                       "--compile")
     names = [row["name"] for row in report["rows"]]
-    assert names == ["megaloop r=1", "reference", "hf llama"]
-    assert report["rows"][0]["vs_hf"] > 0
+    assert names == ["megaloop r=1", "megaloop r=2", "reference", "reference r=2", "hf llama",
+                     "megaloop r=1 compiled", "megaloop r=2 compiled", "hf llama compiled"]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["megaloop r=1"]["vs_hf"] > 0 and rows["megaloop r=2"]["vs_hf_per_flop"] > 0
+    assert rows["megaloop r=2 compiled"]["vs_hf_compiled"] > 0
+    assert "vs_hf_compiled" not in rows["megaloop r=2"]
+    # the targets judge the trainer's default (eager) step only
+    assert not any("compiled" in check["what"] for check in report["targets"])
 
 
 def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):

@@ -185,9 +185,7 @@ def build_model(config: RunConfig, ds_config: dict[str, Any]) -> LoopedLM:
         model.rotary.to(device)
     model.set_activation_checkpointing(config.model.activation_checkpointing)
     if config.train.compile:
-        for stack in (model.prelude, model.loop, model.coda):
-            for layer in stack:
-                layer.compile()
+        model.compile_blocks()
     return model
 
 
