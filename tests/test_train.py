@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from tiny import RUN_CONFIGS
 from training import (
     assert_ok,
     client,
@@ -22,8 +24,9 @@ from training import (
 )
 
 from megaloop import config
+from megaloop.model import LoopedLM
 from megaloop.model.accounting import account
-from megaloop.train.engine import render_ds_config
+from megaloop.train.engine import make_optimizer, optimizer_groups, render_ds_config
 from megaloop.train.schedule import lr_at
 
 
@@ -174,6 +177,30 @@ def test_every_template_renders_with_and_without_offload(stage):
         assert rendered["zero_optimization"]["stage"] == stage
         assert ("offload_optimizer" in rendered["zero_optimization"]) == offload
         assert rendered["train_batch_size"] == 32
+
+
+def test_the_optimizer_is_fused_adamw_with_the_same_steps_as_torchs_loop():
+    """On the CPU the trainer takes torch's fused AdamW; its updates are AdamW's, groups and
+    weight decay included, to float32 rounding."""
+    run = config.load(RUN_CONFIGS / "tiny.yaml", ["train.weight_decay=0.1", "train.lr=1e-2"])
+    torch.manual_seed(0)
+    model, twin = LoopedLM(run.model), LoopedLM(run.model)
+    twin.load_state_dict(model.state_dict())
+    start = model.embed.weight.detach().clone()
+    fused = make_optimizer(model, run)
+    looped = torch.optim.AdamW(optimizer_groups(twin, run.train.weight_decay), lr=run.train.lr,
+                               betas=(run.train.beta1, run.train.beta2), eps=run.train.eps,
+                               foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step()
+        looped.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), name
+    assert (model.embed.weight - start).abs().mean() > 1e-3  # the steps moved the weights
 
 
 @pytest.mark.slow

@@ -197,7 +197,15 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=None, **kwargs)
+    return torch.optim.AdamW(groups, fused=fused_adamw_supported(model), **kwargs)
+
+
+def fused_adamw_supported(model: torch.nn.Module) -> bool:
+    """torch's fused AdamW (one pass over each parameter) where its kernels exist: CUDA and,
+    since torch 2.4, the CPU. Without it, on the CPU torch runs AdamW as a Python loop of
+    elementwise operations per parameter: three times slower (benchmarks/RESULTS.md)."""
+    return all(param.is_floating_point() and param.device.type in ("cpu", "cuda")
+               for param in model.parameters())
 
 
 def build_engine(config: RunConfig, world_size: int) -> tuple[Any, LoopedLM, dict[str, Any]]:
