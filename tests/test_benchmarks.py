@@ -83,3 +83,22 @@ def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
     assert 0 < sdpa["mfu"] < 1 and sdpa["tokens_per_s"] > 0
     assert sdpa["steps_measured"] == 4  # 6 steps, the first 2 left out
     assert "| sdpa |" in done.stdout
+
+
+def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
+    """benchmarks/trainer_ab.py: the real trainer at two commits (here both HEAD), in worktrees
+    that are removed afterwards."""
+    out = tmp_path / "ab.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/trainer_ab.py", "--base", "HEAD", "--head", "HEAD",
+         "--rounds", "1", "--steps", "31", "--d-model", "64", "--json", str(out)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["commits"]["base"] == result["commits"]["head"]
+    assert all(len(times) == 1 and times[0] > 0 for times in result["step_s"].values())
+    assert 0.5 < result["head_over_base_median"] < 2  # the same code, run twice
+    trees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True,
+                           text=True, check=True).stdout
+    assert "/base " not in trees and "/head " not in trees

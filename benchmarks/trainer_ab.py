@@ -1,0 +1,108 @@
+"""The real `megaloop train` step at two commits, in alternating fresh processes: what a change to
+the trainer buys.
+
+    PYTHONPATH=. python benchmarks/trainer_ab.py --base HEAD~1 --head HEAD [--rounds 2]
+        [--steps 60] [--d-model 512]
+
+Each commit is checked out into a temporary git worktree. Every run is the same `megaloop train`
+of that worktree's configs/runs/tiny.yaml at the given width (batch 8 x 256) on the embedded
+corpus's shards, prepared once with the current checkout, with MLflow on a sqlite store. The step
+time is read back from `train/tokens_per_s`, leaving out the first two logged intervals (warm-up).
+Base and head alternate round by round, so that drifts of the machine fall on both; the ratio is
+the median over rounds of head / base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS_PER_STEP = 8 * 256
+LOG_INTERVAL = 10
+
+
+def worktree(rev: str, path: Path) -> str:
+    """Check `rev` out at `path`; returns its commit hash."""
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(path),
+                    rev], check=True, capture_output=True, text=True)
+    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def train(tree: Path, shards: Path, workdir: Path, args: argparse.Namespace) -> float:
+    """One `megaloop train` run of the code in `tree`; the median step time in seconds."""
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    settings = {"model.d_model": args.d_model, "model.n_heads": max(args.d_model // 64, 1),
+                "train.steps": args.steps, "train.micro_batch": 8, "train.global_batch": 8,
+                "train.log_interval": LOG_INTERVAL, "train.eval_interval": 10**6,
+                "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
+                "data.shards": str(shards), "train.checkpoint_dir": str(workdir / "ckpt"),
+                "track.tracking_uri": uri, "track.experiment": "ab"}
+    command = [sys.executable, "-m", "megaloop.cli", "train", str(tree / "configs/runs/tiny.yaml"),
+               "--no-progress", "--peak-flops", "1e11", *set_arguments(settings)]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True, text=True)
+    client, run = only_run(uri, "ab")
+    rates = metric_values(client, run, "train/tokens_per_s", after_step=2 * LOG_INTERVAL)
+    return statistics.median(TOKENS_PER_STEP / rate for rate in rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD~1", help="the commit to compare against")
+    parser.add_argument("--head", default="HEAD", help="the commit with the change")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--json", default=str(REPO / "benchmarks/out/trainer_ab.json"))
+    args = parser.parse_args()
+    if args.steps <= 3 * LOG_INTERVAL:
+        raise SystemExit(f"--steps must exceed {3 * LOG_INTERVAL}: the first two logged "
+                         "intervals are warm-up")
+    from megaloop.data.corpus import open_corpus
+    from megaloop.data.shards import prepare
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"base": Path(tmp) / "base", "head": Path(tmp) / "head"}
+        try:
+            commits = {side: worktree(getattr(args, side), path) for side, path in trees.items()}
+            shards = Path(tmp) / "shards"
+            prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards,
+                    progress=False)
+            steps: dict[str, list[float]] = {"base": [], "head": []}
+            for round_ in range(args.rounds):
+                for side, tree in trees.items():
+                    workdir = Path(tmp) / f"{side}{round_}"
+                    workdir.mkdir()
+                    steps[side].append(train(tree, shards, workdir, args))
+                    print(f"round {round_ + 1} {side} ({commits[side]}): "
+                          f"{steps[side][-1]:.4f} s/step", file=sys.stderr)
+        finally:
+            for path in trees.values():
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
+                                str(path)], capture_output=True)
+    ratios = [h / b for b, h in zip(steps["base"], steps["head"], strict=True)]
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "commits": commits, "d_model": args.d_model, "steps": args.steps,
+              "step_s": steps, "head_over_base": ratios,
+              "head_over_base_median": statistics.median(ratios)}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = Path(args.json).with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(result, indent=2))
+    tmp_json.replace(args.json)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
