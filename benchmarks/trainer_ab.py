@@ -2,14 +2,14 @@
 the trainer buys.
 
     PYTHONPATH=. python benchmarks/trainer_ab.py --base HEAD~1 --head HEAD [--rounds 2]
-        [--steps 60] [--d-model 512]
+        [--steps 60] [--d-model 512] [--batch 8]
 
 Each commit is checked out into a temporary git worktree. Every run is the same `megaloop train`
-of that worktree's configs/runs/tiny.yaml at the given width (batch 8 x 256) on the embedded
-corpus's shards, prepared once with the current checkout, with MLflow on a sqlite store. The step
-time is read back from `train/tokens_per_s`, leaving out the first two logged intervals (warm-up).
-Base and head alternate round by round, so that drifts of the machine fall on both; the ratio is
-the median over rounds of head / base.
+of that worktree's configs/runs/tiny.yaml at the given width and batch (sequences of 256 tokens)
+on the embedded corpus's shards, prepared once with the current checkout, with MLflow on a sqlite
+store. The step time is read back from `train/tokens_per_s`, leaving out the first two logged
+intervals (warm-up). Base and head alternate round by round, so that drifts of the machine fall
+on both; the ratio is the median over rounds of head / base.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from pathlib import Path
 from benchmarks.trainer_runs import metric_values, only_run, set_arguments
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENS_PER_STEP = 8 * 256
 LOG_INTERVAL = 10
 
 
@@ -43,7 +42,8 @@ def train(tree: Path, shards: Path, workdir: Path, args: argparse.Namespace) -> 
     """One `megaloop train` run of the code in `tree`; the median step time in seconds."""
     uri = f"sqlite:///{workdir}/mlflow.db"
     settings = {"model.d_model": args.d_model, "model.n_heads": max(args.d_model // 64, 1),
-                "train.steps": args.steps, "train.micro_batch": 8, "train.global_batch": 8,
+                "train.steps": args.steps, "train.micro_batch": args.batch,
+                "train.global_batch": args.batch,
                 "train.log_interval": LOG_INTERVAL, "train.eval_interval": 10**6,
                 "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
                 "data.shards": str(shards), "train.checkpoint_dir": str(workdir / "ckpt"),
@@ -54,7 +54,7 @@ def train(tree: Path, shards: Path, workdir: Path, args: argparse.Namespace) -> 
     subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True, text=True)
     client, run = only_run(uri, "ab")
     rates = metric_values(client, run, "train/tokens_per_s", after_step=2 * LOG_INTERVAL)
-    return statistics.median(TOKENS_PER_STEP / rate for rate in rates)
+    return statistics.median(args.batch * 256 / rate for rate in rates)
 
 
 def main() -> None:
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 256 tokens per step")
     parser.add_argument("--json", default=str(REPO / "benchmarks/out/trainer_ab.json"))
     args = parser.parse_args()
     if args.steps <= 3 * LOG_INTERVAL:
@@ -94,7 +95,8 @@ def main() -> None:
                                 str(path)], capture_output=True)
     ratios = [h / b for b, h in zip(steps["base"], steps["head"], strict=True)]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "commits": commits, "d_model": args.d_model, "steps": args.steps,
+              "commits": commits, "d_model": args.d_model, "batch": args.batch,
+              "steps": args.steps,
               "step_s": steps, "head_over_base": ratios,
               "head_over_base_median": statistics.median(ratios)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
