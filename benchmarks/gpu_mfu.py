@@ -31,7 +31,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+from benchmarks.trainer_runs import (
+    metric_values,
+    only_run,
+    set_arguments,
+    stdlib_shards,
+    timed_run_settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_MODEL = REPO / "configs" / "runs" / "hyperloop-d2048-hyperloop.yaml"
@@ -54,12 +60,9 @@ def settings_for(args: argparse.Namespace, attention: str, shards: Path,
         "model.attention": attention, "train.precision": args.precision,
         "train.zero_stage": args.zero_stage, "train.steps": args.steps,
         "train.micro_batch": args.micro_batch, "train.global_batch": args.micro_batch,
-        "train.warmup_steps": 1, "train.log_interval": 1, "train.eval_interval": 10**6,
-        "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
-        "model.activation_checkpointing": args.checkpointing,
-        "data.shards": str(shards), "data.verify": False,
-        "train.checkpoint_dir": str(workdir / "checkpoints"),
-        "track.tracking_uri": f"sqlite:///{workdir}/mlflow.db", "track.experiment": "gpu_mfu",
+        "train.warmup_steps": 1, "train.log_interval": 1,
+        "model.activation_checkpointing": args.checkpointing, "data.verify": False,
+        **timed_run_settings(workdir, shards, "gpu_mfu"),
     }
     if args.quick:
         settings["model.max_seq_len"] = 128
@@ -89,14 +92,6 @@ def train_once(config: Path, settings: dict[str, object], workdir: Path, warmup:
             "steps_measured": len(series("train/mfu"))}
 
 
-def quick_shards(tmp: Path) -> Path:
-    from megaloop.data.corpus import open_corpus
-    from megaloop.data.shards import prepare
-    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-
-    prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), tmp / "shards",
-            progress=False)
-    return tmp / "shards"
 
 
 def device_name() -> str:
@@ -132,7 +127,7 @@ def main() -> None:
                      "or --quick for a CPU smoke run")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = quick_shards(tmp) if args.quick else args.shards.resolve()
+        shards = stdlib_shards(tmp / "shards") if args.quick else args.shards.resolve()
         results = {attention: train_once(args.config, settings_for(args, attention, shards,
                                                                    tmp / attention),
                                          tmp / attention, args.warmup)

@@ -22,20 +22,22 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+from benchmarks.trainer_runs import (
+    metric_values,
+    only_run,
+    set_arguments,
+    stdlib_shards,
+    timed_run_settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {"megaloop (reuse freed memory)": {}, "glibc defaults": {"MALLOC_MMAP_MAX_": "65536"}}
 
 
 def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dict:
-    uri = f"sqlite:///{workdir}/mlflow.db"
     settings = {"model.d_model": args.d_model, "model.n_heads": args.d_model // 64,
                 "train.steps": args.steps, "train.micro_batch": 8, "train.global_batch": 8,
-                "train.log_interval": 10, "train.eval_interval": 10**6, "train.eval_batches": 1,
-                "train.checkpoint_interval": 10**6, "data.shards": str(shards),
-                "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
-                "track.experiment": "allocator"}
+                "train.log_interval": 10, **timed_run_settings(workdir, shards, "allocator")}
     cli_args = ["train", str(REPO / "configs/runs/tiny.yaml"), "--no-progress",
                 "--peak-flops", "1e11", *set_arguments(settings)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -48,7 +50,7 @@ def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dic
                           capture_output=True, text=True)
     faults = int(next(line.split()[1] for line in done.stderr.splitlines()
                       if line.startswith("FAULTS")))
-    client, run = only_run(uri, "allocator")
+    client, run = only_run(str(settings["track.tracking_uri"]), "allocator")
     history = {name: metric_values(client, run, name)
                for name in ("train/tokens_per_s", "train/peak_mem_gb")}
     tokens_per_step = 8 * 256
@@ -65,14 +67,9 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--json", default="benchmarks/out/host_allocator.json")
     args = parser.parse_args()
-    from megaloop.data.corpus import open_corpus
-    from megaloop.data.shards import prepare
-    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        shards = Path(tmp) / "shards"
-        prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards, progress=False)
+        shards = stdlib_shards(Path(tmp) / "shards")
         for name, env in VARIANTS.items():
             workdir = Path(tmp) / f"v{len(results)}"
             workdir.mkdir()

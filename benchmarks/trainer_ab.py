@@ -24,7 +24,13 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+from benchmarks.trainer_runs import (
+    metric_values,
+    only_run,
+    set_arguments,
+    stdlib_shards,
+    timed_run_settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_INTERVAL = 10
@@ -40,19 +46,15 @@ def worktree(rev: str, path: Path) -> str:
 
 def train(tree: Path, shards: Path, workdir: Path, args: argparse.Namespace) -> float:
     """One `megaloop train` run of the code in `tree`; the median step time in seconds."""
-    uri = f"sqlite:///{workdir}/mlflow.db"
     settings = {"model.d_model": args.d_model, "model.n_heads": max(args.d_model // 64, 1),
                 "train.steps": args.steps, "train.micro_batch": args.batch,
-                "train.global_batch": args.batch,
-                "train.log_interval": LOG_INTERVAL, "train.eval_interval": 10**6,
-                "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
-                "data.shards": str(shards), "train.checkpoint_dir": str(workdir / "ckpt"),
-                "track.tracking_uri": uri, "track.experiment": "ab"}
+                "train.global_batch": args.batch, "train.log_interval": LOG_INTERVAL,
+                **timed_run_settings(workdir, shards, "ab")}
     command = [sys.executable, "-m", "megaloop.cli", "train", str(tree / "configs/runs/tiny.yaml"),
                "--no-progress", "--peak-flops", "1e11", *set_arguments(settings)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     subprocess.run(command, cwd=workdir, env=env, check=True, capture_output=True, text=True)
-    client, run = only_run(uri, "ab")
+    client, run = only_run(str(settings["track.tracking_uri"]), "ab")
     rates = metric_values(client, run, "train/tokens_per_s", after_step=2 * LOG_INTERVAL)
     return statistics.median(args.batch * 256 / rate for rate in rates)
 
@@ -70,17 +72,11 @@ def main() -> None:
     if args.steps <= 3 * LOG_INTERVAL:
         raise SystemExit(f"--steps must exceed {3 * LOG_INTERVAL}: the first two logged "
                          "intervals are warm-up")
-    from megaloop.data.corpus import open_corpus
-    from megaloop.data.shards import prepare
-    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"base": Path(tmp) / "base", "head": Path(tmp) / "head"}
         try:
             commits = {side: worktree(getattr(args, side), path) for side, path in trees.items()}
-            shards = Path(tmp) / "shards"
-            prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards,
-                    progress=False)
+            shards = stdlib_shards(Path(tmp) / "shards")
             steps: dict[str, list[float]] = {"base": [], "head": []}
             for round_ in range(args.rounds):
                 for side, tree in trees.items():

@@ -22,7 +22,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.trainer_runs import metric_values, only_run, set_arguments
+from benchmarks.trainer_runs import (
+    metric_values,
+    only_run,
+    set_arguments,
+    stdlib_shards,
+    timed_run_settings,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "runs" / "tiny.yaml"
@@ -35,19 +41,14 @@ def width_settings(width: int) -> dict[str, int]:
 def zero_run(stage: int, width: int, steps: int, shards: Path, workdir: Path) -> float:
     """Median seconds per optimizer step of a two-rank run at ZeRO `stage`."""
     workdir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{workdir}/mlflow.db"
     settings = {**width_settings(width), "train.zero_stage": stage, "train.steps": steps,
                 "train.micro_batch": 4, "train.global_batch": 8, "train.log_interval": 1,
-                "train.eval_interval": 10**6,
-                "train.eval_batches": 1, "train.checkpoint_interval": 10**6,
-                "data.shards": str(shards), "data.verify": "false",
-                "train.checkpoint_dir": str(workdir / "ckpt"), "track.tracking_uri": uri,
-                "track.experiment": f"zero{stage}"}
+                "data.verify": "false", **timed_run_settings(workdir, shards, f"zero{stage}")}
     argv = [str(REPO / "launch.sh"), "train", str(TINY), "--nproc", "2", "--no-progress",
             *set_arguments(settings)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     subprocess.run(argv, check=True, cwd=workdir, env=env, capture_output=True)
-    client, run = only_run(uri, f"zero{stage}")
+    client, run = only_run(str(settings["track.tracking_uri"]), f"zero{stage}")
     tokens_per_step = 8 * 256
     rates = metric_values(client, run, "train/tokens_per_s", after_step=3)
     return statistics.median(tokens_per_step / rate for rate in rates)
@@ -101,14 +102,9 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/out/trainer_costs.json")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from megaloop.data.corpus import open_corpus
-    from megaloop.data.shards import prepare
-    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        shards = tmp / "shards"
-        prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), shards, progress=False)
+        shards = stdlib_shards(tmp / "shards")
         zero = []
         for width in (int(w) for w in args.zero_widths.split(",") if w):
             times = {f"zero{stage}": zero_run(stage, width, args.steps, shards,

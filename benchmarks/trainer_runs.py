@@ -1,9 +1,29 @@
-"""For benchmarks that run the real `megaloop train` in a subprocess: its `--set` arguments, and
-the run and metrics it logged to MLflow, read back."""
+"""For benchmarks that run the real `megaloop train` in a subprocess: the shards it trains on, its
+`--set` arguments, and the run and metrics it logged to MLflow, read back."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+
+def stdlib_shards(folder: Path) -> Path:
+    """The embedded corpus prepared into `folder` with the default tokenizer; returns `folder`."""
+    from megaloop.data.corpus import open_corpus
+    from megaloop.data.shards import prepare
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+
+    prepare(open_corpus("stdlib"), Tokenizer.load(DEFAULT_TOKENIZER), folder, progress=False)
+    return folder
+
+
+def timed_run_settings(workdir: Path, shards: Path, experiment: str) -> dict[str, object]:
+    """The settings every timed run shares: train on `shards`, no evaluation or checkpoint
+    during the run, MLflow on a sqlite store in `workdir`."""
+    return {"train.eval_interval": 10**6, "train.eval_batches": 1,
+            "train.checkpoint_interval": 10**6, "data.shards": str(shards),
+            "train.checkpoint_dir": str(workdir / "ckpt"),
+            "track.tracking_uri": f"sqlite:///{workdir}/mlflow.db", "track.experiment": experiment}
 
 
 def set_arguments(settings: dict[str, object]) -> list[str]:
