@@ -152,24 +152,25 @@ def megaloop_config(args: argparse.Namespace, r: int) -> ModelConfig:
                        max_seq_len=args.seq, injection="linear")
 
 
-def build_entries(args: argparse.Namespace) -> list[Entry]:
-    entries = []
-    for r in args.recurrences:
-        cfg = megaloop_config(args, r)
-        model = LoopedLM(cfg)
-        flops = account(cfg)["flops_per_token"]
-        shape = f"{cfg.prelude_layers} + {cfg.loop_layers}x{r} + {cfg.coda_layers}"
-        entries.append(Entry(f"megaloop r={r}", model, model, flops, shape,
-                             executed_flops_per_token(cfg)))
-    if not args.no_checkpoint_row:
-        r = max(args.recurrences)
-        cfg = megaloop_config(args, r)
-        model = LoopedLM(cfg)
+def megaloop_entry(args: argparse.Namespace, r: int, variant: str = "") -> Entry:
+    """LoopedLM at r: plain, `ckpt` (per-recurrence checkpointing) or `compiled` (train.compile:
+    LoopedLM.compile_blocks; inductor compiles during the warm-up steps)."""
+    cfg = megaloop_config(args, r)
+    model = LoopedLM(cfg)
+    if variant == "ckpt":
         model.set_activation_checkpointing("per_recurrence")
-        shape = f"{cfg.prelude_layers} + {cfg.loop_layers}x{r} + {cfg.coda_layers}, ckpt"
-        entries.append(Entry(f"megaloop r={r} ckpt", model, model,
-                             account(cfg)["flops_per_token"], shape,
-                             executed_flops_per_token(cfg)))
+    elif variant == "compiled":
+        model.compile_blocks()
+    layout = f"{cfg.prelude_layers} + {cfg.loop_layers}x{r} + {cfg.coda_layers}"
+    return Entry(f"megaloop r={r}" + (f" {variant}" if variant else ""), model, model,
+                 account(cfg)["flops_per_token"], layout + (", ckpt" if variant == "ckpt" else ""),
+                 executed_flops_per_token(cfg))
+
+
+def build_entries(args: argparse.Namespace) -> list[Entry]:
+    entries = [megaloop_entry(args, r) for r in args.recurrences]
+    if not args.no_checkpoint_row:
+        entries.append(megaloop_entry(args, max(args.recurrences), "ckpt"))
     base = megaloop_config(args, 1)
     flops = account(base)["flops_per_token"]
     shape = (args.vocab, args.d_model, args.layers, args.heads, base.mlp_hidden, args.seq)
@@ -187,29 +188,13 @@ def build_entries(args: argparse.Namespace) -> list[Entry]:
         hf = HFLlama(*shape)
         entries.append(Entry("hf llama", hf, hf.loss, flops, f"{args.layers} layers"))
     if args.compile:
-        entries += compiled_entries(args, shape)
-    return entries
-
-
-def compiled_entries(args: argparse.Namespace, shape: tuple) -> list[Entry]:
-    """megaloop with train.compile (LoopedLM.compile_blocks) at each r, and HF with each decoder
-    layer compiled the same way. Inductor compiles during the warm-up steps."""
-    entries = []
-    for r in args.recurrences:
-        cfg = megaloop_config(args, r)
-        model = LoopedLM(cfg)
-        model.compile_blocks()
-        entries.append(Entry(f"megaloop r={r} compiled", model, model,
-                             account(cfg)["flops_per_token"],
-                             f"{cfg.prelude_layers} + {cfg.loop_layers}x{r} + {cfg.coda_layers}",
-                             executed_flops_per_token(cfg)))
-    if not args.no_hf:
-        hf = HFLlama(*shape)
-        for layer in hf.model.model.layers:
-            layer.compile()
-        entries.append(Entry("hf llama compiled", hf, hf.loss,
-                             account(megaloop_config(args, 1))["flops_per_token"],
-                             f"{args.layers} layers"))
+        entries += [megaloop_entry(args, r, "compiled") for r in args.recurrences]
+        if not args.no_hf:  # each decoder layer compiled, as compile_blocks does for megaloop
+            hf = HFLlama(*shape)
+            for layer in hf.model.model.layers:
+                layer.compile()
+            entries.append(Entry("hf llama compiled", hf, hf.loss, flops,
+                                 f"{args.layers} layers"))
     return entries
 
 
