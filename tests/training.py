@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +118,13 @@ def history(workdir: Path, key: str = "train/loss") -> dict[int, list[float]]:
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-6000:]}"
+
+
+def assert_same_losses(want_dir: Path, got_dir: Path, steps: int,
+                       tolerance: float) -> dict[int, list[float]]:
+    """The run in `got_dir` logged the train/loss of the run in `want_dir` at steps 1..`steps`,
+    within `tolerance`; returns its history."""
+    want, got = history(want_dir), history(got_dir)
+    for step in range(1, steps + 1):
+        assert got[step][0] == pytest.approx(want[step][0], abs=tolerance), step
+    return got
