@@ -57,40 +57,37 @@ def zero_run(stage: int, width: int, steps: int, shards: Path, workdir: Path) ->
 def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dict]:
     """Save and load time of a complete checkpoint for models of several widths."""
     import torch
-    import torch.distributed as dist
 
     from megaloop import config
-    from megaloop.train import engine as ds
     from megaloop.train.checkpoint import Checkpoints
+    from megaloop.train.engine import Engine, join_process_group, leave_process_group
 
     rows = []
-    *_, created = ds.init_distributed()
+    *_, created = join_process_group()
     for width in widths:
         overrides = [f"{k}={v}" for k, v in width_settings(width).items()]
         cfg = config.load(TINY, [*overrides, f"data.shards={shards}", "train.steps=1",
                                  "train.micro_batch=1", "train.global_batch=1"])
-        engine, model, _ = ds.build_engine(cfg, 1)
-        params = sum(p.numel() for p in model.parameters())
+        engine = Engine(cfg).build()
+        params = engine.parameter_count()
         tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.model.max_seq_len + 1))
-        engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
-        engine.step()  # so that the optimizer holds its moments, as in any real checkpoint
-        assert engine.global_steps == 1
-        checkpoints = Checkpoints(workdir / f"d{width}", keep=1, rank=0, world_size=1,
-                                  barrier=dist.barrier)
+        engine.forward_backward(tokens[:, :-1], tokens[:, 1:], cfg.model.recurrences)
+        engine.optimizer_step(cfg.train.lr)  # so that the optimizer holds its moments
+        checkpoints = Checkpoints(workdir / f"d{width}", keep=1, engine=engine)
         state = {"step": 0, "loader": {}, "mlflow_run_id": None, "config": cfg.to_dict(),
                  "config_hash": cfg.hash()}
         start = time.perf_counter()
-        folder = checkpoints.save(engine, 1, state)
+        folder = checkpoints.save(1, state)
         saved = time.perf_counter() - start
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         start = time.perf_counter()
-        checkpoints.load(engine, "auto")
+        checkpoints.load("auto")
         loaded = time.perf_counter() - start
         rows.append({"d_model": width, "parameters": params, "bytes": size, "save_s": saved,
                      "load_s": loaded, "save_mb_per_s": size / saved / 1e6,
                      "load_mb_per_s": size / loaded / 1e6})
-        engine.destroy()
-    ds.shutdown(None, destroy_group=created)
+        engine.close()
+    leave_process_group(created)
     return rows
 
 

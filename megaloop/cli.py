@@ -104,16 +104,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megaloop.train.trainer import train
 
     run = config.load(args.config, args.overrides)
-    train(run, resume=args.resume, progress=not args.no_progress, peak=args.peak_flops)
+    train(run, resume=args.resume, progress=not args.no_progress, peak=args.peak_flops,
+          summary_json=args.json)
     return 0
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from megaloop import config
-    from megaloop.train.engine import render_ds_config
+    from megaloop.train.ds_config import render_ds_config
+    from megaloop.train.engine import default_device
 
     run = config.load(args.config, args.overrides)
-    print(json.dumps(render_ds_config(run, args.world_size), indent=2))
+    rendered = render_ds_config(run, args.world_size, pin_memory=default_device().type == "cuda")
+    print(json.dumps(rendered, indent=2))
     return 0
 
 
@@ -126,6 +129,9 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     train.add_argument("--peak-flops", type=float,
                        help="peak FLOP/s of one device for MFU (default: known GPU or measured)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--json", metavar="FILE",
+                       help="write the run's summary here (final val/loss, tokens/s and MFU per "
+                            "log interval), also with track.enabled=false")
     train.set_defaults(func=cmd_train)
 
     ds_config = sub.add_parser("ds-config", parents=[common],

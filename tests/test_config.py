@@ -387,7 +387,7 @@ def test_new_sections_refuse_bad_values(overrides, key):
 
 
 def test_batch_geometry_refuses_a_global_batch_the_ranks_cannot_split():
-    from megaloop.train.engine import batch_geometry
+    from megaloop.train.ds_config import batch_geometry
 
     cfg = config.load(None, ["train.micro_batch=4", "train.global_batch=12"])
     assert batch_geometry(cfg, 1).grad_accum == 3
@@ -400,7 +400,7 @@ def test_batch_geometry_refuses_a_global_batch_the_ranks_cannot_split():
 
 
 def test_a_budget_is_required_to_train():
-    from megaloop.train.engine import batch_geometry, total_steps
+    from megaloop.train.ds_config import batch_geometry, total_steps
 
     cfg = config.load(None, [])
     with pytest.raises(ConfigError, match="train.tokens or train.steps"):
@@ -410,7 +410,7 @@ def test_a_budget_is_required_to_train():
 
 
 def test_a_missing_ds_config_template_is_refused(tmp_path):
-    from megaloop.train.engine import render_ds_config
+    from megaloop.train.ds_config import render_ds_config
 
     cfg = config.load(None, [f"train.ds_config={tmp_path / 'mine.json.j2'}"])
     with pytest.raises(ConfigError, match="mine.json.j2 does not exist"):

@@ -9,7 +9,7 @@ import torch
 from tiny import VARIANTS, make_model, random_tokens
 
 from megaloop.infer.generate import Sampling, generate
-from megaloop.model.blocks import flash_available
+from megaloop.model.blocks import flash_installed
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -20,7 +20,7 @@ def on_gpu(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(device="cuda", dtype=torch.bfloat16)
 
 
-@pytest.mark.skipif(not flash_available(), reason="flash-attn is not installed")
+@pytest.mark.skipif(not flash_installed(), reason="flash-attn is not installed")
 @pytest.mark.parametrize("variant", ["plain", "linear_r3", "hyperloop", "gqa_qknorm_softcap"])
 def test_flash_attention_equals_sdpa(variant):
     settings = {**VARIANTS[variant], **WIDE}

@@ -27,7 +27,8 @@ from training import (
 from megaloop import config
 from megaloop.model import LoopedLM
 from megaloop.model.accounting import account
-from megaloop.train.engine import make_optimizer, optimizer_groups, render_ds_config
+from megaloop.train.ds_config import render_ds_config
+from megaloop.train.engine import make_optimizer, optimizer_groups
 from megaloop.train.schedule import lr_at
 
 

@@ -137,10 +137,6 @@ def evaluate(model: LoopedLM, data: EvalSet, recurrences: list[int] | None = Non
     return results
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = None,
                         shards: str | Path | None = None,
                         recurrences: str | list[int] | None = None,
@@ -153,6 +149,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
     train.eval_batches x (ranks that trained it) batches, the trainer's last validation."""
     from megaloop.data.dataset import tokenizer_path
     from megaloop.data.tokenizer import check_vocab
+    from megaloop.train.engine import default_device
     from megaloop.train.export import load_model
 
     if (text is None) == (shards is None):

@@ -95,7 +95,7 @@ def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,
     """`megaloop generate`: load the checkpoint and its tokenizer, sample a continuation."""
     from megaloop.data.dataset import tokenizer_path
     from megaloop.data.tokenizer import Tokenizer, check_vocab
-    from megaloop.infer.evaluate import default_device
+    from megaloop.train.engine import default_device
     from megaloop.train.export import load_model
 
     sampling.validate()

@@ -16,8 +16,15 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 
-def flash_available() -> bool:
-    return flash_attn_func is not None and torch.cuda.is_available()
+def flash_installed() -> bool:
+    """flash-attn is importable (it runs only on CUDA tensors in bf16 or fp16)."""
+    return flash_attn_func is not None
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's where it is on (bf16 training), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -27,11 +34,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # the gain in x's dtype: a bf16 activation under autocast meets an fp32 parameter here
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Rotary(nn.Module):
-    """RoPE tables, rotate-half convention (as `transformers` Llama); not saved in checkpoints."""
+    """RoPE tables, rotate-half convention (as `transformers` Llama); not saved in checkpoints.
+
+    The tables are always fp32 and exact: a cast or move of the model (`.to`, `.bfloat16()`,
+    DeepSpeed's bf16 engine, `to_empty`) recomputes them on the new device instead of casting
+    them, since a bf16 position table rounds positions above 256 to steps of 2, 4, 8. A build
+    under ZeRO-3's `zero.Init` (whose tensor constructors make bf16) calls `reset` after it."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
@@ -49,9 +62,14 @@ class Rotary(nn.Module):
         return freqs.cos(), freqs.sin()
 
     def reset(self) -> None:
-        """Recompute the tables on the buffers' device (after a meta-device or zero.Init build)."""
+        """Recompute the tables in fp32 on the buffers' device."""
         cos, sin = self._tables(self.cos.device)
         self.cos, self.sin = cos, sin
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.reset()
+        return self
 
     def forward(self, seq_len: int, dtype: torch.dtype,
                 start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,21 +89,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads.
+    """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads, which
+    SDPA's kernels read in place (`enable_gqa`) rather than from repeated copies.
 
     k and v may be longer than q (cached past positions): query i is the key position
     len(k) - len(q) + i and sees keys up to it. One query (decoding) sees every key."""
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    gqa = k.shape[1] != q.shape[1]
     q_len, k_len = q.shape[2], k.shape[2]
     if q_len == k_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q_len == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class KVCache:
@@ -166,6 +182,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # RoPE runs in fp32 under autocast (fp32 tables); attention in the matmul dtype
+        dtype = compute_dtype(x)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if cache is not None:
             k, v = cache.extend(k, v)
         if self._use_flash(q):  # causal masks of flash-attn >= 2.1 align to the last key

@@ -175,7 +175,7 @@ class LoopedLM(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight)
+        logits = F.linear(x, weight).float()  # soft-cap and loss in fp32, also under autocast
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 

@@ -62,7 +62,7 @@ def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
     from megaloop.train.trainer import train
 
     done = []
-    *_, created = engine.init_distributed()  # one process group for all the runs
+    *_, created = engine.join_process_group()  # one process group for all the runs
     try:
         bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
         for run in bar:
@@ -71,7 +71,7 @@ def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
                 break  # SIGTERM: the run saved a checkpoint; the whole sweep stops here
             done.append(run.name)
     finally:
-        engine.shutdown(None, destroy_group=created)
+        engine.leave_process_group(created)
     return done
 
 

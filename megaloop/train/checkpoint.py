@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,21 +36,21 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(engine: Any) -> dict[str, Any]:
+    """Every generator this process draws from: torch's, the device's, Python's, numpy's."""
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "device": engine.device_rng_state(),
         "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
         "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)),
                   *numpy_state[2:]],
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(engine: Any, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    engine.set_device_rng_state(state.get("device"))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
@@ -75,22 +74,25 @@ def marker_problem(folder: Path) -> str | None:
 
 
 class Checkpoints:
-    """The checkpoints of one run, in `folder`."""
+    """The checkpoints of one run, in `folder`, written and read through the run's Engine
+    (train/engine.py), which owns DeepSpeed's part of them."""
 
-    def __init__(self, folder: str | Path, keep: int, rank: int, world_size: int,
-                 barrier: Callable[[], None]):
+    def __init__(self, folder: str | Path, keep: int, engine: Any):
         self.folder = Path(folder)
-        self.keep, self.rank, self.world_size, self.barrier = keep, rank, world_size, barrier
+        self.keep, self.engine = keep, engine
+        self.rank, self.world_size = engine.rank, engine.world_size
+
+    def barrier(self) -> None:
+        self.engine.barrier()
 
     def _rank_file(self, tag: str, rank: int) -> Path:
         return self.folder / tag / f"megaloop_rank{rank:05d}.pt"
 
-    def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any]) -> Path:
         """Every rank calls this; returns the checkpoint folder."""
         tag = tag_of(step)
-        engine.save_checkpoint(str(self.folder), tag=tag, client_state={"megaloop": state},
-                               save_latest=False)
-        payload = {"rng": rng_state(), "step": step}
+        self.engine.save_checkpoint(self.folder, tag, {"megaloop": state})
+        payload = {"rng": rng_state(self.engine), "step": step}
         atomic_write(self._rank_file(tag, self.rank), lambda handle: torch.save(payload, handle))
         self.barrier()
         if self.rank == 0:
@@ -133,7 +135,7 @@ class Checkpoints:
             return f"it was saved by {saved_by} ranks, this run has {self.world_size}"
         return None
 
-    def load(self, engine: Any, which: str) -> dict[str, Any] | None:
+    def load(self, which: str) -> dict[str, Any] | None:
         """Load `which` ("auto": the newest loadable one; else a checkpoint folder) into the
         engine and this process; returns the saved megaloop state, None when there is none."""
         if which == "auto":
@@ -147,7 +149,7 @@ class Checkpoints:
         for path in candidates:
             problem = self._problem(path)
             if problem is None:
-                state = self._load_one(engine, path)
+                state = self._load_one(path)
                 if isinstance(state, dict):
                     return state
                 problem = state
@@ -157,15 +159,13 @@ class Checkpoints:
                           stacklevel=2)
         return None
 
-    def _load_one(self, engine: Any, path: Path) -> dict[str, Any] | str:
+    def _load_one(self, path: Path) -> dict[str, Any] | str:
         try:
-            loaded, client = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                    load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False)
+            client = self.engine.load_checkpoint(path.parent, path.name)
             payload = torch.load(self._rank_file(path.name, self.rank), weights_only=True)
         except Exception as exc:  # a damaged file surfaces as any error of torch or DeepSpeed
             return f"it does not load ({type(exc).__name__}: {exc})"
-        if loaded is None or "megaloop" not in (client or {}):
+        if client is None or "megaloop" not in client:
             return "DeepSpeed found no engine state in it"
-        set_rng_state(payload["rng"])
+        set_rng_state(self.engine, payload["rng"])
         return client["megaloop"]

@@ -1,123 +1,84 @@
-"""DeepSpeed: render the config from ds_configs/ templates, start the process group, build the
-model (under zero.Init at stage 3), AdamW with parameter groups, deepspeed.initialize.
+"""The Engine: the one room that talks to DeepSpeed, the device and the collectives.
 
-The only room that talks to DeepSpeed's API. Facts that shape it (RESEARCH.md section 6):
-- ZeRO-3 runs the loop block r times per step; the block must stay gathered across its
-  recurrences, so stage3_max_reuse_distance and max_live_parameters stay above its size;
-- activation checkpointing must be torch's non-reentrant kind (the model's own boundaries);
-- DeepSpeed clips gradients at 1.0 unless told otherwise: we always write gradient_clipping.
+The trainer, the checkpoint room and export ask it for what they need: forward-backward of a
+micro-batch, the optimizer step with its lr and the gradient norm, evaluation, save and load of
+a checkpoint, the consolidated weights, the device and the few reductions the loop needs. None
+of them imports DeepSpeed or asks `torch.cuda` (cluster.py counts devices for the launcher).
+
+The device and the collective backend come from one place, DeepSpeed's accelerator
+(`DS_ACCELERATOR`, else what DeepSpeed detects): `DS_ACCELERATOR=cpu` means the CPU and gloo
+everywhere, also on a machine with GPUs.
+
+Precision (`train.precision`):
+- fp32: fp32 throughout; on CUDA, matmuls and convolutions may use TF32.
+- bf16: mixed precision. Weights, gradients and optimizer state stay fp32; matmuls and attention
+  run in bf16 under torch.autocast (DeepSpeed's `torch_autocast`, which also gathers linear
+  weights and reduces their gradients in bf16 under ZeRO). Autocast's weight cache is off, so
+  each of the r recurrences casts the loop weights afresh and their gradients add up in fp32
+  on the fp32 weight; the micro-batches' do too (`data_types.grad_accum_dtype`). DeepSpeed's own
+  bf16 mode keeps bf16 weights: it would add the recurrences' gradients in bf16, and it refuses
+  fp32 accumulation at ZeRO stage 0. RoPE tables are fp32 in either (model/blocks.py).
+
+Facts that shape it (RESEARCH.md section 6): activation checkpointing must be torch's
+non-reentrant kind (the model's own boundaries); every rank runs the same r in a step; the
+engine and the process group are torn down in that order, or a rank can abort at exit.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import socket
-from dataclasses import dataclass
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import torch
+import torch.distributed as dist
 
 from megaloop.config import RunConfig
 from megaloop.errors import ConfigError
-from megaloop.model.accounting import account
 from megaloop.model.looped import LoopedLM
-
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
-MIN_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's default; raised for larger loop blocks
-
-
-@dataclass(frozen=True)
-class BatchGeometry:
-    micro_batch: int  # sequences per rank per forward/backward
-    grad_accum: int  # micro-batches per optimizer step on each rank
-    global_batch: int  # sequences per optimizer step over all ranks
-    seq_len: int
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+from megaloop.train.ds_config import (
+    autocast_enabled,
+    render_ds_config,
+    template_path,
+    zero_stage_of,
+)
+from megaloop.train.host_memory import tune_for_cpu_training
 
 
-def batch_geometry(config: RunConfig, world_size: int) -> BatchGeometry:
-    train, seq_len = config.train, config.model.max_seq_len
-    if train.global_batch_tokens is not None:
-        if train.global_batch_tokens % seq_len:
-            raise ConfigError(f"train.global_batch_tokens = {train.global_batch_tokens} is not a "
-                              f"multiple of model.max_seq_len = {seq_len}.")
-        global_batch = train.global_batch_tokens // seq_len
-    else:
-        global_batch = train.global_batch
-    per_pass = train.micro_batch * world_size
-    if global_batch % per_pass:
-        raise ConfigError(f"The global batch of {global_batch} sequences is not a multiple of "
-                          f"train.micro_batch x ranks = {train.micro_batch} x {world_size}; "
-                          "change train.global_batch or train.micro_batch.")
-    return BatchGeometry(train.micro_batch, global_batch // per_pass, global_batch, seq_len)
+class ZeroPrefetchWarning(UserWarning):
+    """Sampled recurrences under ZeRO-3: the parameter prefetch is lost (see Engine)."""
 
 
-def total_steps(config: RunConfig, geometry: BatchGeometry) -> int:
-    """The budget in optimizer steps: train.steps, or train.tokens in whole global batches."""
-    train = config.train
-    if train.steps is not None:
-        return train.steps
-    if train.tokens is None:
-        raise ConfigError("Set a budget: train.tokens or train.steps.")
-    return max(1, round(train.tokens / geometry.tokens_per_step))
+# ---- the accelerator and the process group ---------------------------------------------------
+
+def accelerator() -> Any:
+    """DeepSpeed's accelerator (its import logs to stdout, which belongs to our output)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.accelerator import get_accelerator
+
+        return get_accelerator()
 
 
-# ---- DeepSpeed config ------------------------------------------------------------------------
-
-def template_path(config: RunConfig) -> Path:
-    if config.train.ds_config is not None:
-        path = Path(config.train.ds_config)
-        if not path.is_file():
-            raise ConfigError(f"train.ds_config = {path} does not exist; point it at a Jinja2 "
-                              "template of a DeepSpeed config (see ds_configs/).")
-        return path
-    return DS_CONFIGS / f"zero{config.train.zero_stage}.json.j2"
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def template_variables(config: RunConfig, world_size: int) -> dict[str, Any]:
-    geometry = batch_geometry(config, world_size)
-    loop_block = account(config.model)["loop"]
-    reuse = max(MIN_REUSE_DISTANCE, 2 * loop_block)
-    d = config.model.d_model
-    return {
-        "stage": config.train.zero_stage, "offload": config.train.offload,
-        "micro_batch": geometry.micro_batch, "grad_accum": geometry.grad_accum,
-        "global_batch": geometry.global_batch, "grad_clip": config.train.grad_clip,
-        "bf16": config.train.precision == "bf16", "seed": config.train.seed,
-        "pin_memory": torch.cuda.is_available(),
-        "reduce_bucket_size": max(d * d, 5_000_000),
-        "prefetch_bucket_size": max(int(0.9 * d * d), 1_000_000),
-        "persistence_threshold": 10 * d,
-        "max_live_parameters": reuse, "max_reuse_distance": reuse,
-        "loop_block_parameters": loop_block, "world_size": world_size,
-    }
+def default_device() -> torch.device:
+    """This process's device as DeepSpeed's accelerator names it: `cuda:<local rank>` or `cpu`.
+    Evaluation and generation run there too."""
+    return torch.device(accelerator().device_name(local_rank()))
 
 
-def render_ds_config(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
-    """The DeepSpeed config this run uses, rendered from its template (what runs is inspectable)."""
-    path = template_path(config)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(path.parent), str(DS_CONFIGS)]),
-                             undefined=jinja2.StrictUndefined, autoescape=False)
-    try:
-        text = env.get_template(path.name).render(**template_variables(config, world_size))
-    except jinja2.TemplateError as exc:
-        raise ConfigError(f"DeepSpeed template {path} does not render: {exc}") from None
-    try:
-        rendered = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed template {path} renders invalid JSON ({exc}).") from None
-    rendered.setdefault("gradient_clipping", config.train.grad_clip)
-    rendered.setdefault("zero_allow_untested_optimizer", True)
-    return rendered
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
+    if device.type != "cpu":
+        accelerator().synchronize()
 
-
-# ---- distributed start -----------------------------------------------------------------------
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -125,36 +86,46 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, bool]:
+def join_process_group() -> tuple[int, int, bool]:
     """Join the process group set up by a launcher (RANK, WORLD_SIZE, ...), or form a group of
-    one for a plain process. Returns (rank, world_size, whether this call created the group).
+    one for a plain process, on the accelerator's backend (NCCL on CUDA, gloo on the CPU).
+    Returns (rank, world_size, whether this call created the group).
 
     A group that exists already (several runs in one process) is reused: DeepSpeed keeps
     references to it, so it must outlive the runs."""
     import deepspeed
 
-    created = not torch.distributed.is_initialized()
+    created = not dist.is_initialized()
     if created:
         if "RANK" not in os.environ:
             os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   verbose=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), created
+        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(),
+                                   auto_mpi_discovery=False, verbose=False)
+    accelerator().set_device(local_rank())
+    return dist.get_rank(), dist.get_world_size(), created
 
 
-def shutdown(engine: Any | None, destroy_group: bool = True) -> None:
-    """Tear down in the order that lets every rank exit cleanly."""
-    if engine is not None:
-        engine.destroy()
-    if destroy_group and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def leave_process_group(created: bool) -> None:
+    if created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
-# ---- model, optimizer, engine ----------------------------------------------------------------
+def set_matmul_precision(device: torch.device, precision: str) -> str:
+    """TF32 for fp32 matmuls and convolutions on CUDA (on an H100 about 7x fp32's rate); the
+    CPU keeps full fp32. Returns what was set, for the run's tags."""
+    if device.type != "cuda" or precision != "fp32":
+        return "default"
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return "tf32"
+
+
+# ---- model and optimizer ---------------------------------------------------------------------
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on the matrices of linear layers only: not on norms, biases, embeddings or
@@ -167,26 +138,12 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
 
-def build_model(config: RunConfig, ds_config: dict[str, Any]) -> LoopedLM:
-    """The model, on this rank's device; under ZeRO-3 its weights are sharded as they are made."""
-    import deepspeed
-
-    torch.manual_seed(config.train.seed)
-    stage3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    if not stage3:
-        model = LoopedLM(config.model).to(device)
-    else:
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None):
-            model = LoopedLM(config.model, init_weights=False)
-        model.reset_parameters(
-            gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
-        model.rotary.to(device)
-    model.set_activation_checkpointing(config.model.activation_checkpointing)
-    if config.train.compile:
-        model.compile_blocks()
-    return model
+def fused_adamw_supported(model: torch.nn.Module) -> bool:
+    """torch's fused AdamW (one pass over each parameter) where its kernels exist: CUDA and,
+    since torch 2.4, the CPU. Without it, on the CPU torch runs AdamW as a Python loop of
+    elementwise operations per parameter: three times slower (benchmarks/RESULTS.md)."""
+    return all(param.is_floating_point() and param.device.type in ("cpu", "cuda")
+               for param in model.parameters())
 
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
@@ -200,27 +157,257 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, fused=fused_adamw_supported(model), **kwargs)
 
 
-def fused_adamw_supported(model: torch.nn.Module) -> bool:
-    """torch's fused AdamW (one pass over each parameter) where its kernels exist: CUDA and,
-    since torch 2.4, the CPU. Without it, on the CPU torch runs AdamW as a Python loop of
-    elementwise operations per parameter: three times slower (benchmarks/RESULTS.md)."""
-    return all(param.is_floating_point() and param.device.type in ("cpu", "cuda")
-               for param in model.parameters())
-
-
-def build_engine(config: RunConfig, world_size: int) -> tuple[Any, LoopedLM, dict[str, Any]]:
-    """deepspeed.initialize over the built model and optimizer; returns (engine, model, config)."""
+def build_model(config: RunConfig, ds_config: dict[str, Any], device: torch.device) -> LoopedLM:
+    """The model on `device`. ZeRO 0-2: initialised on the CPU from the seed (the same weights
+    on every machine), then moved. ZeRO-3: sharded as it is made, under zero.Init, then
+    initialised module by module with its weights gathered."""
     import deepspeed
 
-    ds_config = render_ds_config(config, world_size)
-    model = build_model(config, ds_config)
-    optimizer = make_optimizer(model, config)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, model, ds_config
+    torch.manual_seed(config.train.seed)
+    if zero_stage_of(ds_config) != 3:
+        model = LoopedLM(config.model).to(device)
+    else:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None):
+            model = LoopedLM(config.model, init_weights=False)
+        model.reset_parameters(
+            gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        model.rotary.to(device)  # zero.Init made its tables in bf16 when bf16 was on: remade
+    model.set_activation_checkpointing(config.model.activation_checkpointing)
+    if config.train.compile:
+        model.compile_blocks()
+    return model
 
 
-def local_grad_norm(model: torch.nn.Module) -> float:
-    """The gradient norm when every rank holds whole gradients (ZeRO stage 0, after the reduce);
-    DeepSpeed computes it itself only when it clips."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+def warn_about_sampled_recurrences_under_zero3(config: RunConfig, stage: int) -> None:
+    """ZeRO-3 records the order in which modules fetch their parameters on the first step and
+    prefetches along it afterwards; a step with another r runs another order, which discards
+    the trace (benchmarks/RESULTS.md measures the cost)."""
+    if stage == 3 and config.model.recurrence_sampling != "fixed":
+        warnings.warn("model.recurrence_sampling with train.zero_stage = 3: every step that runs "
+                      "another r than the step before discards ZeRO-3's prefetch trace, so "
+                      "parameters are fetched on demand (slower steps; see benchmarks/RESULTS.md"
+                      "). ZeRO-2 keeps whole parameters on every rank and does not lose it.",
+                      ZeroPrefetchWarning, stacklevel=3)
+
+
+def refused(config: RunConfig, exc: Exception) -> ConfigError:
+    return ConfigError(f"DeepSpeed refused the config rendered from {template_path(config)}: "
+                       f"{exc}. `megaloop ds-config CONFIG` prints it; mend the template or the "
+                       "train.* keys.")
+
+
+def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
+    """DeepSpeed's own parse of the rendered config, before any model is built (it needs the
+    process group: batch sizes are checked against the world size)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            DeepSpeedConfig(ds_config)
+    except (AssertionError, ValueError, TypeError, KeyError) as exc:
+        raise refused(config, exc) from None
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+class Engine:
+    """One run's model, optimizer and DeepSpeed engine on this rank's device.
+
+    Every rank makes one, builds it, calls the same methods in the same order (they may be
+    collective) and closes it. Device tensors stay on the device: the only host reads are the
+    values returned by `sum_over_ranks` (the loop's one sync per log interval) and by
+    `consolidated_state_dict`."""
+
+    def __init__(self, config: RunConfig):
+        """Join the process group, choose the device, render the DeepSpeed config; `build`
+        makes the model (so that a run's data can be checked first, with `barrier`)."""
+        self.config = config
+        self.rank, self.world_size, self._owns_group = join_process_group()
+        self._ds: Any = None
+        try:
+            self.device = default_device()
+            self.host_allocator = (tune_for_cpu_training() if self.device.type == "cpu"
+                                   else self.device.type.upper())
+            self.matmul_precision = set_matmul_precision(self.device, config.train.precision)
+            self.ds_config = render_ds_config(config, self.world_size,
+                                              pin_memory=self.device.type == "cuda")
+        except BaseException:
+            self.close()
+            raise
+        self.zero_stage = zero_stage_of(self.ds_config)
+        self.autocast = autocast_enabled(self.ds_config)
+
+    def build(self) -> Engine:
+        """The model on the device, its optimizer and DeepSpeed's engine around them."""
+        import deepspeed
+
+        config = self.config
+        if self.rank == 0:
+            warn_about_sampled_recurrences_under_zero3(config, self.zero_stage)
+        check_ds_config(config, self.ds_config)
+        self.model = build_model(config, self.ds_config, self.device)
+        optimizer = make_optimizer(self.model, config)
+        try:
+            self._ds, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer,
+                                                config=self.ds_config)
+        except NotImplementedError as exc:  # e.g. a template's unsupported mix of dtypes
+            raise refused(config, exc) from None
+        return self
+
+    def close(self) -> None:
+        """Tear down in the order that lets every rank exit cleanly: engine, then the group
+        (only if this engine formed it)."""
+        if self._ds is not None:
+            self._ds.destroy()
+            self._ds = None
+        leave_process_group(self._owns_group)
+        self._owns_group = False
+
+    # ---- computation ------------------------------------------------------------------------
+
+    def _compute(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast without its weight cache (see the module docstring), else nothing.
+        DeepSpeed's own autocast, entered inside this one, keeps the cache setting."""
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor,
+                         recurrences: int) -> torch.Tensor:
+        """Loss and gradients of one micro-batch (added to those of the step's earlier ones);
+        returns the loss, detached, on the device."""
+        with self._compute():
+            loss = self._ds(self._to_device(tokens), self._to_device(targets),
+                            recurrences=recurrences)
+        self._ds.backward(loss)
+        if not self._ds.is_gradient_accumulation_boundary():
+            self._ds.step()  # DeepSpeed counts micro-batches in step(); nothing is updated yet
+        return loss.detach()
+
+    def optimizer_step(self, lr: float) -> torch.Tensor | None:
+        """Update the weights at `lr` after the step's last micro-batch; returns the global
+        gradient norm on the device (None where DeepSpeed computes none)."""
+        for group in self._ds.optimizer.param_groups:
+            group["lr"] = lr
+        norm = self._local_grad_norm() if self.zero_stage == 0 else None
+        self._ds.step()
+        if norm is None:
+            norm = self._ds.get_global_grad_norm()
+        if norm is None or isinstance(norm, torch.Tensor):
+            return norm
+        return torch.tensor(float(norm), device=self.device)
+
+    def _local_grad_norm(self) -> torch.Tensor:
+        """At ZeRO stage 0 every rank holds whole reduced gradients; DeepSpeed computes their
+        norm itself only when it clips."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode without gradients, for `loss`; training mode again afterwards."""
+        self._ds.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self._ds.train()
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor,
+             recurrences: int | None = None) -> torch.Tensor:
+        """The mean loss of a batch, on the device (under `evaluating()` for validation)."""
+        with self._compute():
+            loss = self._ds(self._to_device(tokens), self._to_device(targets),
+                            recurrences=recurrences)
+        return loss.detach()
+
+    # ---- reductions and the host ------------------------------------------------------------
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def synchronize(self) -> None:
+        synchronize(self.device)
+
+    def sum_over_ranks(self, summed: Sequence[torch.Tensor | float],
+                       read: Sequence[torch.Tensor] = ()) -> tuple[list[float], list[float]]:
+        """Each value of `summed` added up over all ranks, and the values of `read` as they
+        are, brought to the host in one transfer: the host syncs once, whatever the count."""
+        values = torch.stack([self._scalar(value) for value in summed])
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        host = torch.cat([values, *(self._scalar(value).reshape(1) for value in read)]).tolist()
+        return host[:len(summed)], host[len(summed):]
+
+    def _scalar(self, value: torch.Tensor | float) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value.detach().reshape(()).to(self.device, torch.float64)
+        return torch.tensor(float(value), dtype=torch.float64, device=self.device)
+
+    def peak_memory_gb(self) -> float:
+        """Peak device memory allocated (on the CPU: the process's peak resident set)."""
+        if self.device.type != "cpu":
+            return accelerator().max_memory_allocated() / 2**30
+        import resource
+
+        factor = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor / 2**30
+
+    def device_name(self) -> str:
+        return accelerator().get_device_name() if self.device.type != "cpu" else "cpu"
+
+    def device_rng_state(self) -> torch.Tensor | None:
+        """The device's generator state (None on the CPU, whose generator is torch's own)."""
+        return accelerator().get_rng_state() if self.device.type != "cpu" else None
+
+    def set_device_rng_state(self, state: torch.Tensor | None) -> None:
+        if state is not None and self.device.type != "cpu":
+            accelerator().set_rng_state(state)
+
+    # ---- checkpoints and weights ------------------------------------------------------------
+
+    def save_checkpoint(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank writes its part of `folder/tag/` (weights, optimizer, ZeRO shards)."""
+        self._ds.save_checkpoint(str(folder), tag=tag, client_state=client_state,
+                                 save_latest=False)
+
+    def load_checkpoint(self, folder: Path, tag: str) -> dict[str, Any] | None:
+        """Load `folder/tag/` into the model and optimizer; returns the client state saved with
+        it, None where DeepSpeed found no engine state. A damaged file raises (any error)."""
+        loaded, client = self._ds.load_checkpoint(str(folder), tag=tag,
+                                                  load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        return client if loaded is not None else None
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole fp32 weights on the CPU, as `megaloop export` writes them. Every rank calls
+        it (under ZeRO-3 each parameter is gathered from all ranks)."""
+        if self.zero_stage != 3:
+            return {name: p.detach().float().cpu().clone()
+                    for name, p in self.model.named_parameters()}
+        import deepspeed
+
+        weights = {}
+        for name, param in self.model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                weights[name] = param.detach().float().cpu().clone()
+        return weights
+
+    def parameter_count(self) -> int:
+        """Parameters of the whole model (ZeRO-3 shards count as their full size)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+
+
+def checkpoint_pickle_globals() -> list[Any]:
+    """The DeepSpeed classes that ZeRO optimizer files pickle (data only: an enum and the loss
+    scaler's settings); allowlisted so that `torch.load(weights_only=True)` accepts them."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]

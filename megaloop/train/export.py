@@ -14,16 +14,14 @@ Where the weights come from:
 
 Every file is read with `torch.load(weights_only=True)`: no code from a checkpoint runs. DeepSpeed's
 optimizer files pickle two DeepSpeed objects (the ZeRO stage enum, the loss scaler), which are
-allowlisted by name; no DeepSpeed code is called.
+allowlisted by name; no DeepSpeed code is called (train/engine.py names them).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from megaloop.config import RunConfig, from_dict
 from megaloop.errors import CheckpointError, MegaloopError
 from megaloop.model.looped import LoopedLM
 from megaloop.train.checkpoint import MARKER, TAG, CheckpointWarning, marker_problem
+from megaloop.train.engine import checkpoint_pickle_globals
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2
 ZERO3_MODEL_STATES = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
@@ -96,23 +95,12 @@ def _torch_load(file: Path, *, allow_deepspeed: bool = False) -> Any:
     try:
         if not allow_deepspeed:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        with torch.serialization.safe_globals(_deepspeed_globals()):
+        with torch.serialization.safe_globals(checkpoint_pickle_globals()):
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a damaged file surfaces as any error of the unpickler
         raise CheckpointError(f"{file} does not load ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}); the checkpoint "
                               "is damaged or not one megaloop wrote.") from None
-
-
-def _deepspeed_globals() -> list[Any]:
-    """The DeepSpeed classes that ZeRO optimizer files pickle (data only: an enum and the loss
-    scaler's settings); allowlisted so that weights_only loading accepts them. DeepSpeed logs to
-    stdout, which belongs to our output (--json): its logger is made to write to stderr."""
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
 def _zero3_weights(folder: Path, world_size: int) -> dict[str, torch.Tensor]:

@@ -1,32 +1,38 @@
 """The training loop: batch -> loss -> backward -> step, with the schedule, evaluation, metrics,
-checkpoints, the non-finite guard and SIGTERM handling. Rank 0 prints and tracks."""
+checkpoints, the non-finite guard and SIGTERM handling. Rank 0 prints and tracks.
+
+It talks to the Engine (engine.py) and never to DeepSpeed, the device or the collectives. The
+losses and gradient norms of the steps stay on the device; the host reads them once per sync
+point (every `log_interval` steps, and before an evaluation or a checkpoint), in one transfer.
+So the non-finite guard and SIGTERM act up to `log_interval` steps late, and a checkpoint is
+only ever saved after the guard has seen every step before it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from megaloop.atomic import atomic_write_json
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
 from megaloop.data.loader import TrainLoader, ValLoader
 from megaloop.errors import TrainingError
 from megaloop.model.accounting import account
 from megaloop.track import open_tracker
-from megaloop.train import engine as ds
 from megaloop.train.checkpoint import Checkpoints
-from megaloop.train.host_memory import tune_for_cpu_training
+from megaloop.train.ds_config import batch_geometry, total_steps
+from megaloop.train.engine import Engine
 from megaloop.train.mfu import peak_flops
 from megaloop.train.schedule import lr_at
 
@@ -41,49 +47,89 @@ def run_folder(config: RunConfig) -> Path:
 
 
 @dataclass
-class StepMeter:
-    """Tokens and time since the last report, for tokens/s and MFU."""
+class StepResult:
+    """One optimizer step as the device left it: the loss (this rank's mean over its
+    micro-batches) and the global gradient norm stay device tensors until the next sync."""
+
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    recurrences: int
+    lr: float
+
+
+@dataclass
+class SyncedStep:
+    """A step read back to the host: its loss averaged over the ranks."""
+
+    step: int
+    loss: float
+    grad_norm: float | None
+    recurrences: int
+    lr: float
+
+
+@dataclass
+class ThroughputMeter:
+    """Tokens and FLOPs of the training steps since the last report, over the time they took.
+    Evaluation and checkpoints are paused out; the device is synchronised at every pause and
+    report (both happen at sync points), so queued work is counted where it ran."""
 
     tokens: int = 0
-    start: float = field(default_factory=time.perf_counter)
+    flops: float = 0.0
+    seconds: float = 0.0
+    started: float | None = field(default_factory=time.perf_counter)
 
-    def rate(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        rate = self.tokens / elapsed if elapsed > 0 else 0.0
-        self.tokens, self.start = 0, time.perf_counter()
-        return rate
+    def add(self, tokens: int, flops: float) -> None:
+        self.tokens += tokens
+        self.flops += flops
 
+    def pause(self) -> None:
+        if self.started is not None:
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
 
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    factor = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor / 2**30
+    def resume(self) -> None:
+        self.started = time.perf_counter()
+
+    def report(self) -> tuple[float, float]:
+        """(tokens/s, FLOP/s) since the last report; starts the next interval."""
+        self.pause()
+        tokens_per_s = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        flops_per_s = self.flops / self.seconds if self.seconds > 0 else 0.0
+        self.tokens, self.flops, self.seconds = 0, 0.0, 0.0
+        self.resume()
+        return tokens_per_s, flops_per_s
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, rank: int, world_size: int, *, progress: bool = True,
+    def __init__(self, config: RunConfig, engine: Engine, *, progress: bool = True,
                  peak: float | None = None):
-        self.config, self.rank, self.world_size = config, rank, world_size
-        self.progress = progress and rank == 0
-        self.host_allocator = "CUDA" if torch.cuda.is_available() else tune_for_cpu_training()
-        self.geometry = ds.batch_geometry(config, world_size)
-        self.total_steps = ds.total_steps(config, self.geometry)
+        self.config, self.engine = config, engine
+        self.rank, self.world_size = engine.rank, engine.world_size
+        self.progress = progress and self.rank == 0
+        self.geometry = batch_geometry(config, self.world_size)
+        self.total_steps = total_steps(config, self.geometry)
         self.accounting = account(config.model)
-        shards = open_run_data(config, rank, barrier=dist.barrier, progress=self.progress)
+        shards = open_run_data(config, self.rank, barrier=engine.barrier, progress=self.progress)
         seq, micro = config.model.max_seq_len, self.geometry.micro_batch
-        self.train_data = TrainLoader(shards, seq, micro, rank=rank, world_size=world_size,
-                                      seed=config.train.seed)
-        self.val_data = ValLoader(shards, seq, micro, rank=rank, world_size=world_size,
+        self.train_data = TrainLoader(shards, seq, micro, rank=self.rank,
+                                      world_size=self.world_size, seed=config.train.seed)
+        self.val_data = ValLoader(shards, seq, micro, rank=self.rank, world_size=self.world_size,
                                   max_batches=config.train.eval_batches)
-        self.engine, self.model, self.ds_config = ds.build_engine(config, world_size)
-        self.checkpoints = Checkpoints(run_folder(config), config.train.keep_checkpoints, rank,
-                                       world_size, dist.barrier)
-        self.peak, self.peak_source = peak_flops(peak or config.train.peak_flops,
-                                                 config.train.precision)
+        engine.build()
+        self.model = engine.model
+        self.checkpoints = Checkpoints(run_folder(config), config.train.keep_checkpoints, engine)
+        self.peak, self.peak_source = peak_flops(
+            peak or config.train.peak_flops, config.train.precision, engine.device,
+            engine.device_name(), engine.synchronize)
         self.step = 0
         self.tracker = None
-        self.stop_requested = False
+        self.flops_by_r = {config.model.recurrences: self.accounting["flops_per_token"]}
+        self.intervals: list[dict[str, float]] = []  # throughput per log interval: summary
+        self.pending: list[StepResult] = []  # steps since the last sync
+        self.stop_signalled = False  # SIGTERM reached this rank
+        self.stopping = False  # some rank was signalled, as all ranks agreed at a sync
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -100,7 +146,7 @@ class Trainer:
                 "world_size": self.world_size}
 
     def resume(self, which: str | None) -> None:
-        state = self.checkpoints.load(self.engine, which) if which else None
+        state = self.checkpoints.load(which) if which else None
         run_id = None
         if state is not None:
             self.step = state["step"]
@@ -114,8 +160,10 @@ class Trainer:
         # a tag, not a param: a peak measured at start differs a little on every resume
         self.tracker.set_tags({"megaloop.peak_flops": f"{self.peak:.4g}",
                                "megaloop.peak_flops_source": self.peak_source,
-                               "megaloop.host_allocator": self.host_allocator})
-        self.tracker.log_text(json.dumps(self.ds_config, indent=2), "ds_config.json")
+                               "megaloop.host_allocator": self.engine.host_allocator,
+                               "megaloop.device": self.engine.device_name(),
+                               "megaloop.matmul_precision": self.engine.matmul_precision})
+        self.tracker.log_text(json.dumps(self.engine.ds_config, indent=2), "ds_config.json")
         self.tracker.log_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
                               "run_config.yaml")
 
@@ -136,41 +184,53 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def train_step(self) -> tuple[float, float | None, int]:
-        """One optimizer step over grad_accum micro-batches; returns (loss, grad norm, r)."""
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches; nothing is read back."""
         lr = lr_at(self.step, self.total_steps, self.config.train)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
         r = self.model.recurrences_for_step(self.step, self.config.train.seed)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        manual_norm = None
-        for micro in range(self.geometry.grad_accum):
+        loss = None
+        for _ in range(self.geometry.grad_accum):
             tokens, targets = self.train_data.next_batch()
-            device = self.engine.device
-            loss = self.engine(tokens.to(device), targets.to(device), recurrences=r)
-            self.engine.backward(loss)
-            loss_sum += loss.detach().double().cpu()
-            if micro == self.geometry.grad_accum - 1 and self.config.train.zero_stage == 0:
-                manual_norm = ds.local_grad_norm(self.model)
-            self.engine.step()
-        flags = torch.tensor([loss_sum.item() / self.geometry.grad_accum,
-                              float(self.stop_requested)], dtype=torch.float64)
-        dist.all_reduce(flags)
-        self.stop_requested = flags[1].item() > 0
-        norm = self.engine.get_global_grad_norm() if manual_norm is None else manual_norm
-        return flags[0].item() / self.world_size, None if norm is None else float(norm), r
+            micro_loss = self.engine.forward_backward(tokens, targets, r)
+            loss = micro_loss if loss is None else loss + micro_loss
+        norm = self.engine.optimizer_step(lr)
+        return StepResult(self.step + 1, loss / self.geometry.grad_accum, norm, r, lr)
 
-    @torch.no_grad()
+    def flops_per_token(self, recurrences: int) -> float:
+        """Training FLOPs per token of a step that ran `recurrences` (sampled r differs from
+        the configured mean)."""
+        if recurrences not in self.flops_by_r:
+            model = dataclasses.replace(self.config.model, recurrences=recurrences)
+            self.flops_by_r[recurrences] = account(model)["flops_per_token"]
+        return self.flops_by_r[recurrences]
+
+    def sync(self) -> SyncedStep:
+        """The host sync: every pending step's loss (averaged over ranks) and gradient norm,
+        and whether any rank was sent SIGTERM, in one reduction and one transfer. Raises
+        TrainingError at the first step whose loss or norm is not finite."""
+        steps, self.pending = self.pending, []
+        norms = [s.grad_norm for s in steps if s.grad_norm is not None]
+        summed, read = self.engine.sum_over_ranks(
+            [s.loss for s in steps] + [float(self.stop_signalled)], norms)
+        losses, stop = [loss / self.world_size for loss in summed[:-1]], summed[-1]
+        norm_of = iter(read)
+        synced = [SyncedStep(s.step, loss, None if s.grad_norm is None else next(norm_of),
+                             s.recurrences, s.lr) for s, loss in zip(steps, losses, strict=True)]
+        for step in synced:
+            self.check_finite(step)
+        self.stopping = self.stopping or stop > 0
+        return synced[-1]
+
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
-        for tokens, targets in self.val_data:
-            device = self.engine.device
-            total[0] += self.engine(tokens.to(device), targets.to(device)).double().cpu()
-            total[1] += 1
-        self.engine.train()
-        dist.all_reduce(total)
-        loss = (total[0] / total[1]).item()
+        total, batches = None, 0
+        with self.engine.evaluating():
+            for tokens, targets in self.val_data:
+                loss = self.engine.loss(tokens, targets)
+                total = loss if total is None else total + loss
+                batches += 1
+        (loss_sum, count), _ = self.engine.sum_over_ranks([0.0 if total is None else total,
+                                                           batches])
+        loss = loss_sum / count if count else math.nan
         return {"val/loss": loss, "val/bpb": loss / math.log(2) / self.val_data.bytes_per_token}
 
     def save(self) -> Path:
@@ -178,41 +238,50 @@ class Trainer:
         state = {"step": self.step, "loader": self.train_data.state_dict(),
                  "mlflow_run_id": self.tracker.run_id, "config": self.config.to_dict(),
                  "config_hash": self.config.hash()}
-        return self.checkpoints.save(self.engine, self.step, state)
+        return self.checkpoints.save(self.step, state)
 
-    def check_finite(self, loss: float, norm: float | None) -> None:
-        bad = not math.isfinite(loss) or (norm is not None and not math.isfinite(norm))
-        if not bad:
+    def check_finite(self, step: SyncedStep) -> None:
+        norm = step.grad_norm
+        if math.isfinite(step.loss) and (norm is None or math.isfinite(norm)):
             return
         latest = self.checkpoints.complete()
         kept = f"the last good checkpoint is {latest[0]}" if latest else "no checkpoint was saved"
         raise TrainingError(
-            f"Training diverged at step {self.step}: loss {loss}, gradient norm {norm}; {kept}. "
-            "Lower train.lr, lengthen train.warmup_steps or set train.grad_clip (e.g. 1.0), "
-            "then resume from that checkpoint.")
+            f"Training diverged at step {step.step}: loss {step.loss}, gradient norm {norm}; "
+            f"{kept}. Lower train.lr, lengthen train.warmup_steps or set train.grad_clip (e.g. "
+            "1.0), then resume from that checkpoint.")
 
     def run(self) -> dict[str, Any]:
         train = self.config.train
-        meter = StepMeter()
+        meter = ThroughputMeter()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
                    unit="step", dynamic_ncols=True)
         last_eval: dict[str, float] = {}
-        while self.step < self.total_steps and not self.stop_requested:
-            loss, norm, r = self.train_step()
-            self.check_finite(loss, norm)
+        while self.step < self.total_steps and not self.stopping:
+            result = self.train_step()
+            self.pending.append(result)
             self.step += 1
-            meter.tokens += self.geometry.tokens_per_step
+            tokens = self.geometry.tokens_per_step
+            meter.add(tokens, tokens * self.flops_per_token(result.recurrences))
             bar.update()
-            if self.step % train.log_interval == 0 or self.step == self.total_steps:
-                self.log_train(loss, norm, r, meter)
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if self.step % train.eval_interval == 0 and self.step < self.total_steps:
+            log_due = self.step % train.log_interval == 0 or self.step == self.total_steps
+            eval_due = self.step % train.eval_interval == 0 and self.step < self.total_steps
+            save_due = self.step % train.checkpoint_interval == 0
+            if not (log_due or eval_due or save_due):
+                continue
+            synced = self.sync()
+            if log_due:
+                self.log_train(synced, meter)
+                bar.set_postfix(loss=f"{synced.loss:.4f}", refresh=False)
+            meter.pause()
+            if eval_due:
                 last_eval = self.evaluate()
                 self.tracker.log_metrics(last_eval, self.step)
-            if self.step % train.checkpoint_interval == 0 or self.stop_requested:
+            if save_due or self.stopping:
                 self.save()
+            meter.resume()
         bar.close()
-        if self.stop_requested:
+        if self.stopping:
             self.say(f"stopped by SIGTERM at step {self.step}; checkpoint saved, resume with "
                      "--resume auto")
             self.tracker.finish("KILLED")
@@ -225,40 +294,49 @@ class Trainer:
         self.say(f"finished {self.step} steps: val/loss {last_eval['val/loss']:.4f}, "
                  f"val/bpb {last_eval['val/bpb']:.4f}")
         return {"step": self.step, "stopped": False, "run_id": self.tracker.run_id,
-                "checkpoint": str(self.checkpoints.folder), **last_eval}
+                "checkpoint": str(self.checkpoints.folder), **last_eval,
+                "intervals": self.intervals}
 
-    def log_train(self, loss: float, norm: float | None, r: int, meter: StepMeter) -> None:
-        tokens_per_s = meter.rate()
-        metrics = {"train/loss": loss, "train/lr": lr_at(self.step - 1, self.total_steps,
-                                                         self.config.train),
-                   "train/tokens_per_s": tokens_per_s,
-                   "train/mfu": tokens_per_s * self.accounting["flops_per_token"]
-                   / (self.peak * self.world_size),
-                   "train/peak_mem_gb": peak_memory_gb(), "train/recurrences": r}
-        if norm is not None:
-            metrics["train/grad_norm"] = norm
+    def log_train(self, synced: SyncedStep, meter: ThroughputMeter) -> None:
+        tokens_per_s, flops_per_s = meter.report()
+        mfu = flops_per_s / (self.peak * self.world_size)
+        metrics = {"train/loss": synced.loss, "train/lr": synced.lr,
+                   "train/tokens_per_s": tokens_per_s, "train/mfu": mfu,
+                   "train/peak_mem_gb": self.engine.peak_memory_gb(),
+                   "train/recurrences": synced.recurrences}
+        self.intervals.append({"step": self.step, "loss": synced.loss,
+                               "tokens_per_s": tokens_per_s, "mfu": mfu,
+                               "peak_mem_gb": metrics["train/peak_mem_gb"]})
+        if synced.grad_norm is not None:
+            metrics["train/grad_norm"] = synced.grad_norm
         self.tracker.log_metrics(metrics, self.step)
 
 
 def train(config: RunConfig, *, resume: str | None = None, progress: bool = True,
-          peak: float | None = None) -> dict[str, Any]:
-    """Train one run to its budget (or until SIGTERM); returns a summary on every rank."""
-    rank, world_size, created_group = ds.init_distributed()
+          peak: float | None = None, summary_json: str | Path | None = None) -> dict[str, Any]:
+    """Train one run to its budget (or until SIGTERM); returns a summary on every rank (rank 0
+    also writes it to `summary_json`)."""
+    engine = Engine(config)
     trainer = None
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        trainer = Trainer(config, rank, world_size, progress=progress, peak=peak)
+        trainer = Trainer(config, engine, progress=progress, peak=peak)
 
         def request_stop(signum, frame):
-            trainer.stop_requested = True
+            trainer.stop_signalled = True
 
         signal.signal(signal.SIGTERM, request_stop)
         trainer.resume(resume)
-        return trainer.run()
+        summary = trainer.run()
+        if summary_json is not None and engine.rank == 0:
+            atomic_write_json(summary_json, {**summary, "device": engine.device_name(),
+                                             "peak_flops": trainer.peak,
+                                             "peak_flops_source": trainer.peak_source})
+        return summary
     except BaseException:
         if trainer is not None and trainer.tracker is not None:
             trainer.tracker.finish("FAILED")
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        ds.shutdown(trainer.engine if trainer is not None else None, destroy_group=created_group)
+        engine.close()

@@ -1,0 +1,124 @@
+"""The DeepSpeed config of a run: its batch geometry and the JSON rendered from a Jinja2 template
+of ds_configs/ (or the user's `train.ds_config`). Pure: it reads the run config, never DeepSpeed.
+
+Facts that shape the templates (RESEARCH.md section 6):
+- ZeRO-3 runs the loop block r times per step; the block must stay gathered across its
+  recurrences, so stage3_max_reuse_distance and max_live_parameters stay above its size;
+- DeepSpeed clips gradients at 1.0 unless told otherwise: gradient_clipping is always written;
+- bf16 is DeepSpeed's `torch_autocast` (fp32 weights, gradients and optimizer state, bf16
+  matmuls) with gradients accumulated in fp32 (`data_types.grad_accum_dtype`); see engine.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from megaloop.config import RunConfig
+from megaloop.errors import ConfigError
+from megaloop.model.accounting import account
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+MIN_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's default; raised for larger loop blocks
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    micro_batch: int  # sequences per rank per forward/backward
+    grad_accum: int  # micro-batches per optimizer step on each rank
+    global_batch: int  # sequences per optimizer step over all ranks
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def batch_geometry(config: RunConfig, world_size: int) -> BatchGeometry:
+    train, seq_len = config.train, config.model.max_seq_len
+    if train.global_batch_tokens is not None:
+        if train.global_batch_tokens % seq_len:
+            raise ConfigError(f"train.global_batch_tokens = {train.global_batch_tokens} is not a "
+                              f"multiple of model.max_seq_len = {seq_len}.")
+        global_batch = train.global_batch_tokens // seq_len
+    else:
+        global_batch = train.global_batch
+    per_pass = train.micro_batch * world_size
+    if global_batch % per_pass:
+        raise ConfigError(f"The global batch of {global_batch} sequences is not a multiple of "
+                          f"train.micro_batch x ranks = {train.micro_batch} x {world_size}; "
+                          "change train.global_batch or train.micro_batch.")
+    return BatchGeometry(train.micro_batch, global_batch // per_pass, global_batch, seq_len)
+
+
+def total_steps(config: RunConfig, geometry: BatchGeometry) -> int:
+    """The budget in optimizer steps: train.steps, or train.tokens in whole global batches."""
+    train = config.train
+    if train.steps is not None:
+        return train.steps
+    if train.tokens is None:
+        raise ConfigError("Set a budget: train.tokens or train.steps.")
+    return max(1, round(train.tokens / geometry.tokens_per_step))
+
+
+def template_path(config: RunConfig) -> Path:
+    if config.train.ds_config is not None:
+        path = Path(config.train.ds_config)
+        if not path.is_file():
+            raise ConfigError(f"train.ds_config = {path} does not exist; point it at a Jinja2 "
+                              "template of a DeepSpeed config (see ds_configs/).")
+        return path
+    return DS_CONFIGS / f"zero{config.train.zero_stage}.json.j2"
+
+
+def template_variables(config: RunConfig, world_size: int,
+                       pin_memory: bool = False) -> dict[str, Any]:
+    geometry = batch_geometry(config, world_size)
+    loop_block = account(config.model)["loop"]
+    reuse = max(MIN_REUSE_DISTANCE, 2 * loop_block)
+    d = config.model.d_model
+    return {
+        "stage": config.train.zero_stage, "offload": config.train.offload,
+        "micro_batch": geometry.micro_batch, "grad_accum": geometry.grad_accum,
+        "global_batch": geometry.global_batch, "grad_clip": config.train.grad_clip,
+        "bf16": config.train.precision == "bf16", "seed": config.train.seed,
+        "pin_memory": pin_memory,
+        "reduce_bucket_size": max(d * d, 5_000_000),
+        "prefetch_bucket_size": max(int(0.9 * d * d), 1_000_000),
+        "persistence_threshold": 10 * d,
+        "max_live_parameters": reuse, "max_reuse_distance": reuse,
+        "loop_block_parameters": loop_block, "world_size": world_size,
+    }
+
+
+def render_ds_config(config: RunConfig, world_size: int = 1,
+                     pin_memory: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config this run uses, rendered from its template (what runs is inspectable).
+    `pin_memory`: offloaded state in page-locked host memory (the engine sets it on GPUs)."""
+    path = template_path(config)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(path.parent), str(DS_CONFIGS)]),
+                             undefined=jinja2.StrictUndefined, autoescape=False)
+    try:
+        text = env.get_template(path.name).render(
+            **template_variables(config, world_size, pin_memory))
+    except jinja2.TemplateError as exc:
+        raise ConfigError(f"DeepSpeed template {path} does not render: {exc}") from None
+    try:
+        rendered = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed template {path} renders invalid JSON ({exc}).") from None
+    rendered.setdefault("gradient_clipping", config.train.grad_clip)
+    rendered.setdefault("zero_allow_untested_optimizer", True)
+    return rendered
+
+
+def zero_stage_of(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def autocast_enabled(ds_config: dict[str, Any]) -> bool:
+    return bool(ds_config.get("torch_autocast", {}).get("enabled", False))

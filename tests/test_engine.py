@@ -1,0 +1,293 @@
+"""The Engine on the CPU, where the GPU path is proven: DeepSpeed's real engine with gloo in this
+process. RoPE tables that stay fp32 and exact in bf16 and under zero.Init, gradients that add up
+in fp32 (over micro-batches and over the recurrences of a reused loop weight), bf16 losses that
+track fp32, one host sync per log interval, and the walls around DeepSpeed and torch.cuda."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import REPO, make_config, random_tokens
+
+from megaloop import config
+from megaloop.errors import ConfigError
+from megaloop.model import LoopedLM
+from megaloop.model.blocks import Rotary
+from megaloop.train.ds_config import render_ds_config
+from megaloop.train.engine import Engine, build_model, join_process_group, leave_process_group
+
+LONG = 1024  # positions: bf16 tables would round every position above 256
+
+
+def run_config(**values) -> config.RunConfig:
+    base = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
+            "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
+            "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
+            "train.global_batch": 2, "train.steps": 4, "train.grad_clip": 0.0}
+    base.update(values)
+    return config.load(None, [f"{key}={value}" for key, value in base.items()])
+
+
+@contextlib.contextmanager
+def engine_of(cfg: config.RunConfig):
+    engine = Engine(cfg).build()
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One group of one for every engine of the session: DeepSpeed keeps references to the
+    group it first saw, so it must outlive them (as in an in-process sweep)."""
+    *_, created = join_process_group()
+    yield
+    leave_process_group(created)
+
+
+def exact_tables(max_seq_len: int, head_dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    fresh = Rotary(head_dim, max_seq_len, 10000.0)
+    return fresh.cos, fresh.sin
+
+
+def assert_exact_rope(model: LoopedLM) -> None:
+    rotary = model.rotary
+    cos, sin = exact_tables(rotary.max_seq_len, rotary.head_dim)
+    assert rotary.cos.dtype == rotary.sin.dtype == torch.float32
+    assert torch.equal(rotary.cos.cpu(), cos) and torch.equal(rotary.sin.cpu(), sin)
+
+
+# ---- RoPE ------------------------------------------------------------------------------------
+
+def test_casts_and_moves_keep_the_rope_tables_fp32_and_exact():
+    model = LoopedLM(make_config(max_seq_len=LONG))
+    bf16_positions = torch.arange(LONG, dtype=torch.bfloat16).float()
+    assert (bf16_positions != torch.arange(LONG)).sum() > 500  # what a bf16 table would hold
+    for move in (lambda m: m.bfloat16(), lambda m: m.half(), lambda m: m.to(torch.float64),
+                 lambda m: m.to("meta").to_empty(device="cpu")):
+        model = move(model)
+        assert_exact_rope(model)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_engines_build_keeps_rope_exact_under_deepspeeds_bf16(process_group, stage):
+    """zero.Init with DeepSpeed's bf16 makes every floating constructor return bf16 (arange
+    included), and its bf16 engine casts the module: neither may reach the tables."""
+    cfg = run_config(**{"model.max_seq_len": LONG, "train.zero_stage": stage})
+    ds_config = render_ds_config(cfg)
+    ds_config["bf16"] = {"enabled": True}
+    ds_config.pop("torch_autocast")
+    model = build_model(cfg, ds_config, torch.device("cpu"))
+    assert_exact_rope(model)
+    model.bfloat16()  # what deepspeed.initialize does to a bf16 model
+    assert_exact_rope(model)
+
+
+def test_a_bf16_zero3_engine_trains_with_exact_rope(process_group):
+    cfg = run_config(**{"model.max_seq_len": LONG, "train.zero_stage": 3,
+                        "train.precision": "bf16"})
+    with engine_of(cfg) as engine:
+        assert engine.zero_stage == 3 and engine.autocast
+        assert_exact_rope(engine.model)
+
+
+# ---- precision -------------------------------------------------------------------------------
+
+def losses_of(cfg: config.RunConfig, steps: int, seq: int) -> list[float]:
+    """Losses of `steps` steps on one repeated batch (which the model learns)."""
+    batch = random_tokens(batch=2, seq=seq + 1, vocab=cfg.model.vocab_size)
+    losses = []
+    with engine_of(cfg) as engine:
+        for _ in range(steps):
+            loss = engine.forward_backward(batch[:, :-1], batch[:, 1:], cfg.model.recurrences)
+            engine.optimizer_step(1e-2)
+            losses.append(float(loss))
+    return losses
+
+
+def test_bf16_losses_track_fp32_at_long_sequences(process_group):
+    settings = {"model.max_seq_len": LONG}
+    fp32 = losses_of(run_config(**settings), steps=6, seq=LONG)
+    bf16 = losses_of(run_config(**settings, **{"train.precision": "bf16"}), steps=6, seq=LONG)
+    assert fp32[-1] < fp32[0] - 0.1  # it learns, so the comparison means something
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, abs=0.02)
+
+
+def full_grad(param: torch.nn.Parameter, stage: int) -> torch.Tensor:
+    if stage != 3:
+        return param.grad.double()
+    from deepspeed.utils import safe_get_full_grad
+
+    return safe_get_full_grad(param).double()
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_gradients_accumulate_over_micro_batches_in_fp32(process_group, stage):
+    """Eight micro-batches: the engine's accumulated gradient equals the fp64 sum of the eight
+    gradients (each computed in bf16), to fp32's precision; a bf16 sum is off by ~1e-3."""
+    micro = 8
+    cfg = run_config(**{"train.precision": "bf16", "train.zero_stage": stage,
+                        "train.micro_batch": 1, "train.global_batch": micro})
+    tokens = random_tokens(batch=micro, seq=33, vocab=64)
+    with engine_of(cfg) as engine:
+        weights = engine.consolidated_state_dict()
+        for i in range(micro):
+            engine.forward_backward(tokens[i:i + 1, :-1], tokens[i:i + 1, 1:], 2)
+        got = full_grad(engine.model.embed.weight, stage)
+    reference = LoopedLM(cfg.model)
+    reference.load_state_dict(weights)
+    want = torch.zeros_like(got)
+    for i in range(micro):
+        reference.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+            loss = reference(tokens[i:i + 1, :-1], tokens[i:i + 1, 1:])
+        (loss / micro).backward()
+        want += reference.embed.weight.grad.double()
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < 1e-6, error
+
+
+def test_a_reused_loop_weight_adds_its_recurrences_gradients_in_fp32(process_group):
+    """A passthrough loop of one block run 4 times equals the 4-block model that unrolls it.
+    The loop weight's gradient must equal the fp64 sum of the unrolled blocks' gradients to
+    fp32's precision: autocast's weight cache would add the four in bf16 (~1e-3 off)."""
+    r = 4
+    cfg = run_config(**{"train.precision": "bf16", "model.recurrences": r,
+                        "model.injection": "passthrough"})
+    tokens = random_tokens(batch=2, seq=17, vocab=64)
+    with engine_of(cfg) as engine:
+        weights = engine.consolidated_state_dict()
+        engine.forward_backward(tokens[:, :-1], tokens[:, 1:], r)
+        got = engine.model.loop[0].mlp.inp.weight.grad.double()
+    unrolled_cfg = run_config(**{"model.recurrences": 1, "model.loop_layers": r}).model
+    unrolled = LoopedLM(unrolled_cfg)
+    state = {}
+    for name, tensor in weights.items():
+        if name.startswith("loop.0."):
+            for i in range(r):
+                state[name.replace("loop.0.", f"loop.{i}.")] = tensor
+        else:
+            state[name] = tensor
+    unrolled.load_state_dict(state)
+    with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+        loss = unrolled(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    want = sum(unrolled.loop[i].mlp.inp.weight.grad.double() for i in range(r))
+    error = ((got - want).norm() / want.norm()).item()
+    assert error < 1e-6, error
+
+
+def test_the_rendered_config_keeps_weights_and_gradients_in_fp32():
+    rendered = render_ds_config(run_config(**{"train.precision": "bf16"}))
+    assert rendered["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert rendered["bf16"]["enabled"] is False and rendered["fp16"]["enabled"] is False
+    assert rendered["data_types"]["grad_accum_dtype"] == "fp32"
+    assert render_ds_config(run_config())["torch_autocast"]["enabled"] is False
+
+
+def test_flash_attention_without_bf16_and_compile_under_zero3_are_refused():
+    with pytest.raises(ConfigError, match="needs train.precision = bf16"):
+        run_config(**{"model.attention": "flash"})
+    with pytest.raises(ConfigError, match="train.zero_stage = 3 is refused"):
+        run_config(**{"train.compile": "true", "train.zero_stage": 3})
+
+
+def test_consolidated_weights_are_whole_under_zero3(process_group):
+    cfg = run_config()
+    with engine_of(cfg) as engine:
+        plain = engine.consolidated_state_dict()
+    with engine_of(run_config(**{"train.zero_stage": 3})) as engine:
+        sharded = engine.consolidated_state_dict()
+    assert plain.keys() == sharded.keys()
+    for name, tensor in plain.items():
+        assert torch.equal(tensor, sharded[name]), name
+
+
+# ---- host syncs ------------------------------------------------------------------------------
+
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+@contextlib.contextmanager
+def host_reads_by_megaloop(trainer):
+    """Record (trainer.step, call site) for every read of a tensor's values to the host that
+    megaloop's own code makes (DeepSpeed's and torch's are theirs); on a GPU each one is a
+    device sync."""
+    package = str(REPO / "megaloop")
+    seen: list[tuple[int, str]] = []
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def wrap(name, original):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename.startswith(package):
+                seen.append((trainer.step, f"{Path(caller.f_code.co_filename).name}:"
+                                           f"{caller.f_lineno} {name}"))
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_the_loop_reads_the_device_once_per_log_interval(stdlib_shards, tmp_path):
+    from megaloop.train.trainer import Trainer
+
+    cfg = run_config(**{"model.vocab_size": 4096, "data.shards": str(stdlib_shards),
+                        "data.verify": "false", "train.steps": 12, "train.log_interval": 4,
+                        "train.eval_interval": 100, "train.checkpoint_interval": 100,
+                        "train.global_batch": 4, "train.checkpoint_dir": str(tmp_path),
+                        "track.enabled": "false"})
+    engine = Engine(cfg)
+    try:
+        trainer = Trainer(cfg, engine, progress=False)
+        trainer.resume(None)
+        with host_reads_by_megaloop(trainer) as reads:
+            summary = trainer.run()
+    finally:
+        engine.close()
+    assert summary["step"] == 12 and math.isfinite(summary["val/loss"])
+    at = sorted({step for step, _ in reads})
+    assert at == [4, 8, 12], reads
+    per_sync = [sum(1 for step, _ in reads if step == s) for s in (4, 8)]
+    assert per_sync == [1, 1], reads  # one transfer per sync, whatever it carries
+
+
+# ---- walls -----------------------------------------------------------------------------------
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_only_the_engine_talks_to_deepspeed_and_the_device():
+    package = REPO / "megaloop"
+    engine = package / "train" / "engine.py"
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        modules = imported_modules(path)
+        if path != engine:
+            assert not any(m == "deepspeed" or m.startswith("deepspeed.") for m in modules), path
+            assert "torch.distributed" not in modules and "import torch.distributed" not in text, \
+                path
+            assert "torch.cuda" not in text or path.name == "cluster.py", path
+    cluster = (package / "cluster.py").read_text()
+    assert cluster.count("torch.cuda") == 1 and "torch.cuda.device_count()" in cluster
