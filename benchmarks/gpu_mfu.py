@@ -73,7 +73,8 @@ def train_once(config: Path, settings: dict[str, object], workdir: Path, warmup:
     workdir.mkdir(parents=True)
     argv = [sys.executable, "-m", "megaloop.cli", "train", str(config), "--no-progress",
             *set_arguments(settings)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else "")}
     done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"training with {settings['model.attention']} failed:\n"

@@ -1,4 +1,5 @@
-"""The training-step benchmark runs end to end on tiny shapes (benchmarks/train_step.py --quick)."""
+"""The benchmarks run end to end on tiny shapes: the training step (train_step.py --quick), the
+GPU harnesses on the CPU (gpu_mfu.py --quick, gpu_session.sh --cpu-smoke), trainer_ab.py."""
 
 from __future__ import annotations
 
@@ -102,3 +103,37 @@ def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
     trees = subprocess.run(["git", "-C", str(REPO), "worktree", "list"], capture_output=True,
                            text=True, check=True).stdout
     assert "/base " not in trees and "/head " not in trees
+
+
+def test_the_gpu_session_runs_every_stage_on_the_cpu(tmp_path):
+    """benchmarks/gpu_session.sh --cpu-smoke: the one-shot GPU check at toy sizes on the CPU,
+    so that the script a device session runs cannot rot."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--cpu-smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (out / "log.txt").read_text()
+    assert done.returncode == 0, log[-4000:]
+    stages = [line for line in log.splitlines() if line.startswith("== ") and ": exit" in line]
+    assert len(stages) == 9 and all(": exit 0 " in line for line in stages), stages
+    assert sorted(p.name for p in out.iterdir()) == ["env.json", "log.txt", "rope.json",
+                                                     "step.json", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["env"]["bf16_matmul_flops"] > 0
+    rows = summary["step"]["rows"]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("transformer", "eager"), ("looped", "eager"), ("hyperloop", "eager"),
+        ("looped", "sampled"), ("hyperloop", "compiled"), ("transformer", "compiled")]
+    assert all("error" not in r and 0 < r["mfu"] < 1 for r in rows), rows
+    assert rows[1]["recurrences"] == [3, 3]  # sampled r is in rows[3]["recurrences"]
+    assert summary["rope"]["ok"] is True
+    runs = {run["name"]: run for run in summary["train"]["runs"]}
+    assert sorted(runs) == ["d2048-hyperloop-zero0", "d2048-hyperloop-zero3", "tiny-zero0",
+                            "tiny-zero3"]
+    for run in runs.values():
+        assert run["steps"] == 4 and len(run["intervals"]) == 2 and 0 < run["mfu_median"] < 1
+    # ZeRO-0 and ZeRO-3 train the same model from the same seed: the same losses
+    assert runs["tiny-zero3"]["last_loss"] == pytest.approx(runs["tiny-zero0"]["last_loss"],
+                                                            abs=1e-3)
+    assert {t["what"].split(":")[0] for t in summary["targets"]} >= {
+        "model step, Hyperloop d2048 eager", "megaloop train d2048-hyperloop-zero3"}

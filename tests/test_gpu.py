@@ -1,6 +1,7 @@
 """The CUDA path: flash-attn against SDPA, bf16 on the GPU against fp32 on the CPU, the KV cache,
-and the trainer (bf16, ZeRO-3) on one GPU. Skipped where there is no CUDA device; run them with
-`scripts/test.sh --gpu` on a GPU machine (benchmarks/gpu_mfu.py measures the MFU there)."""
+SDPA's fast kernels, and the trainer (bf16, ZeRO-0 and ZeRO-3) on one GPU. Skipped where there is
+no CUDA device; run them with `scripts/test.sh --gpu` on a GPU machine, or as one stage of
+benchmarks/gpu_session.sh (which also measures the MFU there)."""
 
 from __future__ import annotations
 
@@ -59,20 +60,43 @@ def test_generation_with_the_cache_on_the_gpu(variant):
     assert len(cached) == 8 and cached == uncached
 
 
-def test_the_trainer_on_one_gpu_in_bf16_with_zero3(stdlib_shards, tmp_path):
+def test_sdpa_runs_its_flash_or_cudnn_kernel_for_the_models_attention():
+    """In bf16 on the GPU, the model's attention (GQA included) must not need SDPA's math or
+    memory-efficient kernels: restricted to flash and cuDNN, the step runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from megaloop.train.engine import bf16_autocast
+
+    for variant in ("plain", "gqa_qknorm_softcap"):
+        model = make_model(perturb=0.05, **VARIANTS[variant], **WIDE).cuda()
+        tokens = random_tokens(seq=33).cuda()
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]), \
+                bf16_autocast("cuda"):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_the_trainer_on_one_gpu_in_bf16(stdlib_shards, tmp_path, stage):
+    """`megaloop train` on DeepSpeed's CUDA accelerator and NCCL (no DS_ACCELERATOR), bf16;
+    tracking off and the summary from --json, so that it runs where MLflow is not installed."""
+    import json
     import subprocess
 
-    from training import assert_ok, child_env, history, only_run, train_command
+    from training import assert_ok, child_env, train_command
 
     env = child_env()
-    del env["DS_ACCELERATOR"]  # DeepSpeed's CUDA accelerator and NCCL, as on a cluster
-    command = train_command(stdlib_shards, tmp_path, **{
-        "train.precision": "bf16", "train.zero_stage": 3, "train.steps": 20,
-        "train.eval_interval": 10})
+    del env["DS_ACCELERATOR"]
+    summary = tmp_path / "summary.json"
+    command = train_command(stdlib_shards, tmp_path, "--json", str(summary), **{
+        "train.precision": "bf16", "train.zero_stage": stage, "train.steps": 20,
+        "train.log_interval": 5, "train.eval_interval": 10, "track.enabled": False})
     assert_ok(subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900))
-    losses = history(tmp_path)
-    assert losses[20][0] < losses[1][0] - 1.0
-    run = only_run(tmp_path)
-    assert 0 < run.data.metrics["train/mfu"] < 1
-    assert run.data.tags["megaloop.host_allocator"] == "CUDA"
+    result = json.loads(summary.read_text())
+    intervals = result["intervals"]
+    assert [i["step"] for i in intervals] == [5, 10, 15, 20]
+    assert intervals[-1]["loss"] < intervals[0]["loss"] - 1.0
+    assert all(0 < i["mfu"] < 1 and i["tokens_per_s"] > 0 for i in intervals)
+    assert result["device"].startswith("NVIDIA") and result["peak_flops"] > 1e13

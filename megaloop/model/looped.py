@@ -110,13 +110,14 @@ class LoopedLM(nn.Module):
             module.weight.zero_()
             module.weight[:, :d].copy_(torch.eye(d))
 
-    def compile_blocks(self) -> None:
-        """torch.compile every transformer block in place (train.compile). Per block, not the
-        whole model: the loop's block compiles once whatever r a step runs, where a whole-model
-        graph unrolls the loop and would recompile for every sampled r."""
+    def compile_blocks(self, **options: Any) -> None:
+        """torch.compile every transformer block in place (train.compile; `options` go to
+        torch.compile). Per block, not the whole model: the loop's block compiles once whatever
+        r a step runs, where a whole-model graph unrolls the loop and would recompile for every
+        sampled r."""
         for stack in (self.prelude, self.loop, self.coda):
             for layer in stack:
-                layer.compile()
+                layer.compile(**options)
 
     def set_activation_checkpointing(self, mode: str) -> None:
         """`none`, `per_recurrence` or `per_layer`; non-reentrant, so safe with ZeRO-3 on the

@@ -125,6 +125,12 @@ def set_matmul_precision(device: torch.device, precision: str) -> str:
     return "tf32"
 
 
+def bf16_autocast(device_type: str) -> torch.autocast:
+    """How a bf16 step computes: autocast to bf16 without the weight cache, so that each use of
+    a weight casts it afresh and the gradients of a reused loop weight add up in fp32."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+
+
 # ---- model and optimizer ---------------------------------------------------------------------
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -266,11 +272,9 @@ class Engine:
     # ---- computation ------------------------------------------------------------------------
 
     def _compute(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast without its weight cache (see the module docstring), else nothing.
-        DeepSpeed's own autocast, entered inside this one, keeps the cache setting."""
-        if not self.autocast:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+        """`bf16_autocast` where this run is bf16, else nothing. DeepSpeed's own autocast,
+        entered inside this one, keeps its cache setting."""
+        return bf16_autocast(self.device.type) if self.autocast else contextlib.nullcontext()
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
