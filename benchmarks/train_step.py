@@ -1,4 +1,5 @@
-"""Training-step benchmark of megaloop's LoopedLM on the CPU, fp32, in one process.
+"""Training-step benchmark of megaloop's LoopedLM on the CPU, fp32 (and with --bf16 also bf16 as
+the trainer's train.precision=bf16 computes it), in one process.
 
 Measures, interleaved round by round so that machine noise falls on every model alike:
   * the matmul peak of this machine (torch.mm, best of several repeats per shape; the highest
@@ -12,7 +13,10 @@ Measures, interleaved round by round so that machine noise falls on every model 
   * each model against the references twice: in step time (tokens/s) and per executed FLOP
     (achieved FLOP/s; for r > 1 the looped model does more arithmetic per token than a plain
     transformer of the same effective depth),
-  * activation memory at the largest r with and without per-recurrence checkpointing.
+  * activation memory at the largest r with and without per-recurrence checkpointing,
+  * with --bf16: each megaloop r and Hugging Face again under the Engine's bf16 autocast (fp32
+    weights, bf16 matmuls, no weight cache), against the same model in fp32 and against HF in
+    bf16, with MFU against the bf16 matmul peak.
 
     PYTHONPATH=. python benchmarks/train_step.py            # the full benchmark (~10 min)
     PYTHONPATH=. python benchmarks/train_step.py --quick    # a smoke run of a few seconds
@@ -41,6 +45,7 @@ from benchmarks.reference_models import HFLlama, ReferenceLooped, ReferenceTrans
 from megaloop.config import ModelConfig
 from megaloop.model.accounting import account, executed_flops_per_token
 from megaloop.model.looped import LoopedLM
+from megaloop.train.engine import bf16_autocast
 from megaloop.train.host_memory import reuse_freed_memory
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -61,6 +66,7 @@ class Entry:
     flops_per_token: float  # the papers' convention (megaloop.model.accounting)
     layout: str
     executed_flops_per_token: float | None = None  # None: as the convention counts
+    dtype: str = "fp32"  # bf16: the loss runs under the Engine's bf16 autocast
     optimizer: torch.optim.Optimizer | None = None
     times: list[float] = field(default_factory=list)
     others: list[float | None] = field(default_factory=list)  # CPU s other processes took
@@ -114,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="also time megaloop with train.compile (torch.compile of each block, as "
                         "the trainer does) and HF with each decoder layer compiled")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time megaloop (each r) and HF in bf16 as train.precision=bf16 "
+                        "runs them: fp32 weights under bf16 autocast")
     p.add_argument("--no-checkpoint-row", action="store_true",
                    help="do not time the largest r with per-recurrence checkpointing")
     p.add_argument("--no-memory", action="store_true", help="skip the activation memory phase")
@@ -167,6 +176,18 @@ def megaloop_entry(args: argparse.Namespace, r: int, variant: str = "") -> Entry
                  executed_flops_per_token(cfg))
 
 
+def in_bf16(entry: Entry) -> Entry:
+    """The same model and loss, computed as the trainer's bf16 runs compute it."""
+    loss = entry.loss
+
+    def bf16_loss(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with bf16_autocast("cpu"):
+            return loss(tokens, targets)
+
+    return Entry(f"{entry.name} bf16", entry.module, bf16_loss, entry.flops_per_token,
+                 entry.layout, entry.executed_flops_per_token, dtype="bf16")
+
+
 def build_entries(args: argparse.Namespace) -> list[Entry]:
     entries = [megaloop_entry(args, r) for r in args.recurrences]
     if not args.no_checkpoint_row:
@@ -187,6 +208,11 @@ def build_entries(args: argparse.Namespace) -> list[Entry]:
     if not args.no_hf:
         hf = HFLlama(*shape)
         entries.append(Entry("hf llama", hf, hf.loss, flops, f"{args.layers} layers"))
+    if args.bf16:
+        entries += [in_bf16(megaloop_entry(args, r)) for r in args.recurrences]
+        if not args.no_hf:
+            hf = HFLlama(*shape)
+            entries.append(in_bf16(Entry("hf llama", hf, hf.loss, flops, f"{args.layers} layers")))
     if args.compile:
         entries += [megaloop_entry(args, r, "compiled") for r in args.recurrences]
         if not args.no_hf:  # each decoder layer compiled, as compile_blocks does for megaloop
@@ -212,8 +238,9 @@ def matmul_shapes(args: argparse.Namespace) -> dict[str, tuple[int, int, int]]:
 class MatmulPeak:
     """Best torch.mm FLOP/s per shape, sampled between the training steps."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int, int]]):
-        self.operands = {name: (torch.randn(m, k), torch.randn(k, n), torch.empty(m, n))
+    def __init__(self, shapes: dict[str, tuple[int, int, int]], dtype: torch.dtype = torch.float32):
+        self.operands = {name: (torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype),
+                                torch.empty(m, n, dtype=dtype))
                          for name, (m, k, n) in shapes.items()}
         self.flops = {name: 2.0 * m * k * n for name, (m, k, n) in shapes.items()}
         self.best = dict.fromkeys(shapes, float("inf"))
@@ -262,14 +289,15 @@ def train_step(entry: Entry, tokens: torch.Tensor, targets: torch.Tensor) -> flo
     return time.perf_counter() - start
 
 
-def run_timing(entries: list[Entry], peak: MatmulPeak, args: argparse.Namespace,
+def run_timing(entries: list[Entry], peaks: list[MatmulPeak], args: argparse.Namespace,
                tokens: torch.Tensor, targets: torch.Tensor) -> int:
     """Rounds of one step per model, in a rotating order, until every model has `steps`
     uncontended steps (or `max_rounds` rounds have run). Returns the number of rounds."""
     for entry in entries:
         for _ in range(args.warmup):
             train_step(entry, tokens, targets)
-    peak.sample()
+    for peak in peaks:
+        peak.sample()
     monitor = Monitor(args.contention)
     rounds, waited = 0, 0.0
     while rounds < args.max_rounds and min(
@@ -281,7 +309,8 @@ def run_timing(entries: list[Entry], peak: MatmulPeak, args: argparse.Namespace,
                 seconds = train_step(entry, tokens, targets)
             entry.times.append(seconds)
             entry.others.append(monitor.last_other_s)
-        peak.sample(repeats=1)
+        for peak in peaks:
+            peak.sample(repeats=1)
         rounds += 1
         done = ", ".join(f"{e.name} {e.times[-1]:.3f}s{'*' if _busy(e, args) else ''}"
                          for e in entries)
@@ -337,7 +366,7 @@ def profile(entries: list[Entry], tokens: torch.Tensor, targets: torch.Tensor,
 
 # ---- report ------------------------------------------------------------------------------------
 
-def summarize(entries: list[Entry], peak_flops: float, tokens_per_step: int,
+def summarize(entries: list[Entry], peak_flops: dict[str, float], tokens_per_step: int,
               threshold_s: float) -> list[dict]:
     """Medians over the uncontended steps (over all steps where fewer than 3 are clean)."""
     rows = []
@@ -347,21 +376,25 @@ def summarize(entries: list[Entry], peak_flops: float, tokens_per_step: int,
         times = clean if len(clean) >= 3 else entry.times
         median = statistics.median(times)
         tps = tokens_per_step / median
-        rows.append({"name": entry.name, "layout": entry.layout,
+        peak = peak_flops[entry.dtype]
+        rows.append({"name": entry.name, "layout": entry.layout, "dtype": entry.dtype,
                      "params": sum(p.numel() for p in entry.module.parameters()),
                      "flops_per_token": entry.flops_per_token, "median_step_s": median,
                      "steps_used": len(times), "steps_run": len(entry.times),
                      "median_all_steps_s": statistics.median(entry.times),
                      "min_step_s": min(entry.times), "max_step_s": max(entry.times),
                      "tokens_per_s": tps, "achieved_flops": tps * entry.flops_per_token,
-                     "mfu": tps * entry.flops_per_token / peak_flops,
+                     "mfu": tps * entry.flops_per_token / peak,
                      "executed_flops_per_token": entry.executed_flops_per_token,
-                     "mfu_executed": tps * entry.executed_flops_per_token / peak_flops})
+                     "mfu_executed": tps * entry.executed_flops_per_token / peak})
     for row, entry in zip(rows, entries, strict=True):
         same_shape = entry.name.replace("megaloop", "reference").removesuffix(" ckpt")
         same_shape = "reference" if same_shape == "reference r=1" else same_shape
         pairs = (("vs_reference", "reference"), ("vs_hf", "hf llama"),
                  ("vs_looped_reference", same_shape), ("vs_hf_compiled", "hf llama compiled"))
+        if entry.dtype == "bf16":  # against itself in fp32 and against HF in bf16
+            pairs = (("vs_fp32", entry.name.removesuffix(" bf16")),
+                     ("vs_hf_bf16", "hf llama bf16"))
         for key, other in pairs:
             if key == "vs_looped_reference" and not entry.name.startswith("megaloop"):
                 continue
@@ -371,7 +404,7 @@ def summarize(entries: list[Entry], peak_flops: float, tokens_per_step: int,
                 ref_row = next(x for x in rows if x["name"] == other)
                 row[key + "_of_medians"] = row["tokens_per_s"] / ref_row["tokens_per_s"]
                 row[key] = paired_speed_ratio(entry, by_name[other], threshold_s)
-                if key in ("vs_reference", "vs_hf", "vs_hf_compiled"):
+                if key in ("vs_reference", "vs_hf", "vs_hf_compiled", "vs_hf_bf16"):
                     row[key + "_per_flop"] = row[key] * (entry.executed_flops_per_token
                                                          / ref_row["executed_flops_per_token"])
     return rows
@@ -410,6 +443,18 @@ def markdown(report: dict) -> str:
                      f"| {row['achieved_flops'] / 1e9:.1f} | {row['mfu']:.1%} "
                      f"| {row['mfu_executed']:.1%} | "
                      + " | ".join(ratio[k] for k in ratio_keys) + " |")
+    bf16 = [row for row in report["rows"] if row["dtype"] == "bf16"]
+    if bf16:
+        lines += ["", "bf16 (the Engine's autocast: fp32 weights, bf16 matmuls), of the bf16 "
+                  "matmul peak:", "",
+                  "| model | step (median) | tokens/s | of bf16 peak, executed | vs fp32 "
+                  "| vs HF bf16 | per FLOP vs HF bf16 |", "|---|---|---|---|---|---|---|"]
+        for row in bf16:
+            cells = [f"{row[k]:.3f}" if k in row else "-"
+                     for k in ("vs_fp32", "vs_hf_bf16", "vs_hf_bf16_per_flop")]
+            lines.append(f"| {row['name']} | {row['median_step_s'] * 1e3:.0f} ms "
+                         f"| {row['tokens_per_s']:.0f} | {row['mfu_executed']:.1%} | "
+                         + " | ".join(cells) + " |")
     compiled = [row for row in report["rows"] if "vs_hf_compiled" in row]
     if compiled:
         lines += ["", "Compiled (train.compile; HF with each decoder layer compiled):", "",
@@ -421,6 +466,10 @@ def markdown(report: dict) -> str:
     shapes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak["by_shape"].items())
     lines.append(f"Matmul peak used: {peak['peak_flops'] / 1e9:.1f} GFLOP/s ({peak['used']}); "
                  f"all shapes (GFLOP/s): {shapes}.")
+    if "bf16" in report["matmul_peak"]:
+        bf16_peak = report["matmul_peak"]["bf16"]
+        lines.append(f"bf16 matmul peak used: {bf16_peak['peak_flops'] / 1e9:.1f} GFLOP/s "
+                     f"({bf16_peak['used']}).")
     mem = report.get("memory")
     if mem:
         lines += ["", f"Activation memory at r = {mem['recurrences']} {mem['layout']}:", "",
@@ -451,7 +500,8 @@ def _mib(n: int | None) -> str:
 def check_targets(report: dict) -> list[dict]:
     checks = []
     for row in report["rows"]:
-        if not row["name"].startswith("megaloop") or row["name"].endswith(("ckpt", "compiled")):
+        if not row["name"].startswith("megaloop") or row["name"].endswith(("ckpt", "compiled",
+                                                                            "bf16")):
             continue  # the targets are for the trainer's default step
         for key in ("vs_reference", "vs_looped_reference", "vs_hf", "vs_reference_per_flop",
                     "vs_hf_per_flop", "mfu", "mfu_executed"):
@@ -494,10 +544,19 @@ def main(argv: list[str] | None = None) -> dict:
     for entry in entries:
         entry.optimizer = make_optimizer(entry.module, impl)
     peak = MatmulPeak(matmul_shapes(args))
-    rounds = run_timing(entries, peak, args, tokens, targets)
+    peaks = [peak] + ([MatmulPeak(matmul_shapes(args), torch.bfloat16)] if args.bf16 else [])
+    rounds = run_timing(entries, peaks, args, tokens, targets)
 
     by_shape = peak.results()
     used = max(by_shape, key=by_shape.get)
+    peak_of = {"fp32": by_shape[used]}
+    matmul_peak = {"by_shape": by_shape, "used": used, "peak_flops": by_shape[used]}
+    if args.bf16:
+        bf16_shapes = peaks[1].results()
+        bf16_used = max(bf16_shapes, key=bf16_shapes.get)
+        peak_of["bf16"] = bf16_shapes[bf16_used]
+        matmul_peak["bf16"] = {"by_shape": bf16_shapes, "used": bf16_used,
+                               "peak_flops": bf16_shapes[bf16_used]}
     tokens_per_step = args.batch * args.seq
     report: dict = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -508,9 +567,9 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": "float32", "mlp": "swiglu", "tokens_per_step": tokens_per_step,
         "malloc": args.malloc,
         "adamw": {"impl": impl, "timings_s": adamw_timings},
-        "matmul_peak": {"by_shape": by_shape, "used": used, "peak_flops": by_shape[used]},
+        "matmul_peak": matmul_peak,
         "rounds": rounds,
-        "rows": summarize(entries, by_shape[used], tokens_per_step, args.contention),
+        "rows": summarize(entries, peak_of, tokens_per_step, args.contention),
         "step_times_s": {e.name: e.times for e in entries},
         "other_processes_cpu_s": {e.name: e.others for e in entries},
     }

@@ -56,6 +56,19 @@ def test_quick_benchmark_reports_every_model(tmp_path):
     assert {check["what"] for check in report["targets"]} >= {"megaloop r=1 mfu"}
 
 
+def test_quick_benchmark_times_bf16_against_fp32(tmp_path):
+    report = run_quick(tmp_path, "--no-hf", "--recurrences", "1,4", "--no-checkpoint-row",
+                       "--no-memory", "--bf16")
+    rows = {row["name"]: row for row in report["rows"]}
+    assert {"megaloop r=1 bf16", "megaloop r=4 bf16"} <= set(rows)
+    for r in (1, 4):
+        bf16 = rows[f"megaloop r={r} bf16"]
+        assert bf16["dtype"] == "bf16" and bf16["vs_fp32"] > 0
+        assert bf16["flops_per_token"] == rows[f"megaloop r={r}"]["flops_per_token"]
+    assert report["matmul_peak"]["bf16"]["peak_flops"] > 0
+    assert not any("bf16" in check["what"] for check in report["targets"])
+
+
 @pytest.mark.slow
 def test_quick_benchmark_with_hugging_face(tmp_path):
     pytest.importorskip("transformers")

@@ -177,6 +177,7 @@ def test_slurm_array_script(tmp_path, stdlib_shards):
     assert_ok(proc)
     script = proc.stdout[proc.stdout.index("#!/usr/bin/env bash"):]
     assert "#SBATCH --array=0-2" in script and "#SBATCH --requeue" in script
+    assert "#SBATCH --gpus-per-node=4" in script  # a GPU for each of the 4 ranks of a run
     assert "#SBATCH --signal=B:TERM@120" in script
     assert "--resume auto" in script and "--nproc 4" in script and "launch.sh" in script
     listing = tmp_path / "runs" / "sweeps" / "tiny-sweep" / "runs.txt"

@@ -102,6 +102,7 @@ def slurm_script(experiment: str, config_paths: list[Path], nproc: int,
         f"#SBATCH --array=0-{len(config_paths) - 1}",
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={nproc}",  # one GPU per rank: launch.sh starts nproc ranks
         "#SBATCH --requeue",
         "#SBATCH --signal=B:TERM@120",
         f"#SBATCH --output={shlex.quote(str(sweep_folder(experiment).resolve()))}/slurm-%A_%a.out",
