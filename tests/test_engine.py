@@ -9,6 +9,7 @@ import ast
 import contextlib
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,63 @@ def test_the_loop_reads_the_device_once_per_log_interval(stdlib_shards, tmp_path
     assert at == [4, 8, 12], reads
     per_sync = [sum(1 for step, _ in reads if step == s) for s in (4, 8)]
     assert per_sync == [1, 1], reads  # one transfer per sync, whatever it carries
+
+
+# ---- MFU -------------------------------------------------------------------------------------
+
+def test_mfu_counts_the_flops_of_the_r_each_step_ran(stdlib_shards, tmp_path):
+    """Sampled r: each logged interval (one step each here) is credited with the FLOPs per
+    token of the r it ran, not of the configured mean."""
+    import dataclasses
+
+    from megaloop.model.accounting import account
+    from megaloop.train.trainer import Trainer
+
+    cfg = run_config(**{"model.vocab_size": 4096, "data.shards": str(stdlib_shards),
+                        "data.verify": "false", "model.recurrences": 3,
+                        "model.recurrence_sampling": "poisson_lognormal", "train.steps": 8,
+                        "train.log_interval": 1, "train.eval_interval": 100,
+                        "train.checkpoint_interval": 100, "train.checkpoint_dir": str(tmp_path),
+                        "track.enabled": "false"})
+    engine = Engine(cfg)
+    try:
+        trainer = Trainer(cfg, engine, progress=False)
+        trainer.resume(None)
+        intervals = trainer.run()["intervals"]
+    finally:
+        engine.close()
+    ran = [i["recurrences"] for i in intervals]
+    assert len(set(ran)) > 1, ran  # the draw varied, so the test can tell the r apart
+    for interval in intervals:
+        flops_per_token = interval["mfu"] * trainer.peak / interval["tokens_per_s"]
+        r_model = dataclasses.replace(cfg.model, recurrences=interval["recurrences"])
+        assert flops_per_token == pytest.approx(account(r_model)["flops_per_token"], rel=1e-9)
+
+
+def test_the_throughput_meter_leaves_paused_time_out():
+    from megaloop.train.trainer import ThroughputMeter
+
+    meter = ThroughputMeter()
+    meter.add(tokens=1000, flops=1e9)
+    time.sleep(0.05)
+    meter.pause()  # an evaluation or a checkpoint
+    time.sleep(0.5)
+    meter.resume()
+    tokens_per_s, flops_per_s = meter.report()
+    assert tokens_per_s > 1000 / 0.3 and flops_per_s == pytest.approx(tokens_per_s * 1e6)
+    assert (meter.tokens, meter.flops) == (0, 0.0)  # the next interval starts empty
+
+
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA H800 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA B200", 2250e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA GeForce RTX 4090", None)])
+def test_gpu_peaks_tell_the_pcie_and_nvl_parts_from_the_sxm(name, peak):
+    from megaloop.train.mfu import known_gpu_peak
+
+    assert known_gpu_peak(name) == peak
 
 
 # ---- walls -----------------------------------------------------------------------------------

@@ -97,11 +97,16 @@ def join_process_group() -> tuple[int, int, bool]:
 
     created = not dist.is_initialized()
     if created:
-        if "RANK" not in os.environ:
-            os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name(),
-                                   auto_mpi_discovery=False, verbose=False)
+        backend = accelerator().communication_backend_name()
+        if "RANK" in os.environ:  # a launcher's ranks: the env:// rendezvous it set up
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       verbose=False)
+        else:  # a group of one on a free loopback port, leaving RANK and MASTER_* unset, so
+            # that a process this one starts (a test's `megaloop train`) forms its own group
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine and zero.Init read it
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       verbose=False, rank=0, world_size=1,
+                                       init_method=f"tcp://127.0.0.1:{_free_port()}")
     accelerator().set_device(local_rank())
     return dist.get_rank(), dist.get_world_size(), created
 

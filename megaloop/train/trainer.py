@@ -305,6 +305,7 @@ class Trainer:
                    "train/peak_mem_gb": self.engine.peak_memory_gb(),
                    "train/recurrences": synced.recurrences}
         self.intervals.append({"step": self.step, "loss": synced.loss,
+                               "recurrences": synced.recurrences,
                                "tokens_per_s": tokens_per_s, "mfu": mfu,
                                "peak_mem_gb": metrics["train/peak_mem_gb"]})
         if synced.grad_norm is not None:
