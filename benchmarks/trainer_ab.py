@@ -2,7 +2,7 @@
 the trainer buys.
 
     PYTHONPATH=. python benchmarks/trainer_ab.py --base HEAD~1 --head HEAD [--rounds 2]
-        [--steps 60] [--d-model 512] [--batch 8]
+        [--steps 60] [--d-model 512] [--batch 8] [--set model.recurrences=8 ...]
 
 Each commit is checked out into a temporary git worktree. Every run is the same `megaloop train`
 of that worktree's configs/runs/tiny.yaml at the given width and batch (sequences of 256 tokens)
@@ -49,7 +49,8 @@ def train(tree: Path, shards: Path, workdir: Path, args: argparse.Namespace) -> 
     settings = {"model.d_model": args.d_model, "model.n_heads": max(args.d_model // 64, 1),
                 "train.steps": args.steps, "train.micro_batch": args.batch,
                 "train.global_batch": args.batch, "train.log_interval": LOG_INTERVAL,
-                **timed_run_settings(workdir, shards, "ab")}
+                **timed_run_settings(workdir, shards, "ab"),
+                **dict(item.split("=", 1) for item in args.set)}
     command = [sys.executable, "-m", "megaloop.cli", "train", str(tree / "configs/runs/tiny.yaml"),
                "--no-progress", "--peak-flops", "1e11", *set_arguments(settings)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="sequences of 256 tokens per step")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both commits' runs (repeatable)")
     parser.add_argument("--json", default=str(REPO / "benchmarks/out/trainer_ab.json"))
     args = parser.parse_args()
     if args.steps <= 3 * LOG_INTERVAL:
@@ -92,7 +95,7 @@ def main() -> None:
     ratios = [h / b for b, h in zip(steps["base"], steps["head"], strict=True)]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "commits": commits, "d_model": args.d_model, "batch": args.batch,
-              "steps": args.steps,
+              "steps": args.steps, "overrides": args.set,
               "step_s": steps, "head_over_base": ratios,
               "head_over_base_median": statistics.median(ratios)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
