@@ -194,6 +194,23 @@ def test_the_rendered_config_keeps_weights_and_gradients_in_fp32():
     assert render_ds_config(run_config())["torch_autocast"]["enabled"] is False
 
 
+def test_fp32_on_cuda_allows_tf32_and_every_reader_of_the_flags_still_works():
+    """Set through the one API whose flags torch's older and newer readers both accept (the
+    newer per-backend setter makes a later read of `allow_tf32` raise)."""
+    from megaloop.train.engine import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert set_matmul_precision(torch.device("cpu"), "fp32") == "default"
+        assert torch.get_float32_matmul_precision() == before
+        assert set_matmul_precision(torch.device("cuda"), "bf16") == "default"
+        assert set_matmul_precision(torch.device("cuda"), "fp32") == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_flash_attention_without_bf16_and_compile_under_zero3_are_refused():
     with pytest.raises(ConfigError, match="needs train.precision = bf16"):
         run_config(**{"model.attention": "flash"})

@@ -121,12 +121,10 @@ def set_matmul_precision(device: torch.device, precision: str) -> str:
     CPU keeps full fp32. Returns what was set, for the run's tags."""
     if device.type != "cuda" or precision != "fp32":
         return "default"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # the setting every torch reads: torch >= 2.9's per-backend `fp32_precision` makes later
+    # reads of the older flags (compilers, libraries) raise
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
     return "tf32"
 
 
