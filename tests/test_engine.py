@@ -261,22 +261,33 @@ def host_reads_by_megaloop(trainer):
             setattr(torch.Tensor, name, original)
 
 
-def test_the_loop_reads_the_device_once_per_log_interval(stdlib_shards, tmp_path):
+def trainer_config(shards: Path, workdir: Path, **values) -> config.RunConfig:
+    """A run of the tiny engine model on the embedded corpus, in-process, tracking off."""
+    return run_config(**{"model.vocab_size": 4096, "data.shards": str(shards),
+                         "data.verify": "false", "train.eval_interval": 100,
+                         "train.checkpoint_interval": 100, "train.checkpoint_dir": str(workdir),
+                         "track.enabled": "false", **values})
+
+
+def run_trainer(cfg: config.RunConfig, watch=None):
+    """(trainer, summary, what `watch(trainer)` saw while it ran) of one in-process run."""
     from megaloop.train.trainer import Trainer
 
-    cfg = run_config(**{"model.vocab_size": 4096, "data.shards": str(stdlib_shards),
-                        "data.verify": "false", "train.steps": 12, "train.log_interval": 4,
-                        "train.eval_interval": 100, "train.checkpoint_interval": 100,
-                        "train.global_batch": 4, "train.checkpoint_dir": str(tmp_path),
-                        "track.enabled": "false"})
     engine = Engine(cfg)
     try:
         trainer = Trainer(cfg, engine, progress=False)
         trainer.resume(None)
-        with host_reads_by_megaloop(trainer) as reads:
+        with watch(trainer) if watch else contextlib.nullcontext() as seen:
             summary = trainer.run()
     finally:
         engine.close()
+    return trainer, summary, seen
+
+
+def test_the_loop_reads_the_device_once_per_log_interval(process_group, stdlib_shards, tmp_path):
+    cfg = trainer_config(stdlib_shards, tmp_path, **{"train.steps": 12, "train.log_interval": 4,
+                                                     "train.global_batch": 4})
+    _, summary, reads = run_trainer(cfg, watch=host_reads_by_megaloop)
     assert summary["step"] == 12 and math.isfinite(summary["val/loss"])
     at = sorted({step for step, _ in reads})
     assert at == [4, 8, 12], reads
@@ -286,27 +297,18 @@ def test_the_loop_reads_the_device_once_per_log_interval(stdlib_shards, tmp_path
 
 # ---- MFU -------------------------------------------------------------------------------------
 
-def test_mfu_counts_the_flops_of_the_r_each_step_ran(stdlib_shards, tmp_path):
+def test_mfu_counts_the_flops_of_the_r_each_step_ran(process_group, stdlib_shards, tmp_path):
     """Sampled r: each logged interval (one step each here) is credited with the FLOPs per
     token of the r it ran, not of the configured mean."""
     import dataclasses
 
     from megaloop.model.accounting import account
-    from megaloop.train.trainer import Trainer
 
-    cfg = run_config(**{"model.vocab_size": 4096, "data.shards": str(stdlib_shards),
-                        "data.verify": "false", "model.recurrences": 3,
-                        "model.recurrence_sampling": "poisson_lognormal", "train.steps": 8,
-                        "train.log_interval": 1, "train.eval_interval": 100,
-                        "train.checkpoint_interval": 100, "train.checkpoint_dir": str(tmp_path),
-                        "track.enabled": "false"})
-    engine = Engine(cfg)
-    try:
-        trainer = Trainer(cfg, engine, progress=False)
-        trainer.resume(None)
-        intervals = trainer.run()["intervals"]
-    finally:
-        engine.close()
+    cfg = trainer_config(stdlib_shards, tmp_path, **{
+        "model.recurrences": 3, "model.recurrence_sampling": "poisson_lognormal",
+        "train.steps": 8, "train.log_interval": 1})
+    trainer, summary, _ = run_trainer(cfg)
+    intervals = summary["intervals"]
     ran = [i["recurrences"] for i in intervals]
     assert len(set(ran)) > 1, ran  # the draw varied, so the test can tell the r apart
     for interval in intervals:

@@ -28,7 +28,7 @@ from megaloop import config
 from megaloop.model import LoopedLM
 from megaloop.model.accounting import account
 from megaloop.train.ds_config import render_ds_config
-from megaloop.train.engine import make_optimizer, optimizer_groups
+from megaloop.train.optim import adamw, optimizer_groups
 from megaloop.train.schedule import lr_at
 
 
@@ -189,7 +189,7 @@ def test_the_optimizer_is_fused_adamw_with_the_same_steps_as_torchs_loop():
     model, twin = LoopedLM(run.model), LoopedLM(run.model)
     twin.load_state_dict(model.state_dict())
     start = model.embed.weight.detach().clone()
-    fused = make_optimizer(model, run)
+    fused = adamw(model, run)
     looped = torch.optim.AdamW(optimizer_groups(twin, run.train.weight_decay), lr=run.train.lr,
                                betas=(run.train.beta1, run.train.beta2), eps=run.train.eps,
                                foreach=False)

@@ -48,6 +48,7 @@ from megaloop.train.ds_config import (
     zero_stage_of,
 )
 from megaloop.train.host_memory import tune_for_cpu_training
+from megaloop.train.optim import adamw, adamw_settings, optimizer_groups
 
 
 class ZeroPrefetchWarning(UserWarning):
@@ -136,34 +137,15 @@ def bf16_autocast(device_type: str) -> torch.autocast:
 
 # ---- model and optimizer ---------------------------------------------------------------------
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on the matrices of linear layers only: not on norms, biases, embeddings or
-    hyper-connection scalars."""
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (decay if id(param) in decayed else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-
-
-def fused_adamw_supported(model: torch.nn.Module) -> bool:
-    """torch's fused AdamW (one pass over each parameter) where its kernels exist: CUDA and,
-    since torch 2.4, the CPU. Without it, on the CPU torch runs AdamW as a Python loop of
-    elementwise operations per parameter: three times slower (benchmarks/RESULTS.md)."""
-    return all(param.is_floating_point() and param.device.type in ("cpu", "cuda")
-               for param in model.parameters())
-
-
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    train = config.train
-    groups = optimizer_groups(model, train.weight_decay)
-    kwargs = {"lr": train.lr, "betas": (train.beta1, train.beta2), "eps": train.eps}
-    if train.offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    """The run's AdamW (optim.py), or DeepSpeed's CPU Adam over the same groups when the
+    optimizer state is offloaded (`train.offload`)."""
+    if not config.train.offload:
+        return adamw(model, config)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=fused_adamw_supported(model), **kwargs)
+    return DeepSpeedCPUAdam(optimizer_groups(model, config.train.weight_decay), adamw_mode=True,
+                            **adamw_settings(config))
 
 
 def build_model(config: RunConfig, ds_config: dict[str, Any], device: torch.device) -> LoopedLM:
