@@ -160,13 +160,25 @@ def build_model(config: RunConfig, ds_config: dict[str, Any], device: torch.devi
     else:
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=None):
             model = LoopedLM(config.model, init_weights=False)
-        model.reset_parameters(
-            gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+        model.reset_parameters(gather=gather_each)
         model.rotary.to(device)  # zero.Init made its tables in bf16 when bf16 was on: remade
     model.set_activation_checkpointing(config.model.activation_checkpointing)
     if config.train.compile:
         model.compile_blocks()
     return model
+
+
+def gather_each(params: list[torch.nn.Parameter]) -> contextlib.ExitStack:
+    """ZeRO-3 shards made whole, one GatheredParameters per parameter, for rank 0 to write.
+    DeepSpeed before 0.19.8 waits on the last gather only when it gathers a list at once, and on
+    gloo another may still be in flight: a two-rank init then read parts of parameters that had
+    not arrived (a different step-1 loss now and then; benchmarks/RESULTS.md)."""
+    import deepspeed
+
+    stack = contextlib.ExitStack()
+    for param in params:
+        stack.enter_context(deepspeed.zero.GatheredParameters([param], modifier_rank=0))
+    return stack
 
 
 def warn_about_sampled_recurrences_under_zero3(config: RunConfig, stage: int) -> None:
