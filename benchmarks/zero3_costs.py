@@ -9,8 +9,9 @@
    a step and prefetches along it; a step with another r runs another order and discards the
    trace. Two ranks (torchrun) train with fixed r and with Poisson log-normal r of the same
    mean, at ZeRO-3 and at ZeRO-2 (which keeps whole parameters and has no trace); throughput is
-   the trainer's own MFU (FLOPs of the r each step ran over its time), median over the steps
-   after the warm-up; DeepSpeed's trace-cache warnings are counted.
+   the trainer's own MFU against one fixed peak (so: FLOPs of the r each step ran over its
+   time), median over the steps after the warm-up; DeepSpeed's trace-cache warnings are
+   counted.
 
     PYTHONPATH=. python benchmarks/zero3_costs.py [--steps 30] [--d-model 256] [--json OUT]
 """
@@ -32,6 +33,8 @@ from benchmarks.trainer_runs import set_arguments, stdlib_shards
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "runs" / "tiny.yaml"
+FIXED_PEAK = 1e12  # every run's MFU against the same peak: proportional to its FLOP/s
+RANKS = 2
 
 
 def model_settings(args: argparse.Namespace) -> dict[str, object]:
@@ -70,17 +73,24 @@ def compile_costs(args: argparse.Namespace) -> dict:
                                                    for r in explained.break_reasons})
                     torch._dynamo.reset()
                     model.compile_blocks()
-                tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1))
-                times = []
+                generator = torch.Generator().manual_seed(0)  # the same batch for both
+                tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1),
+                                       generator=generator)
+                times, losses = [], []
                 for step in range(args.compile_warmup + args.compile_steps):
                     start = time.perf_counter()
-                    engine.forward_backward(tokens[:, :-1], tokens[:, 1:], 3)
-                    engine.optimizer_step(1e-4)
+                    loss = engine.forward_backward(tokens[:, :-1], tokens[:, 1:], 3)
+                    engine.optimizer_step(1e-3)
+                    losses.append(float(loss))
                     if step >= args.compile_warmup:
                         times.append(time.perf_counter() - start)
                 row[f"{variant}_step_s"] = statistics.median(times)
+                row[f"{variant}_losses"] = losses
                 engine.close()
             row["compiled_over_eager"] = row["compiled_step_s"] / row["eager_step_s"]
+            row["largest_loss_difference"] = max(
+                abs(a - b) for a, b in zip(row["eager_losses"], row["compiled_losses"],
+                                           strict=True))
             results[f"zero{stage}"] = row
             print(f"compile at ZeRO-{stage}: {row}", file=sys.stderr, flush=True)
     finally:
@@ -111,8 +121,10 @@ def sampled_run(args: argparse.Namespace, stage: int, sampling: str, shards: Pat
                 "train.eval_interval": 10**6, "train.checkpoint_interval": 10**6,
                 "train.checkpoint_dir": folder / f"ckpt-{name}", "data.shards": shards,
                 "data.verify": False, "track.enabled": False}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={RANKS}",
             "-m", "megaloop.cli", "train", str(TINY), "--no-progress", "--json", str(summary),
+            "--peak-flops", str(FIXED_PEAK),
             *set_arguments(settings)]
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
@@ -122,7 +134,8 @@ def sampled_run(args: argparse.Namespace, stage: int, sampling: str, shards: Pat
         raise SystemExit(f"{name} failed:\n{done.stderr[-4000:]}")
     intervals = json.loads(summary.read_text())["intervals"][args.warmup:]
     output = done.stdout + done.stderr
-    return {"mfu_median": statistics.median(i["mfu"] for i in intervals),
+    mfu = statistics.median(i["mfu"] for i in intervals)
+    return {"flops_per_s_median": FIXED_PEAK * RANKS * mfu,
             "tokens_per_s_median": statistics.median(i["tokens_per_s"] for i in intervals),
             "steps_measured": len(intervals),
             "trace_invalidations": output.count("Invalidate trace cache")}
@@ -137,8 +150,8 @@ def sampling_costs(args: argparse.Namespace, folder: Path) -> dict:
                                                                    folder)
             print(f"ZeRO-{stage} {sampling}: {row}", file=sys.stderr, flush=True)
         results[f"zero{stage}_sampled_over_fixed"] = (
-            results[f"zero{stage}_poisson_lognormal"]["mfu_median"]
-            / results[f"zero{stage}_fixed"]["mfu_median"])
+            results[f"zero{stage}_poisson_lognormal"]["flops_per_s_median"]
+            / results[f"zero{stage}_fixed"]["flops_per_s_median"])
     results["prefetch_cost"] = 1 - (results["zero3_sampled_over_fixed"]
                                     / results["zero2_sampled_over_fixed"])
     return results
@@ -152,7 +165,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="steps of each sampled-r run")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
     parser.add_argument("--compile-warmup", type=int, default=2)
-    parser.add_argument("--compile-steps", type=int, default=5)
+    parser.add_argument("--compile-steps", type=int, default=10)
     parser.add_argument("--skip", choices=["compile", "sampling"], action="append", default=[])
     parser.add_argument("--json", default="benchmarks/out/zero3_costs.json")
     args = parser.parse_args()
