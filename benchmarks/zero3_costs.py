@@ -3,8 +3,9 @@
 1. train.compile under ZeRO-3. ZeRO-3 gathers each submodule's parameters in forward hooks that
    DeepSpeed marks `torch.compiler.disable`. torch._dynamo.explain counts the graphs and graph
    breaks of one compiled loop block at ZeRO-0 and at ZeRO-3, and one process times the step
-   eager and with `compile_blocks` at both stages (the trainer refuses compile at ZeRO-3; this
-   benchmark compiles the engine's blocks itself to measure why).
+   eager and with `compile_blocks` at both stages and compares their losses on one batch (the
+   trainer warns of compile at ZeRO-3 with these figures).
+
 2. Sampled r under ZeRO-3. ZeRO-3 records the order in which modules fetch their parameters on
    a step and prefetches along it; a step with another r runs another order and discards the
    trace. Two ranks (torchrun) train with fixed r and with Poisson log-normal r of the same

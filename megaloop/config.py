@@ -260,13 +260,6 @@ class RunConfig:
             raise ConfigError("model.attention = flash needs train.precision = bf16: flash-attn "
                               "has no fp32 kernels, and an fp32 run would silently use SDPA; set "
                               "train.precision=bf16 or model.attention=auto.")
-        if self.train.compile and self.train.zero_stage == 3:
-            raise ConfigError(
-                "train.compile with train.zero_stage = 3 is refused: ZeRO-3 gathers every "
-                "submodule's weights in hooks that DeepSpeed hides from torch.compile, so each "
-                "compiled block falls apart into one graph per layer between them and gains "
-                "nothing (benchmarks/RESULTS.md). Compile with train.zero_stage 0-2 (2 shards "
-                "gradients and optimizer state), or train ZeRO-3 without train.compile.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

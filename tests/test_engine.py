@@ -10,6 +10,7 @@ import contextlib
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,14 @@ from megaloop.errors import ConfigError
 from megaloop.model import LoopedLM
 from megaloop.model.blocks import Rotary
 from megaloop.train.ds_config import render_ds_config
-from megaloop.train.engine import Engine, build_model, join_process_group, leave_process_group
+from megaloop.train.engine import (
+    Engine,
+    ZeroCompileWarning,
+    ZeroPrefetchWarning,
+    build_model,
+    join_process_group,
+    leave_process_group,
+)
 
 LONG = 1024  # positions: bf16 tables would round every position above 256
 
@@ -211,11 +219,36 @@ def test_fp32_on_cuda_allows_tf32_and_every_reader_of_the_flags_still_works():
         torch.set_float32_matmul_precision(before)
 
 
-def test_flash_attention_without_bf16_and_compile_under_zero3_are_refused():
+def test_flash_attention_without_bf16_is_refused():
     with pytest.raises(ConfigError, match="needs train.precision = bf16"):
         run_config(**{"model.attention": "flash"})
-    with pytest.raises(ConfigError, match="train.zero_stage = 3 is refused"):
-        run_config(**{"train.compile": "true", "train.zero_stage": 3})
+
+
+def test_zero3_warns_of_what_sampled_r_and_compile_cost_and_zero2_does_not(process_group):
+    sampled = {"model.recurrence_sampling": "poisson_lognormal", "train.compile": "true"}
+    with pytest.warns(ZeroPrefetchWarning) as caught:
+        Engine(run_config(**sampled, **{"train.zero_stage": 3})).build().close()
+    assert {type(w.message) for w in caught} >= {ZeroPrefetchWarning, ZeroCompileWarning}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ZeroPrefetchWarning)
+        warnings.simplefilter("error", ZeroCompileWarning)
+        Engine(run_config(**sampled, **{"train.zero_stage": 2})).build().close()
+
+
+def test_compiled_blocks_under_zero3_compute_what_eager_does(process_group):
+    zero3 = {"train.zero_stage": 3}
+    eager = losses_of(run_config(**zero3), steps=3, seq=16)
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(ZeroCompileWarning):
+            compiled = losses_of(run_config(**zero3, **{"train.compile": "true"}), steps=3,
+                                 seq=16)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs > 3  # compiled, in pieces: one graph per layer between ZeRO-3's gathers
+    assert eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, abs=1e-4)
 
 
 def test_consolidated_weights_are_whole_under_zero3(process_group):

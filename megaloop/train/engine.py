@@ -55,6 +55,10 @@ class ZeroPrefetchWarning(UserWarning):
     """Sampled recurrences under ZeRO-3: the parameter prefetch is lost (see Engine)."""
 
 
+class ZeroCompileWarning(UserWarning):
+    """`train.compile` under ZeRO-3: each block compiles into one graph per layer."""
+
+
 # ---- the accelerator and the process group ---------------------------------------------------
 
 def accelerator() -> Any:
@@ -181,16 +185,29 @@ def gather_each(params: list[torch.nn.Parameter]) -> contextlib.ExitStack:
     return stack
 
 
-def warn_about_sampled_recurrences_under_zero3(config: RunConfig, stage: int) -> None:
-    """ZeRO-3 records the order in which modules fetch their parameters on the first step and
-    prefetches along it afterwards; a step with another r runs another order, which discards
-    the trace (benchmarks/RESULTS.md measures the cost)."""
-    if stage == 3 and config.model.recurrence_sampling != "fixed":
+def warn_about_zero3_costs(config: RunConfig, stage: int) -> None:
+    """What ZeRO-3 costs two of our features (benchmarks/zero3_costs.py measures both).
+
+    Sampled r: ZeRO-3 records the order in which modules fetch their parameters on the first
+    step and prefetches along it afterwards; a step with another r runs another order, which
+    discards the trace. Compile: ZeRO-3 gathers each layer's weights in hooks that DeepSpeed
+    hides from torch.compile, so a compiled block breaks into one graph per layer, with no
+    fusion across layers; it still computes what eager does."""
+    if stage != 3:
+        return
+    if config.model.recurrence_sampling != "fixed":
         warnings.warn("model.recurrence_sampling with train.zero_stage = 3: every step that runs "
                       "another r than the step before discards ZeRO-3's prefetch trace, so "
                       "parameters are fetched on demand (slower steps; see benchmarks/RESULTS.md"
                       "). ZeRO-2 keeps whole parameters on every rank and does not lose it.",
                       ZeroPrefetchWarning, stacklevel=3)
+    if config.train.compile:
+        warnings.warn("train.compile with train.zero_stage = 3: ZeRO-3's parameter gathers "
+                      "break each compiled block into one graph per layer (no fusion across "
+                      "layers), and torch.compile gives up on DeepSpeed's hooks after its "
+                      "recompile limit (its warnings are expected). Losses equal eager's; the "
+                      "speed is measured in benchmarks/RESULTS.md. ZeRO-2 compiles each block "
+                      "whole.", ZeroCompileWarning, stacklevel=3)
 
 
 def refused(config: RunConfig, exc: Exception) -> ConfigError:
@@ -246,7 +263,7 @@ class Engine:
 
         config = self.config
         if self.rank == 0:
-            warn_about_sampled_recurrences_under_zero3(config, self.zero_stage)
+            warn_about_zero3_costs(config, self.zero_stage)
         check_ds_config(config, self.ds_config)
         self.model = build_model(config, self.ds_config, self.device)
         optimizer = make_optimizer(self.model, config)
