@@ -77,6 +77,19 @@ def test_sdpa_runs_its_flash_or_cudnn_kernel_for_the_models_attention():
         assert torch.isfinite(loss)
 
 
+def test_grouped_heads_in_fp32_do_not_need_sdpas_math_kernel():
+    """fp32 (the default precision) with GQA: the memory-efficient kernel must take it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = make_model(perturb=0.05, **VARIANTS["gqa_qknorm_softcap"], **WIDE).cuda()
+    tokens = random_tokens(seq=33).cuda()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                      SDPBackend.CUDNN_ATTENTION]):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("stage", [0, 3])
 def test_the_trainer_on_one_gpu_in_bf16(stdlib_shards, tmp_path, stage):
     """`megaloop train` on DeepSpeed's CUDA accelerator and NCCL (no DS_ACCELERATOR), bf16;

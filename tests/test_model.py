@@ -15,10 +15,11 @@ from reference import (
     stack_names,
     unrolled_order,
 )
-from tiny import VARIANTS, make_model, random_tokens
+from tiny import VARIANTS, make_config, make_model, random_tokens
 
 from megaloop.errors import ConfigError
-from megaloop.model.blocks import sdpa_attention
+from megaloop.model import LoopedLM
+from megaloop.model.blocks import native_gqa, sdpa_attention
 from megaloop.model.hyper import MHCConnection, sinkhorn
 
 VOCAB = 64
@@ -413,6 +414,38 @@ def test_sdpa_equals_reference_attention(kv_heads):
     q = torch.randn(2, 4, 10, 8, generator=generator)
     k, v = torch.randn(2, 2, kv_heads, 10, 8, generator=generator)
     exact(sdpa_attention(q, k, v), causal_attention(q, k, v), atol=1e-5)
+
+
+def test_grouped_heads_reach_sdpa_as_they_are_only_where_its_flash_kernel_reads_them():
+    """Elsewhere `enable_gqa` sends SDPA to its math kernel; repeated K/V keep the fused ones
+    (tests/test_gpu.py runs fp32 GQA with the math kernel switched off)."""
+    half = torch.zeros(1, 4, 8, 64, dtype=torch.bfloat16)
+    assert native_gqa(half, masked=False)
+    assert not native_gqa(half.float(), masked=False)
+    assert not native_gqa(half, masked=True)
+    assert not native_gqa(torch.zeros(1, 4, 8, 512, dtype=torch.bfloat16), masked=False)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=generator)
+    k, v = torch.randn(2, 2, 2, 10, 8, generator=generator)
+    want = causal_attention(q, k, v)
+    got = sdpa_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+    exact(got, want, atol=3e-2)
+
+
+# ---- initialisation ----------------------------------------------------------------------------
+
+def test_weights_are_drawn_from_the_cpu_generator_on_any_device():
+    """ZeRO-3 initialises gathered weights where they live (a GPU); ZeRO 0-2 on the CPU. The
+    same seed must give both the same weights, so every draw comes from the CPU generator."""
+    states = []
+    for device in ("cpu", "meta"):
+        with torch.device(device):
+            model = LoopedLM(make_config(**VARIANTS["hyperloop"]), init_weights=False)
+        torch.manual_seed(0)
+        model.reset_parameters()
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)
+    assert not torch.equal(states[0], torch.manual_seed(0).get_state())  # it did draw
 
 
 # ---- loss and refusals ------------------------------------------------------------------------

@@ -88,20 +88,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+FUSED_GQA_DTYPES = (torch.float16, torch.bfloat16)
+FUSED_GQA_MAX_HEAD_DIM = 256
+
+
+def native_gqa(q: torch.Tensor, masked: bool) -> bool:
+    """Whether SDPA gets grouped K/V heads as they are (`enable_gqa`) rather than repeated.
+    Only the flash kernel reads grouped heads: in fp32, with a mask or above its head size,
+    `enable_gqa` would send SDPA to its math kernel (quadratic memory), which repeated K/V
+    avoid."""
+    return (q.dtype in FUSED_GQA_DTYPES and not masked
+            and q.shape[-1] <= FUSED_GQA_MAX_HEAD_DIM)
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads, which
-    SDPA's kernels read in place (`enable_gqa`) rather than from repeated copies.
+    """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads.
 
     k and v may be longer than q (cached past positions): query i is the key position
     len(k) - len(q) + i and sees keys up to it. One query (decoding) sees every key."""
-    gqa = k.shape[1] != q.shape[1]
     q_len, k_len = q.shape[2], k.shape[2]
-    if q_len == k_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if q_len == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    causal = q_len == k_len
+    mask = None
+    if not causal and q_len > 1:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and not native_gqa(q, masked=mask is not None):
+        repeats = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=gqa)
 
 
 class KVCache:

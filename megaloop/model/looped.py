@@ -43,6 +43,11 @@ class LinearInjection(nn.Linear):
         return F.linear(x, self.weight[:, :d] if part == "embedding" else self.weight[:, d:])
 
 
+def _normal_(weight: torch.Tensor, std: float) -> None:
+    """`nn.init.normal_`'s numbers on the CPU (the same draws), written to `weight` anywhere."""
+    weight.copy_(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std))
+
+
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, init_weights: bool = True):
         super().__init__()
@@ -92,19 +97,21 @@ class LoopedLM(nn.Module):
     @torch.no_grad()
     def _init_module(self, module: nn.Module) -> None:
         """GPT-2 style: normal(0.02), residual output projections scaled by the effective depth;
-        linear injection [I | 0]."""
+        linear injection [I | 0]. Drawn from the CPU generator whatever the device, so the
+        seed gives the same weights to a model made on the CPU and moved (ZeRO 0-2) and to one
+        made on the GPU under zero.Init (ZeRO-3)."""
         std = 0.02
         residual_std = std / math.sqrt(2 * self.cfg.effective_depth)
         if module is self.embed or module is self.lm_head:
-            nn.init.normal_(module.weight, std=std)
+            _normal_(module.weight, std=std)
         elif isinstance(module, Attention):
-            nn.init.normal_(module.qkv.weight, std=std)
-            nn.init.normal_(module.out.weight, std=residual_std)
+            _normal_(module.qkv.weight, std=std)
+            _normal_(module.out.weight, std=residual_std)
         elif isinstance(module, MLP):
-            nn.init.normal_(module.inp.weight, std=std)
-            nn.init.normal_(module.out.weight, std=residual_std)
+            _normal_(module.inp.weight, std=std)
+            _normal_(module.out.weight, std=residual_std)
         elif isinstance(module, DynamicGates):
-            nn.init.normal_(module.proj.weight, std=std)
+            _normal_(module.proj.weight, std=std)
         elif module is self.injection:  # u = e at the start of training
             d = self.cfg.d_model
             module.weight.zero_()
