@@ -79,6 +79,9 @@ from megaloop.cluster import (
 
 PROG = "launch.sh"
 DEFAULT_PORT = 29500
+# How long torchrun waits for its ranks after passing SIGTERM on, before it kills them: its own
+# 30 s can cut the last checkpoint of a large model short. The SLURM scripts signal 120 s ahead.
+SIGTERM_GRACE_S = 120
 RANK_ARGV = "--rank-argv"  # hidden entry of every rank started by DeepSpeed's launcher
 COMMAND = re.compile(r"[a-z][a-z0-9_-]*")
 SHELL_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
@@ -190,6 +193,8 @@ def plan(args: argparse.Namespace, megaloop_argv: list[str], *,
     if nnodes == 1 and nproc == 1:
         notes.append("one process, world size 1")
         return Launch([python, "-m", "megaloop.cli", *megaloop_argv], env, notes)
+    if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in environ:
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(SIGTERM_GRACE_S)
     argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if nnodes > 1:
         if addr is None:

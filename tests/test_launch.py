@@ -82,7 +82,8 @@ def test_local_ranks_run_through_torchrun():
     assert argv == [*TORCHRUN, "--nproc-per-node", "2", "--standalone",
                     *CLI, "train", CONFIG, "--set", "model.recurrences=4"]
     assert env == {"DS_ACCELERATOR": "cpu",
-                   "OMP_NUM_THREADS": str(max(1, launch.cpu_cores() // 2))}
+                   "OMP_NUM_THREADS": str(max(1, launch.cpu_cores() // 2)),
+                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(launch.SIGTERM_GRACE_S)}
 
 
 def test_unknown_options_pass_through_in_order():
@@ -92,7 +93,8 @@ def test_unknown_options_pass_through_in_order():
 
 def test_the_environment_a_user_set_is_kept():
     launched = plan("train", CONFIG, "--nproc", "4",
-                    environ={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3"})
+                    environ={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3",
+                             "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"})
     assert launched.env == {}
     assert plan("train", CONFIG, "--nproc", "4", cores=6).env["OMP_NUM_THREADS"] == "1"
     assert plan("train", CONFIG, "--nproc", "2", cores=6).env["OMP_NUM_THREADS"] == "3"
@@ -151,7 +153,7 @@ def test_slurm_gives_nodes_rank_and_master():
     assert argv == [*TORCHRUN, "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1",
                     "--master-addr", "node07", "--master-port", str(20000 + 4242),
                     *CLI, "train", CONFIG]
-    assert env == {"DS_ACCELERATOR": "cpu"}
+    assert env == {"DS_ACCELERATOR": "cpu", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
     assert "SLURM job 4242: node 1 of 2" in notes[0]
 
 

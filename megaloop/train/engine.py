@@ -31,7 +31,7 @@ import os
 import socket
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,9 @@ def join_process_group() -> tuple[int, int, bool]:
         if "RANK" in os.environ:  # a launcher's ranks: the env:// rendezvous it set up
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        verbose=False)
-        else:  # a group of one on a free loopback port, leaving RANK and MASTER_* unset, so
+        else:
+            refuse_ranks_without_a_rendezvous(os.environ)
+            # a group of one on a free loopback port, leaving RANK and MASTER_* unset, so
             # that a process this one starts (a test's `megaloop train`) forms its own group
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine and zero.Init read it
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -114,6 +116,17 @@ def join_process_group() -> tuple[int, int, bool]:
                                        init_method=f"tcp://127.0.0.1:{_free_port()}")
     accelerator().set_device(local_rank())
     return dist.get_rank(), dist.get_world_size(), created
+
+
+def refuse_ranks_without_a_rendezvous(environ: Mapping[str, str]) -> None:
+    """Several processes started by hand (mpirun, a bare WORLD_SIZE) without RANK would each
+    form a group of one and train the same run into one folder."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if environ.get(name, "1").strip() not in ("", "0", "1"):
+            raise ConfigError(f"{name}={environ[name]} but RANK is unset: these processes were "
+                              "started without a rendezvous and would each train alone. Start "
+                              "them with launch.sh (torchrun sets RANK, LOCAL_RANK and "
+                              "MASTER_ADDR), or unset " + name + " for one process.")
 
 
 def leave_process_group(created: bool) -> None:
@@ -218,8 +231,14 @@ def refused(config: RunConfig, exc: Exception) -> ConfigError:
 
 def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
     """DeepSpeed's own parse of the rendered config, before any model is built (it needs the
-    process group: batch sizes are checked against the world size)."""
+    process group: batch sizes are checked against the world size), and what megaloop needs."""
     from deepspeed.runtime.config import DeepSpeedConfig
+
+    if ds_config.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ConfigError(f"{template_path(config)} sets zero_optimization.compute_grad_norm "
+                          "to false: without the gradient norm a non-finite gradient reaches "
+                          "the weights unseen, and a checkpoint could save them. Remove the "
+                          "key.")
 
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -234,9 +253,10 @@ class Engine:
     """One run's model, optimizer and DeepSpeed engine on this rank's device.
 
     Every rank makes one, builds it, calls the same methods in the same order (they may be
-    collective) and closes it. Device tensors stay on the device: the only host reads are the
-    values returned by `sum_over_ranks` (the loop's one sync per log interval) and by
-    `consolidated_state_dict`."""
+    collective) and closes it. Device tensors stay on the device: megaloop's only host reads are
+    the values returned by `sum_over_ranks` (the loop's one sync per log interval) and by
+    `consolidated_state_dict` (DeepSpeed's ZeRO 1-3 step also reads, every step, whether its
+    gradient norm is finite)."""
 
     def __init__(self, config: RunConfig):
         """Join the process group, choose the device, render the DeepSpeed config; `build`

@@ -69,11 +69,19 @@ class SyncedStep:
     lr: float
 
 
+def non_finite_count(norms: list[torch.Tensor]) -> torch.Tensor | float:
+    """How many of these device scalars are not finite, on the device."""
+    if not norms:
+        return 0.0
+    return torch.stack([n.reshape(()).float() for n in norms]).isfinite().logical_not().sum()
+
+
 @dataclass
 class ThroughputMeter:
     """Tokens and FLOPs of the training steps since the last report, over the time they took.
-    Evaluation and checkpoints are paused out; the device is synchronised at every pause and
-    report (both happen at sync points), so queued work is counted where it ran."""
+    The loop pauses it right after each sync point (where the host has waited for the device,
+    so queued work is counted where it ran) and resumes it when logging, evaluation and the
+    checkpoint are done: none of them counts as training time."""
 
     tokens: int = 0
     flops: float = 0.0
@@ -93,12 +101,12 @@ class ThroughputMeter:
         self.started = time.perf_counter()
 
     def report(self) -> tuple[float, float]:
-        """(tokens/s, FLOP/s) since the last report; starts the next interval."""
+        """(tokens/s, FLOP/s) since the last report, which empties the meter; it stays paused
+        until `resume`."""
         self.pause()
         tokens_per_s = self.tokens / self.seconds if self.seconds > 0 else 0.0
         flops_per_s = self.flops / self.seconds if self.seconds > 0 else 0.0
         self.tokens, self.flops, self.seconds = 0, 0.0, 0.0
-        self.resume()
         return tokens_per_s, flops_per_s
 
 
@@ -211,13 +219,17 @@ class Trainer:
         steps, self.pending = self.pending, []
         norms = [s.grad_norm for s in steps if s.grad_norm is not None]
         summed, read = self.engine.sum_over_ranks(
-            [s.loss for s in steps] + [float(self.stop_signalled)], norms)
-        losses, stop = [loss / self.world_size for loss in summed[:-1]], summed[-1]
+            [s.loss for s in steps] + [non_finite_count(norms), float(self.stop_signalled)],
+            norms)
+        *loss_sums, non_finite_norms, stop = summed
+        losses = [loss / self.world_size for loss in loss_sums]
         norm_of = iter(read)
         synced = [SyncedStep(s.step, loss, None if s.grad_norm is None else next(norm_of),
                              s.recurrences, s.lr) for s, loss in zip(steps, losses, strict=True)]
         for step in synced:
             self.check_finite(step)
+        if non_finite_norms > 0:  # every rank stops in the same sync, whichever saw it
+            self.check_finite(dataclasses.replace(synced[-1], grad_norm=math.nan))
         self.stopping = self.stopping or stop > 0
         return synced[-1]
 
@@ -270,11 +282,11 @@ class Trainer:
             if not (log_due or eval_due or save_due):
                 continue
             synced = self.sync()
+            meter.pause()
             if log_due:
                 self.log_train(synced, meter)
                 bar.set_postfix(loss=f"{synced.loss:.4f}", refresh=False)
-            meter.pause()
-            if eval_due:
+            if eval_due and not self.stopping:  # a stop saves at once: its time is short
                 last_eval = self.evaluate()
                 self.tracker.log_metrics(last_eval, self.step)
             if save_due or self.stopping:
