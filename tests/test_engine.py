@@ -24,11 +24,9 @@ from megaloop import config
 from megaloop.errors import ConfigError
 from megaloop.model import LoopedLM
 from megaloop.model.blocks import Rotary
-from megaloop.train.ds_config import render_ds_config
+from megaloop.train.ds_config import ZeroCompileWarning, ZeroPrefetchWarning, render_ds_config
 from megaloop.train.engine import (
     Engine,
-    ZeroCompileWarning,
-    ZeroPrefetchWarning,
     build_model,
     join_process_group,
     leave_process_group,

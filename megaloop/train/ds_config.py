@@ -12,6 +12,7 @@ Facts that shape the templates (RESEARCH.md section 6):
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,3 +123,53 @@ def zero_stage_of(ds_config: dict[str, Any]) -> int:
 
 def autocast_enabled(ds_config: dict[str, Any]) -> bool:
     return bool(ds_config.get("torch_autocast", {}).get("enabled", False))
+
+
+# ---- what megaloop needs of a rendered config, and what ZeRO-3 costs -------------------------
+
+class ZeroPrefetchWarning(UserWarning):
+    """Sampled recurrences under ZeRO-3: the parameter prefetch is lost."""
+
+
+class ZeroCompileWarning(UserWarning):
+    """`train.compile` under ZeRO-3: each block compiles into one graph per layer."""
+
+
+def check_megaloop_needs(config: RunConfig, ds_config: dict[str, Any]) -> None:
+    """What megaloop itself needs of a template (DeepSpeed's own parse is the Engine's)."""
+    if ds_config.get("zero_optimization", {}).get("compute_grad_norm") is False:
+        raise ConfigError(f"{template_path(config)} sets zero_optimization.compute_grad_norm "
+                          "to false: without the gradient norm a non-finite gradient reaches "
+                          "the weights unseen, and a checkpoint could save them. Remove the "
+                          "key.")
+
+
+def warn_about_zero3_costs(config: RunConfig, stage: int) -> None:
+    """What ZeRO-3 costs two of our features (benchmarks/zero3_costs.py measures both).
+
+    Sampled r: ZeRO-3 records the order in which modules fetch their parameters on the first
+    step and prefetches along it afterwards; a step with another r runs another order, which
+    discards the trace. Compile: ZeRO-3 gathers each layer's weights in hooks that DeepSpeed
+    hides from torch.compile, so a compiled block breaks into one graph per layer, with no
+    fusion across layers; it still computes what eager does."""
+    if stage != 3:
+        return
+    if config.model.recurrence_sampling != "fixed":
+        warnings.warn("model.recurrence_sampling with train.zero_stage = 3: every step that runs "
+                      "another r than the step before discards ZeRO-3's prefetch trace, so "
+                      "parameters are fetched on demand (slower steps; see benchmarks/RESULTS.md"
+                      "). ZeRO-2 keeps whole parameters on every rank and does not lose it.",
+                      ZeroPrefetchWarning, stacklevel=3)
+    if config.train.compile:
+        warnings.warn("train.compile with train.zero_stage = 3: ZeRO-3's parameter gathers "
+                      "break each compiled block into one graph per layer (no fusion across "
+                      "layers), and torch.compile gives up on DeepSpeed's hooks after its "
+                      "recompile limit (its warnings are expected). Losses equal eager's; the "
+                      "speed is measured in benchmarks/RESULTS.md. ZeRO-2 compiles each block "
+                      "whole.", ZeroCompileWarning, stacklevel=3)
+
+
+def refused(config: RunConfig, exc: Exception) -> ConfigError:
+    return ConfigError(f"DeepSpeed refused the config rendered from {template_path(config)}: "
+                       f"{exc}. `megaloop ds-config CONFIG` prints it; mend the template or the "
+                       "train.* keys.")

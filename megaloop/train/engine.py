@@ -30,7 +30,6 @@ import contextlib
 import os
 import socket
 import sys
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,21 +42,14 @@ from megaloop.errors import ConfigError
 from megaloop.model.looped import LoopedLM
 from megaloop.train.ds_config import (
     autocast_enabled,
+    check_megaloop_needs,
+    refused,
     render_ds_config,
-    template_path,
+    warn_about_zero3_costs,
     zero_stage_of,
 )
 from megaloop.train.host_memory import tune_for_cpu_training
 from megaloop.train.optim import adamw, adamw_settings, optimizer_groups
-
-
-class ZeroPrefetchWarning(UserWarning):
-    """Sampled recurrences under ZeRO-3: the parameter prefetch is lost (see Engine)."""
-
-
-class ZeroCompileWarning(UserWarning):
-    """`train.compile` under ZeRO-3: each block compiles into one graph per layer."""
-
 
 # ---- the accelerator and the process group ---------------------------------------------------
 
@@ -198,48 +190,12 @@ def gather_each(params: list[torch.nn.Parameter]) -> contextlib.ExitStack:
     return stack
 
 
-def warn_about_zero3_costs(config: RunConfig, stage: int) -> None:
-    """What ZeRO-3 costs two of our features (benchmarks/zero3_costs.py measures both).
-
-    Sampled r: ZeRO-3 records the order in which modules fetch their parameters on the first
-    step and prefetches along it afterwards; a step with another r runs another order, which
-    discards the trace. Compile: ZeRO-3 gathers each layer's weights in hooks that DeepSpeed
-    hides from torch.compile, so a compiled block breaks into one graph per layer, with no
-    fusion across layers; it still computes what eager does."""
-    if stage != 3:
-        return
-    if config.model.recurrence_sampling != "fixed":
-        warnings.warn("model.recurrence_sampling with train.zero_stage = 3: every step that runs "
-                      "another r than the step before discards ZeRO-3's prefetch trace, so "
-                      "parameters are fetched on demand (slower steps; see benchmarks/RESULTS.md"
-                      "). ZeRO-2 keeps whole parameters on every rank and does not lose it.",
-                      ZeroPrefetchWarning, stacklevel=3)
-    if config.train.compile:
-        warnings.warn("train.compile with train.zero_stage = 3: ZeRO-3's parameter gathers "
-                      "break each compiled block into one graph per layer (no fusion across "
-                      "layers), and torch.compile gives up on DeepSpeed's hooks after its "
-                      "recompile limit (its warnings are expected). Losses equal eager's; the "
-                      "speed is measured in benchmarks/RESULTS.md. ZeRO-2 compiles each block "
-                      "whole.", ZeroCompileWarning, stacklevel=3)
-
-
-def refused(config: RunConfig, exc: Exception) -> ConfigError:
-    return ConfigError(f"DeepSpeed refused the config rendered from {template_path(config)}: "
-                       f"{exc}. `megaloop ds-config CONFIG` prints it; mend the template or the "
-                       "train.* keys.")
-
-
 def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
     """DeepSpeed's own parse of the rendered config, before any model is built (it needs the
     process group: batch sizes are checked against the world size), and what megaloop needs."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if ds_config.get("zero_optimization", {}).get("compute_grad_norm") is False:
-        raise ConfigError(f"{template_path(config)} sets zero_optimization.compute_grad_norm "
-                          "to false: without the gradient norm a non-finite gradient reaches "
-                          "the weights unseen, and a checkpoint could save them. Remove the "
-                          "key.")
-
+    check_megaloop_needs(config, ds_config)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             DeepSpeedConfig(ds_config)
