@@ -182,6 +182,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     wsd_decay_fraction: float = 0.2  # WSD: the last fraction of steps decays to min_lr
     weight_decay: float = 0.1
+    optimizer: Literal["adamw", "muonh"] = "adamw"  # muonh: MuonH on block matrices + AdamW
+    matrix_lr: float = 0.014  # MuonH's lr at the schedule's peak (train.lr is AdamW's)
+    muon_momentum: float = 0.95
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -228,6 +231,18 @@ class TrainConfig:
         if not 0 < self.wsd_decay_fraction <= 1:
             raise ConfigError(f"train.wsd_decay_fraction = {self.wsd_decay_fraction} must be in "
                               "(0, 1].")
+        if not math.isfinite(self.matrix_lr) or self.matrix_lr <= 0:
+            raise ConfigError(f"train.matrix_lr = {self.matrix_lr} must be a finite number > 0.")
+        if not 0 <= self.muon_momentum < 1:
+            raise ConfigError(f"train.muon_momentum = {self.muon_momentum} must be in [0, 1).")
+        if self.optimizer == "muonh" and self.lr <= 0:
+            raise ConfigError("train.optimizer = muonh needs train.lr > 0: the schedule scales "
+                              "train.matrix_lr by train.lr's curve.")
+        if self.optimizer == "muonh" and self.zero_stage != 0:
+            raise ConfigError(f"train.optimizer = muonh with train.zero_stage = "
+                              f"{self.zero_stage} is refused: MuonH orthogonalises whole "
+                              "matrices, and ZeRO 1-3 hand the optimizer flat shards of them. "
+                              "Use train.zero_stage 0, or train.optimizer adamw.")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3.")
         if self.offload and self.zero_stage == 0:

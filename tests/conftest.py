@@ -19,6 +19,17 @@ SOURCE_MODULES = ["textwrap.py", "string.py", "json/encoder.py", "argparse.py", 
                   "locale.py"]
 
 
+@pytest.fixture(scope="session")
+def process_group():
+    """One group of one for every in-process Engine of the session: DeepSpeed keeps references
+    to the group it first saw, so it must outlive them (as in an in-process sweep)."""
+    from megaloop.train.engine import join_process_group, leave_process_group
+
+    *_, created = join_process_group()
+    yield
+    leave_process_group(created)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread (and on a busy machine, far faster)."""

@@ -25,12 +25,7 @@ from megaloop.errors import ConfigError
 from megaloop.model import LoopedLM
 from megaloop.model.blocks import Rotary
 from megaloop.train.ds_config import ZeroCompileWarning, ZeroPrefetchWarning, render_ds_config
-from megaloop.train.engine import (
-    Engine,
-    build_model,
-    join_process_group,
-    leave_process_group,
-)
+from megaloop.train.engine import Engine, build_model
 
 LONG = 1024  # positions: bf16 tables would round every position above 256
 
@@ -51,15 +46,6 @@ def engine_of(cfg: config.RunConfig):
         yield engine
     finally:
         engine.close()
-
-
-@pytest.fixture(scope="session")
-def process_group():
-    """One group of one for every engine of the session: DeepSpeed keeps references to the
-    group it first saw, so it must outlive them (as in an in-process sweep)."""
-    *_, created = join_process_group()
-    yield
-    leave_process_group(created)
 
 
 def exact_tables(max_seq_len: int, head_dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

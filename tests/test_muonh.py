@@ -3,10 +3,19 @@ against a plain float64 reference written from the paper's description."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+
 import pytest
 import torch
+from tiny import VARIANTS, random_tokens
 
+from megaloop import config
+from megaloop.errors import ConfigError
+from megaloop.model import LoopedLM
+from megaloop.train.engine import Engine
 from megaloop.train.muonh import POLAR_EXPRESS_STEPS, MuonH, polar
+from megaloop.train.optim import block_matrices, muonh
 
 
 def matrix_with_singular_values(rows: int, cols: int, values: torch.Tensor,
@@ -98,3 +107,103 @@ def test_muonh_takes_matrices_only():
         MuonH([torch.nn.Parameter(torch.ones(8))])
     with pytest.raises(ValueError, match="momentum"):
         MuonH([torch.nn.Parameter(torch.ones(8, 8))], momentum=1.0)
+
+
+def test_its_adamw_groups_step_as_torchs_adamw():
+    generator = torch.Generator().manual_seed(3)
+    start = [torch.randn(16, 8, generator=generator), torch.randn(8, generator=generator)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    torchs = [torch.nn.Parameter(t.clone()) for t in start]
+    settings = {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.1}
+    mine = MuonH([{"params": ours, "kind": "adamw", **settings}])
+    reference = torch.optim.AdamW(torchs, foreach=False, **settings)
+    for _ in range(5):
+        grads = [torch.randn(t.shape, generator=generator) for t in start]
+        for param, grad in zip(ours + torchs, grads + grads, strict=True):
+            param.grad = grad.clone()
+        mine.step()
+        reference.step()
+    for a, b in zip(ours, torchs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="muonh or adamw"):
+        MuonH([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "kind": "sgd"}])
+
+
+# ---- in the run ------------------------------------------------------------------------------
+
+def run_config(**values) -> config.RunConfig:
+    base = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
+            "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
+            "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
+            "train.global_batch": 2, "train.steps": 4, "train.optimizer": "muonh",
+            "train.lr": 3e-3, "train.matrix_lr": 0.02, "train.weight_decay": 0.0}
+    base.update(values)
+    return config.load(None, [f"{key}={value}" for key, value in base.items()])
+
+
+@pytest.mark.parametrize("variant", ["linear_r3", "hyperloop", "gqa_qknorm_softcap"])
+def test_muonh_takes_the_block_matrices_and_adamw_everything_else(variant):
+    settings = {f"model.{key}": value for key, value in VARIANTS[variant].items()}
+    cfg = run_config(**settings)
+    model = LoopedLM(cfg.model)
+    optimizer = muonh(model, cfg)
+    kinds = {id(p): group["kind"] for group in optimizer.param_groups for p in group["params"]}
+    assert sorted(kinds) == sorted(id(p) for p in model.parameters())  # each in one group
+    matrices = {id(p) for p in block_matrices(model)}
+    assert {i for i, kind in kinds.items() if kind == "muonh"} == matrices
+    blocks = cfg.model.prelude_layers + cfg.model.loop_layers + cfg.model.coda_layers
+    assert len(matrices) == 4 * blocks  # qkv, the output projection, the MLP's in and out
+    assert all(p.dim() == 2 for p in block_matrices(model))
+    for param in (model.embed.weight, model.lm_head.weight):
+        assert kinds[id(param)] == "adamw"
+    scales = {group["kind"]: group["lr_scale"] for group in optimizer.param_groups}
+    assert scales == {"muonh": pytest.approx(0.02 / 3e-3), "adamw": 1.0}
+
+
+def test_muonh_trains_and_keeps_every_block_matrix_on_its_sphere(process_group):
+    cfg = run_config(**{"train.steps": 30})
+    tokens = random_tokens(batch=2, seq=33, vocab=64)
+    losses = []
+    with contextlib.closing(Engine(cfg).build()) as engine:
+        start = {id(p): p.detach().norm().item() for p in block_matrices(engine.model)}
+        for step in range(30):
+            loss = engine.forward_backward(tokens[:, :-1], tokens[:, 1:], 2)
+            engine.optimizer_step(3e-3 * (1 - step / 30))
+            losses.append(float(loss))
+        for param in block_matrices(engine.model):
+            assert param.detach().norm().item() == pytest.approx(start[id(param)], rel=1e-5)
+        lrs = {g["kind"]: g["lr"] for g in engine._ds.optimizer.param_groups}
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert lrs["muonh"] == pytest.approx(0.02 * (1 - 29 / 30))
+
+
+def test_muonh_refuses_zero_stages_that_shard_its_matrices():
+    for stage in (1, 2, 3):
+        with pytest.raises(ConfigError, match="MuonH orthogonalises whole matrices"):
+            run_config(**{"train.zero_stage": stage})
+
+
+def trained(cfg: config.RunConfig, resume: str | None) -> dict:
+    from megaloop.train.trainer import Trainer
+
+    with contextlib.closing(Engine(cfg)) as engine:
+        trainer = Trainer(cfg, engine, progress=False)
+        trainer.resume(resume)
+        return trainer.run()
+
+
+def test_a_muonh_run_resumes_to_the_same_losses(process_group, stdlib_shards, tmp_path):
+    """Its state (momentum, each matrix's sphere radius) goes through DeepSpeed's checkpoint
+    and torch.load(weights_only=True) and comes back whole."""
+    cfg = run_config(**{"model.vocab_size": 4096, "data.shards": str(stdlib_shards),
+                        "data.verify": "false", "train.steps": 8, "train.log_interval": 1,
+                        "train.eval_interval": 100, "train.eval_batches": 1,
+                        "train.checkpoint_interval": 4, "train.checkpoint_dir": str(tmp_path),
+                        "track.enabled": "false"})
+    whole = trained(cfg, None)
+    (checkpoints,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    shutil.rmtree(checkpoints / "step_00000008")
+    resumed = trained(cfg, "auto")
+    losses = [i["loss"] for i in whole["intervals"]]
+    assert losses[-1] < losses[0]
+    assert [i["loss"] for i in resumed["intervals"]] == losses[4:]

@@ -217,6 +217,17 @@ def test_two_ranks_zero3_match_one_process(stdlib_shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_ranks_with_muonh_match_one_process(stdlib_shards, tmp_path):
+    """MuonH orthogonalises each rank's copy of the reduced gradient: the same on every rank."""
+    values = {"train.optimizer": "muonh", "train.weight_decay": 0.0, "train.steps": 5,
+              "train.micro_batch": 2, "train.global_batch": 8}
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_training(stdlib_shards, single, **values))
+    assert_ok(run_training(stdlib_shards, double, nproc=2, **values))
+    assert_same_losses(single, double, steps=5, tolerance=1e-4)
+
+
+@pytest.mark.slow
 def test_two_ranks_zero3_sigkill_and_resume_match(stdlib_shards, tmp_path):
     values = {"train.zero_stage": 3, "train.checkpoint_interval": 2, "train.steps": 6,
               "train.micro_batch": 2, "train.global_batch": 8, "train.keep_checkpoints": 5}

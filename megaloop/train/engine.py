@@ -49,7 +49,7 @@ from megaloop.train.ds_config import (
     zero_stage_of,
 )
 from megaloop.train.host_memory import tune_for_cpu_training
-from megaloop.train.optim import adamw, adamw_settings, optimizer_groups
+from megaloop.train.optim import adamw, adamw_settings, muonh, optimizer_groups
 
 # ---- the accelerator and the process group ---------------------------------------------------
 
@@ -147,8 +147,10 @@ def bf16_autocast(device_type: str) -> torch.autocast:
 # ---- model and optimizer ---------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """The run's AdamW (optim.py), or DeepSpeed's CPU Adam over the same groups when the
-    optimizer state is offloaded (`train.offload`)."""
+    """The run's AdamW or MuonH (optim.py), or DeepSpeed's CPU Adam over AdamW's groups when
+    the optimizer state is offloaded (`train.offload`)."""
+    if config.train.optimizer == "muonh":
+        return muonh(model, config)
     if not config.train.offload:
         return adamw(model, config)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -282,10 +284,11 @@ class Engine:
         return loss.detach()
 
     def optimizer_step(self, lr: float) -> torch.Tensor | None:
-        """Update the weights at `lr` after the step's last micro-batch; returns the global
-        gradient norm on the device (None where DeepSpeed computes none)."""
+        """Update the weights at `lr` (times a group's `lr_scale`, where it has one: MuonH's
+        matrices) after the step's last micro-batch; returns the global gradient norm on the
+        device (None where DeepSpeed computes none)."""
         for group in self._ds.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         norm = self._local_grad_norm() if self.zero_stage == 0 else None
         self._ds.step()
         if norm is None:

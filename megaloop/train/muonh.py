@@ -55,19 +55,29 @@ def polar(update: torch.Tensor, steps: int = 5,
 
 
 class MuonH(torch.optim.Optimizer):
-    """MuonH over 2-D parameters; `lr` is the step on the unit sphere (0.014 in the paper at
-    2^18 tokens per step, scaled with the batch and the run's tokens by the recipe)."""
+    """MuonH over the matrices of its "muonh" groups and AdamW over its "adamw" groups (the
+    paper's pairing: embeddings, the LM head, norms and hyper-connection scalars), as one
+    optimizer for DeepSpeed to hold. A group's `kind` says which; "muonh" is the default.
+
+    MuonH's `lr` is the step on the unit sphere (0.014 in the paper at 2^18 tokens per step,
+    scaled with the batch and the run's tokens by the recipe). AdamW groups take `lr`,
+    `betas`, `eps` and `weight_decay` (decoupled)."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  lr: float = 0.014, momentum: float = 0.95, steps: int = 5,
-                 polar_dtype: torch.dtype = torch.bfloat16):
+                 polar_dtype: torch.dtype = torch.bfloat16,
+                 betas: tuple[float, float] = (0.8, 0.95), eps: float = 1e-10,
+                 weight_decay: float = 0.0):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"MuonH momentum {momentum}: give a value in [0, 1)")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "steps": steps,
-                                  "polar_dtype": polar_dtype})
+        super().__init__(params, {"kind": "muonh", "lr": lr, "momentum": momentum,
+                                  "steps": steps, "polar_dtype": polar_dtype, "betas": betas,
+                                  "eps": eps, "weight_decay": weight_decay})
         for group in self.param_groups:
+            if group["kind"] not in ("muonh", "adamw"):
+                raise ValueError(f"optimizer group kind {group['kind']!r}: muonh or adamw")
             for param in group["params"]:
-                if param.dim() != 2:
+                if group["kind"] == "muonh" and param.dim() != 2:
                     raise ValueError(f"MuonH updates matrices; a parameter of shape "
                                      f"{tuple(param.shape)} belongs to AdamW")
 
@@ -78,19 +88,35 @@ class MuonH(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            momentum = group["momentum"]
+            update = self._muonh if group["kind"] == "muonh" else self._adamw
             for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["momentum"] = torch.zeros_like(param)
-                    state["sphere_norm"] = param.norm()  # ‖W₀‖, kept for the whole run
-                buffer, radius = state["momentum"], state["sphere_norm"]
-                buffer.lerp_(param.grad, 1 - momentum)
-                look_ahead = param.grad.lerp(buffer, momentum)
-                direction = polar(look_ahead, group["steps"], group["polar_dtype"]).to(param.dtype)
-                direction.mul_(radius / direction.norm().clamp_min(1e-10))
-                param.sub_(direction, alpha=group["lr"])
-                param.mul_(radius / param.norm().clamp_min(1e-10))
+                if param.grad is not None:
+                    update(param, group)
         return loss
+
+    def _muonh(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state, momentum = self.state[param], group["momentum"]
+        if not state:
+            state["momentum"] = torch.zeros_like(param)
+            state["sphere_norm"] = param.norm()  # ‖W₀‖, kept for the whole run
+        buffer, radius = state["momentum"], state["sphere_norm"]
+        buffer.lerp_(param.grad, 1 - momentum)
+        look_ahead = param.grad.lerp(buffer, momentum)
+        direction = polar(look_ahead, group["steps"], group["polar_dtype"]).to(param.dtype)
+        direction.mul_(radius / direction.norm().clamp_min(1e-10))
+        param.sub_(direction, alpha=group["lr"])
+        param.mul_(radius / param.norm().clamp_min(1e-10))
+
+    def _adamw(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+        state["step"] += 1
+        (beta1, beta2), step, grad = group["betas"], state["step"], param.grad
+        param.mul_(1 - group["lr"] * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        param.addcdiv_(state["exp_avg"], denominator, value=-group["lr"] / (1 - beta1 ** step))
