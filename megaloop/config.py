@@ -196,7 +196,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the blocks (for GPUs)
     log_interval: int = 10
     eval_interval: int = 100
-    eval_batches: int = 20
+    eval_batches: int = 20  # validation batches per rank (the set grows with the ranks) ...
+    eval_tokens: int | None = None  # ... or the first this many val tokens on any rank count
     checkpoint_interval: int = 500
     keep_checkpoints: int = 3
     checkpoint_dir: str = "runs/checkpoints"
@@ -205,8 +206,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = ["micro_batch", "global_batch", "global_batch_tokens", "tokens", "steps",
-                    "log_interval", "eval_interval", "eval_batches", "checkpoint_interval",
-                    "keep_checkpoints", "peak_flops", "budget_flops"]
+                    "log_interval", "eval_interval", "eval_batches", "eval_tokens",
+                    "checkpoint_interval", "keep_checkpoints", "peak_flops", "budget_flops"]
         for key in positive:
             value = getattr(self, key)
             if value is not None and value <= 0:

@@ -62,6 +62,18 @@ def test_eval_equals_the_trainers_last_validation_loss(trained, capsys):
     assert summary["tokens"] == 2 * 4 * 64  # train.eval_batches x micro_batch x max_seq_len
 
 
+def test_a_validation_set_in_tokens_is_what_eval_measures(stdlib_shards, tmp_path, capsys):
+    """train.eval_tokens of 5 windows in batches of 4: most of the last batch is padding, which
+    counts for nothing in the trainer's validation loss and in `megaloop eval`'s."""
+    assert_ok(run_training(stdlib_shards, tmp_path, **{"train.eval_tokens": 5 * 64 + 10,
+                                                       "train.steps": 4}))
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    summary = eval_json(capsys, "--checkpoint", run_dir, "--shards", stdlib_shards)
+    assert summary["tokens"] == 5 * 64 and summary["batches"] == 2
+    assert summary["results"][0]["loss"] == pytest.approx(
+        history(tmp_path, "val/loss")[4][0], abs=1e-6)
+
+
 def test_eval_at_other_recurrences_and_on_a_text(trained, capsys):
     step4 = trained.run_dir / "step_00000004"
     summary = eval_json(capsys, "--checkpoint", step4, "--shards", trained.shards,

@@ -138,3 +138,30 @@ def test_validation_batches_are_fixed_and_split_over_ranks(shards):
         union = torch.cat([ranks[0][b][0], ranks[1][b][0]])
         assert sorted(map(tuple, union.tolist())) == sorted(map(tuple, single[b][0].tolist()))
     assert ValLoader(shards, SEQ, 4).bytes_per_token > 1.0
+
+
+def test_a_validation_set_in_tokens_is_the_same_on_any_number_of_ranks(shards):
+    """train.eval_tokens: the first 7 windows on 1, 2 or 3 ranks, every rank running as many
+    batches (ZeRO-3's forward is collective), the rest of a short batch padding."""
+    sets = []
+    for world in (1, 2, 3):
+        loaders = [ValLoader(shards, SEQ, 2, rank=k, world_size=world, max_windows=7)
+                   for k in range(world)]
+        assert len({len(loader) for loader in loaders}) == 1
+        assert all(loader.tokens == 7 * SEQ for loader in loaders)
+        real = []
+        for loader in loaders:
+            for tokens, targets in loader:
+                assert tokens.shape == targets.shape == (2, SEQ)
+                kept = (targets != -1).all(dim=1)
+                assert ((targets == -1).all(dim=1) | kept).all()  # a row is real or padding
+                real += [tuple(row) for row in torch.cat([tokens, targets[:, -1:]], 1)[kept]
+                         .tolist()]
+        assert len(real) == 7
+        sets.append(sorted(real))
+    assert sets[0] == sets[1] == sets[2]
+    first = torch.cat([t for t, _ in ValLoader(shards, SEQ, 7, max_batches=1)])
+    assert sorted(tuple(row) for row in first.tolist()) == [row[:-1] for row in sets[0]]
+    too_many = len(shards.streams["val"]) // SEQ + 1
+    with pytest.raises(DataError, match="train.eval_tokens"):
+        ValLoader(shards, SEQ, 1, max_windows=too_many)

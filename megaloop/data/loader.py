@@ -11,6 +11,7 @@ resume on another number of ranks.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -103,18 +104,44 @@ class TrainLoader:
         self.position = state["position"]
 
 
+def eval_windows(config: Any) -> int | None:
+    """The validation windows that train.eval_tokens asks for (None: train.eval_batches)."""
+    tokens = config.train.eval_tokens
+    return None if tokens is None else max(1, tokens // config.model.max_seq_len)
+
+
 class ValLoader:
-    """The fixed validation batches of one rank: the first windows of the split, in order."""
+    """The fixed validation batches of one rank: the first windows of the split, in order.
+
+    `max_batches` batches per rank (the set grows with the ranks), or the first `max_windows`
+    windows in all, the same set on any number of ranks: rank r takes windows r, r + ranks,
+    ...; every rank runs as many batches (ZeRO-3's forward is collective), and the rows of a
+    short last batch are padding whose targets are -1 (ignored by the loss)."""
 
     def __init__(self, shards: TokenShards, seq_len: int, micro_batch: int, *, rank: int = 0,
-                 world_size: int = 1, max_batches: int | None = None):
+                 world_size: int = 1, max_batches: int | None = None,
+                 max_windows: int | None = None):
         self.stream = shards.streams["val"]
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
         per_step = micro_batch * world_size
         n = _check_fill("val", self.stream, seq_len, per_step, shards.folder)
-        self.n_batches = n // per_step if max_batches is None else min(n // per_step, max_batches)
         self.bytes_per_token = shards.bytes_per_token("val")
+        self.windows: np.ndarray | None = None
+        if max_windows is None:
+            self.n_batches = n // per_step
+            if max_batches is not None:
+                self.n_batches = min(self.n_batches, max_batches)
+            self.tokens = self.n_batches * per_step * seq_len
+            return
+        if max_windows > n:
+            raise DataError(f"train.eval_tokens asks for {max_windows} windows of {seq_len} "
+                            f"tokens, but the val split of {shards.folder} holds {n}: lower "
+                            "train.eval_tokens or prepare the data with a larger val_fraction.")
+        self.windows = np.arange(rank, max_windows, world_size)
+        most_per_rank = math.ceil(max_windows / world_size)
+        self.n_batches = math.ceil(most_per_rank / micro_batch)
+        self.tokens = max_windows * seq_len
 
     def __len__(self) -> int:
         return self.n_batches
@@ -122,5 +149,15 @@ class ValLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         per_step = self.micro_batch * self.world_size
         for b in range(self.n_batches):
-            windows = np.arange(b * per_step + self.rank, (b + 1) * per_step, self.world_size)
-            yield _batch(self.stream, windows, self.seq_len)
+            if self.windows is None:
+                windows = np.arange(b * per_step + self.rank, (b + 1) * per_step,
+                                    self.world_size)
+                yield _batch(self.stream, windows, self.seq_len)
+                continue
+            real = self.windows[b * self.micro_batch:(b + 1) * self.micro_batch]
+            padded = np.zeros(self.micro_batch, dtype=np.int64)
+            padded[:len(real)] = real
+            tokens, targets = _batch(self.stream, padded, self.seq_len)
+            targets = targets.clone()  # a view of the tokens' rows
+            targets[len(real):] = -1
+            yield tokens, targets

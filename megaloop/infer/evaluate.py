@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megaloop.data.loader import ValLoader
+from megaloop.data.loader import ValLoader, eval_windows
 from megaloop.data.shards import TokenShards
 from megaloop.data.tokenizer import Tokenizer
 from megaloop.errors import ConfigError, DataError
@@ -67,7 +67,7 @@ def parse_recurrences(text: str | None) -> list[int] | None:
 
 
 def shard_set(folder: str | Path, seq_len: int, batch_size: int, max_batches: int | None,
-              vocab_size: int) -> EvalSet:
+              vocab_size: int, max_windows: int | None = None) -> EvalSet:
     if batch_size < 1 or (max_batches is not None and max_batches < 1):
         raise ConfigError(f"--batch-size {batch_size} and --max-batches {max_batches} must be "
                           ">= 1.")
@@ -76,9 +76,10 @@ def shard_set(folder: str | Path, seq_len: int, batch_size: int, max_batches: in
         raise DataError(f"The shards in {folder} use a tokenizer of {shards.vocab_size} tokens but "
                         f"the model has vocab_size {vocab_size}; evaluate on shards made with the "
                         "run's tokenizer.")
-    loader = ValLoader(shards, seq_len, batch_size, max_batches=max_batches)
+    loader = ValLoader(shards, seq_len, batch_size, max_batches=max_batches,
+                       max_windows=max_windows)
     return EvalSet(f"shards {folder} (val split): {len(loader)} batches of {batch_size} x "
-                   f"{seq_len} tokens", loader, len(loader), len(loader) * batch_size * seq_len,
+                   f"{seq_len} tokens", loader, len(loader), loader.tokens,
                    shards.bytes_per_token("val"))
 
 
@@ -126,9 +127,10 @@ def evaluate(model: LoopedLM, data: EvalSet, recurrences: list[int] | None = Non
                    leave=False, disable=None if progress else True)  # None: only on a terminal
         for tokens, targets in bar:
             loss = model(tokens.to(device), targets.to(device), recurrences=r)
-            count = targets.numel()
-            total += loss.double().item() * count
-            weight += count
+            count = int((targets != -1).sum())  # rows of padding predict nothing
+            if count:
+                total += loss.double().item() * count
+                weight += count
         elapsed = time.perf_counter() - start
         loss = total / weight
         results.append({"recurrences": r, "loss": loss,
@@ -145,8 +147,9 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
                         progress: bool = False) -> dict[str, Any]:
     """`megaloop eval`: load the checkpoint, build the evaluation set, evaluate at each r.
 
-    Defaults come from the checkpoint's config: batch size train.micro_batch; on shards
-    train.eval_batches x (ranks that trained it) batches, the trainer's last validation."""
+    Defaults come from the checkpoint's config: batch size train.micro_batch; on shards the
+    trainer's last validation: train.eval_tokens, else train.eval_batches x (ranks that
+    trained it) batches."""
     from megaloop.data.dataset import tokenizer_path
     from megaloop.data.tokenizer import check_vocab
     from megaloop.train.engine import default_device
@@ -162,8 +165,11 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
     config, seq_len = loaded.config, loaded.config.model.max_seq_len
     batch_size = batch_size or config.train.micro_batch
     if shards is not None:
-        max_batches = max_batches or config.train.eval_batches * loaded.world_size
-        data = shard_set(shards, seq_len, batch_size, max_batches, config.model.vocab_size)
+        windows = eval_windows(config) if max_batches is None else None
+        if windows is None:
+            max_batches = max_batches or config.train.eval_batches * loaded.world_size
+        data = shard_set(shards, seq_len, batch_size, max_batches, config.model.vocab_size,
+                         max_windows=windows)
     else:
         encoder = Tokenizer.load(tokenizer or tokenizer_path(config))
         check_vocab(encoder, config.model.vocab_size)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from megaloop.atomic import atomic_write_json
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
-from megaloop.data.loader import TrainLoader, ValLoader
+from megaloop.data.loader import TrainLoader, ValLoader, eval_windows
 from megaloop.errors import TrainingError
 from megaloop.model.accounting import account
 from megaloop.track import open_tracker
@@ -124,7 +124,8 @@ class Trainer:
         self.train_data = TrainLoader(shards, seq, micro, rank=self.rank,
                                       world_size=self.world_size, seed=config.train.seed)
         self.val_data = ValLoader(shards, seq, micro, rank=self.rank, world_size=self.world_size,
-                                  max_batches=config.train.eval_batches)
+                                  max_batches=config.train.eval_batches,
+                                  max_windows=eval_windows(config))
         engine.build()
         self.model = engine.model
         self.checkpoints = Checkpoints(run_folder(config), config.train.keep_checkpoints, engine)
@@ -234,14 +235,19 @@ class Trainer:
         return synced[-1]
 
     def evaluate(self) -> dict[str, float]:
-        total, batches = None, 0
+        """Validation loss per predicted token over every rank's batches. A batch that is all
+        padding (train.eval_tokens) still runs, since ZeRO-3's forward is collective."""
+        total, predicted = None, 0
         with self.engine.evaluating():
             for tokens, targets in self.val_data:
                 loss = self.engine.loss(tokens, targets)
-                total = loss if total is None else total + loss
-                batches += 1
+                count = int((targets != -1).sum())  # a CPU tensor: no device sync
+                if count:
+                    weighted = loss.double() * count
+                    total = weighted if total is None else total + weighted
+                    predicted += count
         (loss_sum, count), _ = self.engine.sum_over_ranks([0.0 if total is None else total,
-                                                           batches])
+                                                           predicted])
         loss = loss_sum / count if count else math.nan
         return {"val/loss": loss, "val/bpb": loss / math.log(2) / self.val_data.bytes_per_token}
 
