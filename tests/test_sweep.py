@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -89,11 +90,36 @@ def write_spec(tmp_path: Path, **changes) -> Path:
     ({"tokens": 1000}, "either budgets"),
     ({"name": "r{{ rr }}"}, "does not render"),
     ({"set": {"model.colour": 1}}, "model.colour"),
+    ({"set": {"model.loop_layers": "{{ 8 // r }}", "model.n_heads": "{{ d // 32 }}",
+              "model.coda_layers": "{{ 3 if tokens > 0 else 1 }}"}},
+     "changes the model or the batch"),
 ])
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         plan(read_spec(write_spec(tmp_path, **changes)))
     assert not (tmp_path / "runs").exists()
+
+
+def test_values_may_depend_on_the_runs_tokens_and_steps(tmp_path, capsys):
+    """The paper's matrix lr scales with the run's tokens: D is known once the run is
+    measured, and `--dry-run --json` shows each run's resolved config."""
+    from megaloop.cli import main
+
+    spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
+    settings = {**spec["set"], "train.matrix_lr": "{{ 0.014 * (tokens / 10**6) ** -0.32 }}",
+                "train.warmup_steps": "{{ steps // 10 }}"}
+    path = write_spec(tmp_path, set=settings)
+    code = main(["sweep", str(path), "--dry-run", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(rows) == len(plan(read_spec(path)))
+    for row in rows:
+        per_step = 8 * 128
+        assert row["steps"] == row["tokens"] // per_step and row["tokens"] % per_step == 0
+        train = row["config"]["train"]
+        assert train["tokens"] == row["tokens"]
+        assert train["matrix_lr"] == pytest.approx(0.014 * (row["tokens"] / 1e6) ** -0.32)
+        assert train["warmup_steps"] == row["steps"] // 10
+    assert len({row["config"]["train"]["matrix_lr"] for row in rows}) > 1
 
 
 def tiny_sweep(tmp_path: Path, shards: Path, runs: int = 3) -> Path:

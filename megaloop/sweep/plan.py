@@ -9,7 +9,9 @@ A spec is data (configs/sweeps/*.yaml):
     width: {per_scale: 64, multiple: 128}   # d = 64 s rounded up to a multiple of 128
     budgets: {4.64e17: [6, 8, 10, 12], 1e18: [6, 8, 10, 12, 14]}   # FLOPs -> scales s
     set:                                # overrides of every run; strings may be Jinja2
-      model.loop_layers: "{{ 16 // r }}"   #   expressions over r, s, d, budget, variant, seed
+      model.loop_layers: "{{ 16 // r }}"   #   expressions over r, s, d, budget, variant, seed,
+                                        #   and tokens and steps (of this run; not for the model
+                                        #   or the batch, which decide them)
       model.n_heads: "{{ d // 128 }}"
     lr_scaling: {reference_width: 640, exponent: -1.0}   # optional: lr x (d / 640)^-1
     variants: {looped: {model.hyper: none}, hyperloop: {...}}   # optional axis `variant`;
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.nativetypes import NativeEnvironment
 
 from megaloop import config as run_config
@@ -41,6 +44,7 @@ SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "s
              "set", "lr_scaling", "variants", "seeds", "description"}
 REQUIRED = {"experiment", "name"}
 VARIANT_KEYS = {"base", "tokens"}  # what a variant may set besides config overrides
+RUN_LENGTH = {"tokens", "steps"}  # known to the expressions only once the run is measured
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,22 @@ def _cells(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return cells
 
 
+def _uses_tokens(value: Any) -> bool:
+    """Whether a spec value is an expression over the run's `tokens` or `steps`."""
+    if not isinstance(value, str) or "{" not in value:
+        return False
+    try:
+        names = jinja2.meta.find_undeclared_variables(_environment().parse(value))
+    except jinja2.TemplateSyntaxError:
+        return False  # _render reports it
+    return bool(names & RUN_LENGTH)
+
+
 def _overrides(spec: dict[str, Any], context: dict[str, Any], name: str) -> list[str]:
+    """The run's overrides. Without `tokens` in the context (the first pass, which measures
+    the run), the values that are expressions over tokens or steps are left out."""
     values: dict[str, Any] = {}
+    first_pass = "tokens" not in context
     if context["r"] is not None:
         values["model.recurrences"] = context["r"]
     if context["d"] is not None:
@@ -145,9 +163,10 @@ def _overrides(spec: dict[str, Any], context: dict[str, Any], name: str) -> list
     if context["seed"] is not None:
         values["train.seed"] = context["seed"]
     for key, value in (spec.get("set") or {}).items():
-        values[key] = _render(value, context, f"set.{key}")
+        if not (first_pass and _uses_tokens(value)):
+            values[key] = _render(value, context, f"set.{key}")
     for key, value in _variant(spec, context).items():
-        if key not in VARIANT_KEYS:
+        if key not in VARIANT_KEYS and not (first_pass and _uses_tokens(value)):
             values[key] = _render(value, context, f"variants.{context['variant']}.{key}")
     values["track.experiment"] = spec["experiment"]
     values["track.run_name"] = name
@@ -184,10 +203,14 @@ def _load(spec: dict[str, Any], base: str | None, overrides: list[str], name: st
         raise ConfigError(f"Sweep {spec['experiment']}, run {name}: {exc}") from None
 
 
+def _tokens_per_step(cfg: RunConfig) -> int:
+    return cfg.train.global_batch_tokens or cfg.train.global_batch * cfg.model.max_seq_len
+
+
 def _tokens(spec: dict[str, Any], context: dict[str, Any], cfg: RunConfig, flops: float,
             name: str) -> int:
     """Tokens of one run in whole global batches: budget / flops_per_token, or given tokens."""
-    per_step = cfg.train.global_batch_tokens or cfg.train.global_batch * cfg.model.max_seq_len
+    per_step = _tokens_per_step(cfg)
     budget = context["budget"]
     if budget is None:
         tokens = _variant(spec, context).get("tokens", spec.get("tokens"))
@@ -201,17 +224,27 @@ def _tokens(spec: dict[str, Any], context: dict[str, Any], cfg: RunConfig, flops
 
 
 def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
+    """One run, in two passes: the first measures it (FLOPs per token, tokens, steps); the
+    second renders every value with `tokens` and `steps` known, for settings such as a
+    learning rate that depends on the run's length."""
     name = str(_render(spec["name"], context, "name"))
-    overrides = _overrides(spec, context, name)
     base = _base(spec, context)
+    measured = _load(spec, base, _overrides(spec, context, name), name)
+    counts = account(measured.model)
+    flops = counts["flops_per_token"]
+    tokens = _tokens(spec, context, measured, flops, name)
+    context = {**context, "tokens": tokens, "steps": tokens // _tokens_per_step(measured)}
+    overrides = _overrides(spec, context, name)
     cfg = _load(spec, base, overrides, name)
+    if (account(cfg.model)["flops_per_token"], _tokens_per_step(cfg)) != (
+            flops, _tokens_per_step(measured)):
+        raise ConfigError(f"Sweep {spec['experiment']}, run {name}: a value that depends on "
+                          "tokens or steps changes the model or the batch, which set the "
+                          "run's tokens; only settings such as learning rates may use them.")
     factor = _lr_factor(spec, cfg)
     if factor != 1.0:
         overrides += [f"train.lr={cfg.train.lr * factor}",
                       f"train.min_lr={cfg.train.min_lr * factor}"]
-    counts = account(cfg.model)
-    flops = counts["flops_per_token"]
-    tokens = _tokens(spec, context, cfg, flops, name)
     overrides += [f"train.tokens={tokens}", "train.steps=null"]
     if context["budget"] is not None:
         overrides.append(f"train.budget_flops={context['budget']}")
@@ -233,10 +266,13 @@ def plan(spec: dict[str, Any]) -> list[PlannedRun]:
 
 
 def plan_rows(runs: list[PlannedRun]) -> list[dict[str, Any]]:
+    """One row per run for --dry-run --json, with the resolved config it would train."""
     return [{"name": run.name, "recurrences": run.config.model.recurrences,
              "d_model": run.config.model.d_model, "n_once": run.n_once, "n_rec": run.n_rec,
              "budget_flops": run.budget_flops, "tokens": run.tokens,
-             "flops_per_token": run.flops_per_token, "config_hash": run.config.hash()}
+             "steps": run.tokens // _tokens_per_step(run.config),
+             "flops_per_token": run.flops_per_token, "config_hash": run.config.hash(),
+             "config": run.config.to_dict()}
             for run in runs]
 
 
