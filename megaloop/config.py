@@ -185,6 +185,11 @@ class TrainConfig:
     optimizer: Literal["adamw", "muonh"] = "adamw"  # muonh: MuonH on block matrices + AdamW
     matrix_lr: float = 0.014  # MuonH's lr at the schedule's peak (train.lr is AdamW's)
     muon_momentum: float = 0.95
+    embedding_lr: float | None = None  # AdamW's peak lr per role of parameter; None: train.lr
+    unembedding_lr: float | None = None
+    norm_lr: float | None = None  # RMSNorm gains
+    hyper_lr: float | None = None  # hyper-connections (Hyperloop, lanes, mHC)
+    injection_lr: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -232,6 +237,14 @@ class TrainConfig:
         if not 0 < self.wsd_decay_fraction <= 1:
             raise ConfigError(f"train.wsd_decay_fraction = {self.wsd_decay_fraction} must be in "
                               "(0, 1].")
+        role_lrs = ["embedding_lr", "unembedding_lr", "norm_lr", "hyper_lr", "injection_lr"]
+        for key in role_lrs:
+            value = getattr(self, key)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"train.{key} = {value} must be a finite number >= 0.")
+        if self.lr <= 0 and any(getattr(self, key) is not None for key in role_lrs):
+            raise ConfigError("train.<role>_lr needs train.lr > 0: each role's lr follows "
+                              "train.lr's schedule in proportion.")
         if not math.isfinite(self.matrix_lr) or self.matrix_lr <= 0:
             raise ConfigError(f"train.matrix_lr = {self.matrix_lr} must be a finite number > 0.")
         if not 0 <= self.muon_momentum < 1:

@@ -49,7 +49,7 @@ from megaloop.train.ds_config import (
     zero_stage_of,
 )
 from megaloop.train.host_memory import tune_for_cpu_training
-from megaloop.train.optim import adamw, adamw_settings, muonh, optimizer_groups
+from megaloop.train.optim import adamw, adamw_settings, muonh, role_groups
 
 # ---- the accelerator and the process group ---------------------------------------------------
 
@@ -155,7 +155,7 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
         return adamw(model, config)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    return DeepSpeedCPUAdam(optimizer_groups(model, config.train.weight_decay), adamw_mode=True,
+    return DeepSpeedCPUAdam(role_groups(model, config), adamw_mode=True,
                             **adamw_settings(config))
 
 

@@ -1,5 +1,6 @@
-"""The optimizer of a run: AdamW over two parameter groups (weight decay on the matrices only),
-or MuonH on the transformer blocks' matrices with AdamW on the rest (`train.optimizer`)."""
+"""The optimizer of a run: AdamW (weight decay on the matrices only; a learning rate per role of
+parameter, train.<role>_lr), or MuonH on the transformer blocks' matrices with AdamW on the
+rest (`train.optimizer`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from typing import Any
 import torch
 
 from megaloop.config import RunConfig
-from megaloop.model.blocks import MLP, Attention
+from megaloop.model.blocks import MLP, Attention, RMSNorm
+from megaloop.model.hyper import DynamicGates, Hyperloop, HyperloopConnection, Lanes, MHCConnection
 from megaloop.train.muonh import MuonH
+
+HYPER_MODULES = (DynamicGates, Hyperloop, HyperloopConnection, Lanes, MHCConnection)
+ROLES = ("embedding", "unembedding", "norm", "hyper", "injection")  # with a train.<role>_lr
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float,
@@ -22,6 +27,55 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float,
         (decay if id(param) in decayed else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def parameter_roles(model: torch.nn.Module) -> dict[int, str]:
+    """Each parameter's role, by id: embedding, unembedding, norm (gains of RMSNorms),
+    hyper (hyper-connections, their norms included), injection, or matrix (the rest: the
+    blocks' projections)."""
+    roles: dict[int, str] = {}
+    owners = [(model.get_submodule("embed"), "embedding")]
+    if getattr(model, "lm_head", None) is not None:
+        owners.append((model.lm_head, "unembedding"))
+    if getattr(model, "injection", None) is not None:
+        owners.append((model.injection, "injection"))
+    for module in model.modules():  # outer modules first: a hyper module claims its norms
+        if isinstance(module, HYPER_MODULES):
+            owners.append((module, "hyper"))
+    for owner, role in owners:
+        for param in owner.parameters():
+            roles.setdefault(id(param), role)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            for param in module.parameters():
+                roles.setdefault(id(param), "norm")
+    for param in model.parameters():
+        roles.setdefault(id(param), "matrix")
+    return roles
+
+
+def role_lr(config: RunConfig, role: str) -> float:
+    """A role's peak lr: train.<role>_lr where set, else train.lr."""
+    value = getattr(config.train, f"{role}_lr", None) if role in ROLES else None
+    return config.train.lr if value is None else value
+
+
+def role_groups(model: torch.nn.Module, config: RunConfig,
+                params: list[torch.nn.Parameter] | None = None) -> list[dict[str, Any]]:
+    """AdamW's groups: one per role and weight decay, each with its `lr` and `lr_scale` (its
+    lr over train.lr; the Engine sets lr = schedule × lr_scale)."""
+    roles = parameter_roles(model)
+    chosen = list(model.parameters()) if params is None else params
+    groups = []
+    for role in dict.fromkeys(roles[id(p)] for p in chosen):
+        members = [p for p in chosen if roles[id(p)] == role]
+        lr = role_lr(config, role)
+        for group in optimizer_groups(model, config.train.weight_decay, members):
+            if group["params"]:
+                scale = lr / config.train.lr if config.train.lr > 0 else 1.0
+                groups.append({**group, "name": f"{role}/{group['name']}", "lr": lr,
+                               "lr_scale": scale})
+    return groups
 
 
 def adamw_settings(config: RunConfig) -> dict[str, Any]:
@@ -38,8 +92,8 @@ def fused_adamw_supported(model: torch.nn.Module) -> bool:
 
 
 def adamw(model: torch.nn.Module, config: RunConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(optimizer_groups(model, config.train.weight_decay),
-                             fused=fused_adamw_supported(model), **adamw_settings(config))
+    return torch.optim.AdamW(role_groups(model, config), fused=fused_adamw_supported(model),
+                             **adamw_settings(config))
 
 
 def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -57,8 +111,9 @@ def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
     matrices = block_matrices(model)
     chosen = {id(param) for param in matrices}
     rest = [param for param in model.parameters() if id(param) not in chosen]
-    adamw_groups = [{**group, "kind": "adamw", "lr_scale": 1.0, **adamw_settings(config)}
-                    for group in optimizer_groups(model, train.weight_decay, rest)]
+    settings = {key: value for key, value in adamw_settings(config).items() if key != "lr"}
+    adamw_groups = [{**group, "kind": "adamw", **settings}
+                    for group in role_groups(model, config, rest)]
     return MuonH([{"params": matrices, "kind": "muonh", "name": "matrices", "lr": train.matrix_lr,
                    "lr_scale": train.matrix_lr / train.lr, "momentum": train.muon_momentum},
                   *adamw_groups])
