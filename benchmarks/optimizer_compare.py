@@ -1,0 +1,99 @@
+"""MuonH against AdamW on a CPU-sized run: the validation loss at equal tokens, and the step time.
+
+Both train configs/runs/tiny.yaml (d 128, 1 + 2x2 + 1) on the embedded corpus for the same
+steps and tokens, in fresh `megaloop train` processes that alternate round by round, and
+validate on the same fixed set (train.eval_tokens). AdamW is megaloop's default recipe (lr
+3e-3 cosine to 3e-4 after a warm-up, weight decay 0.1, clip 1.0); MuonH takes the iso-depth
+paper's optimizer settings (matrix lr 0.014, AdamW groups at the paper's lrs x (d/640)^-0.5 with
+betas 0.8/0.95 and eps 1e-10, no weight decay, no warm-up, linear decay to 0.1x, no clipping).
+Only the optimizer and its schedule differ: the model keeps megaloop's init and norms, so this
+is not yet the paper's whole recipe.
+
+    PYTHONPATH=. python benchmarks/optimizer_compare.py [--steps 300] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.trainer_runs import set_arguments, stdlib_shards
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "runs" / "tiny.yaml"
+D_MODEL = 128
+WIDTH_FACTOR = (D_MODEL / 640) ** -0.5
+
+RECIPES: dict[str, dict[str, object]] = {
+    "adamw": {"train.optimizer": "adamw", "train.lr": 3e-3, "train.min_lr": 3e-4,
+              "train.warmup_steps": 20, "train.schedule": "cosine", "train.grad_clip": 1.0},
+    "muonh": {"train.optimizer": "muonh", "train.matrix_lr": 0.014,
+              "train.lr": 0.005 * WIDTH_FACTOR, "train.min_lr": 0.0005 * WIDTH_FACTOR,
+              "train.embedding_lr": 0.3 * WIDTH_FACTOR,
+              "train.unembedding_lr": 0.004 * WIDTH_FACTOR,
+              "train.norm_lr": 0.005 * WIDTH_FACTOR, "train.injection_lr": 0.005 * WIDTH_FACTOR,
+              "train.beta1": 0.8, "train.beta2": 0.95, "train.eps": 1e-10,
+              "train.weight_decay": 0.0, "train.warmup_steps": 0, "train.schedule": "linear",
+              "train.grad_clip": 0.0},
+}
+
+
+def train(name: str, shards: Path, workdir: Path, args: argparse.Namespace) -> dict:
+    summary = workdir / "summary.json"
+    settings = {"train.steps": args.steps, "train.micro_batch": 8, "train.global_batch": 8,
+                "train.log_interval": 10, "train.eval_interval": 10**6,
+                "train.eval_tokens": 64 * 256, "train.checkpoint_interval": 10**6,
+                "train.checkpoint_dir": workdir / "ckpt", "data.shards": shards,
+                "data.verify": False, "track.enabled": False, **RECIPES[name]}
+    command = [sys.executable, "-m", "megaloop.cli", "train", str(TINY), "--no-progress",
+               "--json", str(summary), *set_arguments(settings)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(summary.read_text())
+    intervals = result["intervals"][2:]  # the first two are warm-up
+    return {"val_loss": result["val/loss"], "val_bpb": result["val/bpb"],
+            "train_loss_last": result["intervals"][-1]["loss"],
+            "step_s": statistics.median(8 * 256 / i["tokens_per_s"] for i in intervals)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", default=str(REPO / "benchmarks/out/optimizer_compare.json"))
+    args = parser.parse_args()
+    runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = stdlib_shards(Path(tmp) / "shards")
+        for round_ in range(args.rounds):
+            for name in RECIPES:
+                workdir = Path(tmp) / f"{name}{round_}"
+                workdir.mkdir()
+                runs[name].append(train(name, shards, workdir, args))
+                print(f"round {round_ + 1} {name}: {runs[name][-1]}", file=sys.stderr)
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "PYTHONPATH=. python benchmarks/optimizer_compare.py "
+                         + " ".join(sys.argv[1:]),
+              "steps": args.steps, "tokens": args.steps * 8 * 256, "recipes": RECIPES,
+              "runs": runs,
+              "muonh_over_adamw_step_s": statistics.median(
+                  m["step_s"] / a["step_s"] for m, a in zip(runs["muonh"], runs["adamw"],
+                                                            strict=True))}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = Path(args.json).with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps(result, indent=2))
+    tmp_json.replace(args.json)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
