@@ -1,5 +1,6 @@
 """The benchmarks run end to end on tiny shapes: the training step (train_step.py --quick), the
-GPU harnesses on the CPU (gpu_mfu.py --quick, gpu_session.sh --cpu-smoke), trainer_ab.py."""
+GPU harnesses on the CPU (gpu_mfu.py --quick, gpu_session.sh --cpu-smoke), trainer_ab.py,
+optimizer_compare.py (slow)."""
 
 from __future__ import annotations
 
@@ -150,3 +151,20 @@ def test_the_gpu_session_runs_every_stage_on_the_cpu(tmp_path):
                                                             abs=1e-3)
     assert {t["what"].split(":")[0] for t in summary["targets"]} >= {
         "model step, Hyperloop d2048 eager", "megaloop train d2048-hyperloop-zero3"}
+
+
+@pytest.mark.slow
+def test_optimizer_compare_trains_both_optimizers(tmp_path):
+    """benchmarks/optimizer_compare.py on 30 steps: both optimizers train and are timed."""
+    out = tmp_path / "optimizers.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/optimizer_compare.py", "--steps", "30", "--rounds", "1",
+         "--json", str(out)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu"),
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("adamw", "muonh"):
+        (run,) = result["runs"][name]
+        assert run["val_loss"] < 8.3 and run["step_s"] > 0  # below ln(4096): it learned
+    assert result["runs"]["adamw"][0]["val_loss"] != result["runs"]["muonh"][0]["val_loss"]
