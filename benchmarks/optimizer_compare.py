@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks.trainer_runs import set_arguments, stdlib_shards
+from megaloop.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "runs" / "tiny.yaml"
@@ -88,10 +89,7 @@ def main() -> None:
               "muonh_over_adamw_step_s": statistics.median(
                   m["step_s"] / a["step_s"] for m, a in zip(runs["muonh"], runs["adamw"],
                                                             strict=True))}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = Path(args.json).with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(result, indent=2))
-    tmp_json.replace(args.json)
+    atomic_write_json(args.json, result)
     print(json.dumps(result, indent=2))
 
 

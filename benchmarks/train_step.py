@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from benchmarks.contention import Monitor, wait_for_quiet
 from benchmarks.machine import cpu_model
 from benchmarks.memory import peak_rss_increase, saved_tensor_bytes
 from benchmarks.reference_models import HFLlama, ReferenceLooped, ReferenceTransformer
+from megaloop.atomic import atomic_write_json
 from megaloop.config import ModelConfig
 from megaloop.model.accounting import account, executed_flops_per_token
 from megaloop.model.looped import LoopedLM
@@ -579,9 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
     if memory is not None:
         report["memory"] = memory
     report["targets"] = check_targets(report)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    atomic_write_json(args.out, report)
     print(markdown(report))
     print(f"\nJSON: {args.out}", file=sys.stderr)
     return report

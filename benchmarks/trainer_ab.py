@@ -31,6 +31,7 @@ from benchmarks.trainer_runs import (
     stdlib_shards,
     timed_run_settings,
 )
+from megaloop.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_INTERVAL = 10
@@ -98,10 +99,7 @@ def main() -> None:
               "steps": args.steps, "overrides": args.set,
               "step_s": steps, "head_over_base": ratios,
               "head_over_base_median": statistics.median(ratios)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = Path(args.json).with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps(result, indent=2))
-    tmp_json.replace(args.json)
+    atomic_write_json(args.json, result)
     print(json.dumps(result, indent=2))
 
 
