@@ -104,6 +104,14 @@ class TrainLoader:
         self.position = state["position"]
 
 
+PADDING = -1  # the target of a padding position: the loss ignores it (ignore_index=-1)
+
+
+def predicted_tokens(targets: torch.Tensor) -> int:
+    """How many positions of a batch are predicted: all but the padding."""
+    return int((targets != PADDING).sum())
+
+
 def eval_windows(config: Any) -> int | None:
     """The validation windows that train.eval_tokens asks for (None: train.eval_batches)."""
     tokens = config.train.eval_tokens
@@ -116,7 +124,7 @@ class ValLoader:
     `max_batches` batches per rank (the set grows with the ranks), or the first `max_windows`
     windows in all, the same set on any number of ranks: rank r takes windows r, r + ranks,
     ...; every rank runs as many batches (ZeRO-3's forward is collective), and the rows of a
-    short last batch are padding whose targets are -1 (ignored by the loss)."""
+    short last batch are padding (targets PADDING, ignored by the loss)."""
 
     def __init__(self, shards: TokenShards, seq_len: int, micro_batch: int, *, rank: int = 0,
                  world_size: int = 1, max_batches: int | None = None,
@@ -159,5 +167,5 @@ class ValLoader:
             padded[:len(real)] = real
             tokens, targets = _batch(self.stream, padded, self.seq_len)
             targets = targets.clone()  # a view of the tokens' rows
-            targets[len(real):] = -1
+            targets[len(real):] = PADDING
             yield tokens, targets

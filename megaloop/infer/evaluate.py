@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megaloop.data.loader import ValLoader, eval_windows
+from megaloop.data.loader import ValLoader, eval_windows, predicted_tokens
 from megaloop.data.shards import TokenShards
 from megaloop.data.tokenizer import Tokenizer
 from megaloop.errors import ConfigError, DataError
@@ -127,7 +127,7 @@ def evaluate(model: LoopedLM, data: EvalSet, recurrences: list[int] | None = Non
                    leave=False, disable=None if progress else True)  # None: only on a terminal
         for tokens, targets in bar:
             loss = model(tokens.to(device), targets.to(device), recurrences=r)
-            count = int((targets != -1).sum())  # rows of padding predict nothing
+            count = predicted_tokens(targets)
             if count:
                 total += loss.double().item() * count
                 weight += count

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from megaloop.atomic import atomic_write_json
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
-from megaloop.data.loader import TrainLoader, ValLoader, eval_windows
+from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted_tokens
 from megaloop.errors import TrainingError
 from megaloop.model.accounting import account
 from megaloop.track import open_tracker
@@ -241,7 +241,7 @@ class Trainer:
         with self.engine.evaluating():
             for tokens, targets in self.val_data:
                 loss = self.engine.loss(tokens, targets)
-                count = int((targets != -1).sum())  # a CPU tensor: no device sync
+                count = predicted_tokens(targets)  # a CPU tensor: no device sync
                 if count:
                     weighted = loss.double() * count
                     total = weighted if total is None else total + weighted
