@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, make_config, random_tokens
+from tiny import REPO, engine_run_config, make_config, random_tokens
 
 from megaloop import config
 from megaloop.errors import ConfigError
@@ -30,13 +30,7 @@ from megaloop.train.engine import Engine, build_model
 LONG = 1024  # positions: bf16 tables would round every position above 256
 
 
-def run_config(**values) -> config.RunConfig:
-    base = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
-            "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
-            "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
-            "train.global_batch": 2, "train.steps": 4, "train.grad_clip": 0.0}
-    base.update(values)
-    return config.load(None, [f"{key}={value}" for key, value in base.items()])
+run_config = engine_run_config
 
 
 @contextlib.contextmanager

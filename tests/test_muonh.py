@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from tiny import VARIANTS, random_tokens
+from tiny import VARIANTS, engine_run_config, random_tokens
 
 from megaloop import config
 from megaloop.errors import ConfigError
@@ -132,13 +132,8 @@ def test_its_adamw_groups_step_as_torchs_adamw():
 # ---- in the run ------------------------------------------------------------------------------
 
 def run_config(**values) -> config.RunConfig:
-    base = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
-            "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
-            "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
-            "train.global_batch": 2, "train.steps": 4, "train.optimizer": "muonh",
-            "train.lr": 3e-3, "train.matrix_lr": 0.02, "train.weight_decay": 0.0}
-    base.update(values)
-    return config.load(None, [f"{key}={value}" for key, value in base.items()])
+    return engine_run_config(**{"train.optimizer": "muonh", "train.lr": 3e-3,
+                                "train.matrix_lr": 0.02, "train.weight_decay": 0.0, **values})
 
 
 @pytest.mark.parametrize("variant", ["linear_r3", "hyperloop", "gqa_qknorm_softcap"])

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from tiny import VARIANTS
+from tiny import VARIANTS, engine_run_config
 
 from megaloop import config
 from megaloop.errors import ConfigError
@@ -21,12 +21,8 @@ ROLE_LRS = {"train.embedding_lr": 0.3, "train.unembedding_lr": 0.004, "train.nor
 
 
 def run_config(variant: str = "linear_r3", **values) -> config.RunConfig:
-    base = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
-            "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
-            "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
-            "train.global_batch": 2, "train.steps": 4, "train.lr": 1e-3,
-            **{f"model.{key}": value for key, value in VARIANTS[variant].items()}, **values}
-    return config.load(None, [f"{key}={value}" for key, value in base.items()])
+    variant_settings = {f"model.{key}": value for key, value in VARIANTS[variant].items()}
+    return engine_run_config(**{"train.lr": 1e-3, **variant_settings, **values})
 
 
 def expected_role(name: str) -> str:

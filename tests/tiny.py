@@ -49,6 +49,19 @@ def make_config(**overrides) -> ModelConfig:
     return config.load(None, overrides_for({**TINY, **overrides})).model
 
 
+ENGINE_RUN = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
+              "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
+              "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
+              "train.global_batch": 2, "train.steps": 4, "train.grad_clip": 0.0}
+
+
+def engine_run_config(**values) -> config.RunConfig:
+    """A whole run config of the tiny model for in-process Engine tests; `values` are
+    overrides by dotted key."""
+    settings = {**ENGINE_RUN, **values}
+    return config.load(None, [f"{key}={value}" for key, value in settings.items()])
+
+
 def make_model(seed: int = 0, perturb: float = 0.0, **overrides) -> LoopedLM:
     """A tiny fp32 model; `perturb` adds Gaussian noise to every parameter so that the special
     structure of the initialisation (identities, zeros) cannot hide a bug."""
