@@ -168,6 +168,9 @@ class DataConfig:
             raise ConfigError(f"data.workers = {self.workers} must be >= 1.")
 
 
+LR_ROLES = ("embedding", "unembedding", "norm", "hyper", "injection")  # each has train.<role>_lr
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     micro_batch: int = 8  # sequences per rank per forward/backward
@@ -182,8 +185,8 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     wsd_decay_fraction: float = 0.2  # WSD: the last fraction of steps decays to min_lr
     weight_decay: float = 0.1
-    optimizer: Literal["adamw", "muonh"] = "adamw"  # muonh: MuonH on block matrices + AdamW
-    matrix_lr: float = 0.014  # MuonH's lr at the schedule's peak (train.lr is AdamW's)
+    optimizer: Literal["adamw", "muon", "muonh"] = "adamw"  # muon(h): on block matrices + AdamW
+    matrix_lr: float = 0.014  # Muon(H)'s lr at the schedule's peak (train.lr is AdamW's)
     muon_momentum: float = 0.95
     embedding_lr: float | None = None  # AdamW's peak lr per role of parameter; None: train.lr
     unembedding_lr: float | None = None
@@ -237,7 +240,7 @@ class TrainConfig:
         if not 0 < self.wsd_decay_fraction <= 1:
             raise ConfigError(f"train.wsd_decay_fraction = {self.wsd_decay_fraction} must be in "
                               "(0, 1].")
-        role_lrs = ["embedding_lr", "unembedding_lr", "norm_lr", "hyper_lr", "injection_lr"]
+        role_lrs = [f"{role}_lr" for role in LR_ROLES]
         for key in role_lrs:
             value = getattr(self, key)
             if value is not None and (not math.isfinite(value) or value < 0):
@@ -249,14 +252,19 @@ class TrainConfig:
             raise ConfigError(f"train.matrix_lr = {self.matrix_lr} must be a finite number > 0.")
         if not 0 <= self.muon_momentum < 1:
             raise ConfigError(f"train.muon_momentum = {self.muon_momentum} must be in [0, 1).")
-        if self.optimizer == "muonh" and self.lr <= 0:
-            raise ConfigError("train.optimizer = muonh needs train.lr > 0: the schedule scales "
-                              "train.matrix_lr by train.lr's curve.")
-        if self.optimizer == "muonh" and self.zero_stage != 0:
-            raise ConfigError(f"train.optimizer = muonh with train.zero_stage = "
-                              f"{self.zero_stage} is refused: MuonH orthogonalises whole "
-                              "matrices, and ZeRO 1-3 hand the optimizer flat shards of them. "
-                              "Use train.zero_stage 0, or train.optimizer adamw.")
+        if self.optimizer != "adamw" and self.lr <= 0:
+            raise ConfigError(f"train.optimizer = {self.optimizer} needs train.lr > 0: the "
+                              "schedule scales train.matrix_lr by train.lr's curve.")
+        if self.optimizer != "adamw" and self.zero_stage > 0 and self.grad_clip > 0:
+            raise ConfigError(f"train.optimizer = {self.optimizer} at train.zero_stage = "
+                              f"{self.zero_stage} with train.grad_clip = {self.grad_clip} is "
+                              "refused: under ZeRO the matrices take their step whole, before "
+                              "DeepSpeed's step, where it clips. Set train.grad_clip: 0 (the "
+                              "iso-depth recipe has none) or train.zero_stage: 0.")
+        if self.optimizer != "adamw" and self.offload:
+            raise ConfigError(f"train.optimizer = {self.optimizer} with train.offload is refused:"
+                              " the offloaded optimizer is DeepSpeed's CPU Adam. Set "
+                              "train.offload: false, or train.optimizer: adamw.")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage = {self.zero_stage} must be 0, 1, 2 or 3.")
         if self.offload and self.zero_stage == 0:
@@ -429,15 +437,41 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults), apply `--set` overrides, validate."""
-    raw = read_yaml(path) if path is not None else {}
+def read_sections(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A run config file's sections, over those of the files it `include`s (paths relative
+    to it, read in order, each over the one before): a recipe such as configs/recipes/
+    isodepth.yaml is such a file. The file's own values win."""
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of sections (model: ...).")
-    raw = {name: dict(values) if isinstance(values, dict) else values
-           for name, values in raw.items()}
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"Config file {path}: include must be a path or a list of paths of "
+                          "config files (relative to it), e.g. include: ../recipes/isodepth.yaml")
+    merged: dict[str, Any] = {}
+    for name in includes:
+        included = (path.parent / name).resolve()
+        if included in (*including, path.resolve()):
+            raise ConfigError(f"Config file {path} includes {name}, which includes it again; "
+                              "remove one of the two includes.")
+        for section, values in read_sections(included, (*including, path.resolve())).items():
+            merged[section] = {**(merged.get(section) or {}), **(values or {})}
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = dict(values) if isinstance(values, dict) else values
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or the defaults) with the files it includes, apply `--set`
+    overrides, validate."""
+    raw = read_sections(Path(path)) if path is not None else {}
     for text in overrides or []:
         section, key, value = parse_override(text)
         if section not in SECTIONS:

@@ -86,6 +86,7 @@ def test_quick_benchmark_with_hugging_face(tmp_path):
     assert not any("compiled" in check["what"] for check in report["targets"])
 
 
+@pytest.mark.slow  # tens of seconds: the default suite stays under 10 min on 2 cores
 def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu_mfu.py --quick: the real trainer, the MFU read back from MLflow."""
     out = tmp_path / "gpu_mfu.json"
@@ -100,6 +101,7 @@ def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
     assert "| sdpa |" in done.stdout
 
 
+@pytest.mark.slow  # tens of seconds: the default suite stays under 10 min on 2 cores
 def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
     """benchmarks/trainer_ab.py: the real trainer at two commits (here both HEAD), in worktrees
     that are removed afterwards."""

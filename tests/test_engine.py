@@ -252,6 +252,7 @@ def test_zero3_warns_of_what_sampled_r_and_compile_cost_and_zero2_does_not(proce
         Engine(run_config(**sampled, **{"train.zero_stage": 2})).build().close()
 
 
+@pytest.mark.slow  # tens of seconds: the default suite stays under 10 min on 2 cores
 def test_compiled_blocks_under_zero3_compute_what_eager_does(process_group):
     zero3 = {"train.zero_stage": 3}
     eager = losses_of(run_config(**zero3), steps=3, seq=16)

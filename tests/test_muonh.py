@@ -91,6 +91,30 @@ def test_steps_follow_the_reference_and_stay_on_the_sphere(shape, polar_dtype, t
         assert error < tolerance, (step, error.item())
 
 
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_muon_steps_follow_the_reference_off_the_sphere(shape):
+    """Muon: the same direction, scaled by √max(1, rows/cols), with decoupled weight decay and
+    no projection (the norm is free to change)."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.nn.Parameter(torch.randn(*shape, generator=generator))
+    optimizer = MuonH([{"params": [weight], "kind": "muon", "weight_decay": 0.1}], lr=0.05,
+                      momentum=0.9, polar_dtype=torch.float32)
+    buffer = torch.zeros(shape, dtype=torch.float64)
+    norms = []
+    for _ in range(5):
+        grad = torch.randn(*shape, generator=generator)
+        reference = weight.detach().double().clone()
+        buffer.mul_(0.9).add_(grad.double(), alpha=0.1)
+        look_ahead = 0.1 * grad.double() + 0.9 * buffer
+        direction = polar(look_ahead, dtype=torch.float64)
+        reference.mul_(1 - 0.05 * 0.1).sub_(0.05 * max(1, shape[0] / shape[1]) ** 0.5 * direction)
+        weight.grad = grad
+        optimizer.step()
+        assert torch.allclose(weight.detach().double(), reference, atol=1e-5)
+        norms.append(weight.detach().norm().item())
+    assert max(norms) - min(norms) > 1e-3  # not held on a sphere
+
+
 def test_a_step_moves_the_weight_by_lr_times_its_norm_along_the_sphere():
     generator = torch.Generator().manual_seed(2)
     start = torch.randn(32, 64, generator=generator)
@@ -125,7 +149,7 @@ def test_its_adamw_groups_step_as_torchs_adamw():
         reference.step()
     for a, b in zip(ours, torchs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    with pytest.raises(ValueError, match="muonh or adamw"):
+    with pytest.raises(ValueError, match="muonh, muon or adamw"):
         MuonH([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "kind": "sgd"}])
 
 
@@ -147,7 +171,10 @@ def test_muonh_takes_the_block_matrices_and_adamw_everything_else(variant):
     matrices = {id(p) for p in block_matrices(model)}
     assert {i for i, kind in kinds.items() if kind == "muonh"} == matrices
     blocks = cfg.model.prelude_layers + cfg.model.loop_layers + cfg.model.coda_layers
-    assert len(matrices) == 4 * blocks  # qkv, the output projection, the MLP's in and out
+    injection = [model.injection.weight] if model.injection is not None else []
+    # qkv, the output projection, the MLP's in and out; the linear injection's [W_e | W_s]
+    assert len(matrices) == 4 * blocks + len(injection)
+    assert {id(p) for p in injection} <= matrices
     assert all(p.dim() == 2 for p in block_matrices(model))
     for param in (model.embed.weight, model.lm_head.weight):
         assert kinds[id(param)] == "adamw"
@@ -172,10 +199,67 @@ def test_muonh_trains_and_keeps_every_block_matrix_on_its_sphere(process_group):
     assert lrs["muonh"] == pytest.approx(0.02 * (1 - 29 / 30))
 
 
-def test_muonh_refuses_zero_stages_that_shard_its_matrices():
+def test_muonh_under_zero_refuses_clipping_and_offload_with_the_fix():
     for stage in (1, 2, 3):
-        with pytest.raises(ConfigError, match="MuonH orthogonalises whole matrices"):
-            run_config(**{"train.zero_stage": stage})
+        run_config(**{"train.zero_stage": stage})  # accepted: the matrices step whole
+        with pytest.raises(ConfigError, match="Set train.grad_clip: 0"):
+            run_config(**{"train.zero_stage": stage, "train.grad_clip": 1.0})
+        with pytest.raises(ConfigError, match="Set train.offload: false"):
+            run_config(**{"train.zero_stage": stage, "train.offload": "true"})
+    run_config(**{"train.grad_clip": 1.0})  # ZeRO-0 clips before MuonH sees the gradients
+
+
+class OneProcess:
+    """WholeMatrices of a process that holds every matrix whole (what ZeRO-0 is)."""
+
+    rank, world_size = 0, 1
+
+    def grad(self, param):
+        return param.grad
+
+    def weight(self, param):
+        return param.detach().clone()
+
+    def set_weight(self, param, value, owner):
+        assert owner == 0
+        param.copy_(value)
+
+
+@pytest.mark.parametrize("kind", ["muonh", "muon"])
+def test_whole_matrix_steps_equal_the_plain_step_and_their_state_round_trips(kind):
+    """The sharded path's arithmetic is the plain one's; its state (owned momentum and radii)
+    goes through state_dict, as DeepSpeed saves it per rank."""
+    generator = torch.Generator().manual_seed(3)
+    plain = [torch.nn.Parameter(torch.randn(24, 8, generator=generator)) for _ in range(3)]
+    whole = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    settings = {"kind": kind, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}
+    a = MuonH([{"params": plain, **settings}])
+    b = MuonH([{"params": whole, **settings, "sharded": True}])
+    for step in range(4):
+        if step == 2:  # a resumed optimizer carries on with the same state
+            b2 = MuonH([{"params": whole, **settings, "sharded": True}])
+            b2.load_state_dict(b.state_dict())
+            b = b2
+        for p, q in zip(plain, whole, strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        a.step()
+        before = [q.detach().clone() for q in whole]
+        b.step()  # the flat shards DeepSpeed would hand it: left alone
+        assert all(torch.equal(q, x) for q, x in zip(whole, before, strict=True))
+        with torch.no_grad():
+            b.step_whole_matrices(OneProcess())
+        for p, q in zip(plain, whole, strict=True):
+            assert torch.equal(p, q)
+    assert len(b.whole_state) == 3 and ("sphere_norm" in b.whole_state[0]) == (kind == "muonh")
+
+
+def test_matrices_are_owned_by_the_least_loaded_rank_largest_first():
+    from megaloop.train.muonh import owners_by_size
+
+    owners = owners_by_size([(4, 4), (8, 8), (2, 2), (8, 8)], world_size=2)
+    assert owners == [0, 0, 1, 1]  # 64 → 0, 64 → 1, 16 → 0 (a tie: the lower rank), 4 → 1
+    assert owners_by_size([(3, 3)] * 5, world_size=8) == [0, 1, 2, 3, 4]
 
 
 def trained(cfg: config.RunConfig, resume: str | None) -> dict:

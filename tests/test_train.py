@@ -164,7 +164,7 @@ def test_ds_config_command_shows_what_runs(capsys):
     rendered = json.loads(capsys.readouterr().out)
     loop_block = account(config.load("configs/runs/hyperloop-d2048-hyperloop.yaml").model)["loop"]
     zero = rendered["zero_optimization"]
-    assert zero["stage"] == 3 and rendered["gradient_clipping"] == 0.0
+    assert zero["stage"] == 3 and rendered["gradient_clipping"] == 1.0  # the recipe's clip
     assert zero["stage3_max_reuse_distance"] >= 2 * loop_block
     assert zero["stage3_max_live_parameters"] >= 2 * loop_block
     assert rendered["gradient_accumulation_steps"] == 256 // (4 * 8)
@@ -217,13 +217,16 @@ def test_two_ranks_zero3_match_one_process(stdlib_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_with_muonh_match_one_process(stdlib_shards, tmp_path):
-    """MuonH orthogonalises each rank's copy of the reduced gradient: the same on every rank."""
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_ranks_with_muonh_match_one_process(stage, stdlib_shards, tmp_path):
+    """ZeRO-0: each rank orthogonalises its copy of the reduced gradient. ZeRO 1-3: each matrix's
+    owning rank takes its step whole and sends the new weight to every rank's shard."""
     values = {"train.optimizer": "muonh", "train.weight_decay": 0.0, "train.steps": 5,
               "train.micro_batch": 2, "train.global_batch": 8}
     single, double = tmp_path / "one", tmp_path / "two"
     assert_ok(run_training(stdlib_shards, single, **values))
-    assert_ok(run_training(stdlib_shards, double, nproc=2, **values))
+    assert_ok(run_training(stdlib_shards, double, nproc=2,
+                           **{**values, "train.zero_stage": stage}))
     assert_same_losses(single, double, steps=5, tolerance=1e-4)
 
 

@@ -49,6 +49,7 @@ from megaloop.train.ds_config import (
     zero_stage_of,
 )
 from megaloop.train.host_memory import tune_for_cpu_training
+from megaloop.train.muonh import MuonH, matrix_shape
 from megaloop.train.optim import adamw, adamw_settings, muonh, role_groups
 
 # ---- the accelerator and the process group ---------------------------------------------------
@@ -147,9 +148,9 @@ def bf16_autocast(device_type: str) -> torch.autocast:
 # ---- model and optimizer ---------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """The run's AdamW or MuonH (optim.py), or DeepSpeed's CPU Adam over AdamW's groups when
-    the optimizer state is offloaded (`train.offload`)."""
-    if config.train.optimizer == "muonh":
+    """The run's AdamW or MuonH/Muon (optim.py), or DeepSpeed's CPU Adam over AdamW's groups
+    when the optimizer state is offloaded (`train.offload`)."""
+    if config.train.optimizer in ("muonh", "muon"):
         return muonh(model, config)
     if not config.train.offload:
         return adamw(model, config)
@@ -192,6 +193,44 @@ def gather_each(params: list[torch.nn.Parameter]) -> contextlib.ExitStack:
     return stack
 
 
+class ZeroWholeMatrices:
+    """Whole matrices out of ZeRO's shards and back, for `MuonH.step_whole_matrices`, through
+    DeepSpeed's documented accessors for the time between backward and step."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def grad(self, param: torch.Tensor) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param).float()
+
+    def weight(self, param: torch.Tensor) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+
+    def set_weight(self, param: torch.Tensor, value: torch.Tensor | None, owner: int) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if value is None:
+            value = torch.empty(matrix_shape(param), dtype=torch.float32, device=self.device)
+        dist.broadcast(value, src=owner)
+        if not hasattr(param, "ds_id"):
+            safe_set_full_fp32_param(param, value)
+            return
+        # ZeRO-3. DeepSpeed's setter reads past the end of a last shard that padding filled
+        # out; this writes each rank's shard itself, within the matrix.
+        shard, _ = param._z3_optimizer._get_fp32_opt_state_partition(param,
+                                                                     release_swap_buffers=False)
+        piece = value.flatten()[shard.numel() * self._shard_rank(param):][:shard.numel()]
+        shard[:piece.numel()].copy_(piece)
+
+    @staticmethod
+    def _shard_rank(param: torch.Tensor) -> int:
+        return param._z3_optimizer._get_param_partition_rank(param)
+
+
 def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
     """DeepSpeed's own parse of the rendered config, before any model is built (it needs the
     process group: batch sizes are checked against the world size), and what megaloop needs."""
@@ -222,6 +261,7 @@ class Engine:
         self.config = config
         self.rank, self.world_size, self._owns_group = join_process_group()
         self._ds: Any = None
+        self._whole_matrices: MuonH | None = None
         try:
             self.device = default_device()
             self.host_allocator = (tune_for_cpu_training() if self.device.type == "cpu"
@@ -245,6 +285,8 @@ class Engine:
         check_ds_config(config, self.ds_config)
         self.model = build_model(config, self.ds_config, self.device)
         optimizer = make_optimizer(self.model, config)
+        self._whole_matrices = (optimizer if isinstance(optimizer, MuonH)
+                                and optimizer.whole_matrices else None)
         try:
             self._ds, *_ = deepspeed.initialize(model=self.model, optimizer=optimizer,
                                                 config=self.ds_config)
@@ -290,6 +332,9 @@ class Engine:
         for group in self._ds.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         norm = self._local_grad_norm() if self.zero_stage == 0 else None
+        if self._whole_matrices is not None:
+            self._whole_matrices.step_whole_matrices(
+                ZeroWholeMatrices(self.rank, self.world_size, self.device))
         self._ds.step()
         if norm is None:
             norm = self._ds.get_global_grad_norm()

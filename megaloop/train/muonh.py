@@ -16,12 +16,21 @@ Polar Express (Amsel, Persson, Musco and Gower, arXiv:2505.16932) maps every sin
 of U, after U is scaled so that its spectral norm is at most 1, towards 1 with one odd
 polynomial per step; the coefficients are the paper's for 5 steps (safety factor 2e-2, cushion
 2). It runs in bf16 like Muon's Newton-Schulz iteration, since the result need not be exact.
+
+Muon (`kind: "muon"`) is the same step without the sphere: the update scaled by
+√max(1, rows/cols) (Keller Jordan's Muon) and decoupled weight decay.
+
+Where ZeRO shards the matrices (stages 1-3), DeepSpeed hands this optimizer flat pieces of
+them, on which no polar factor can be taken. Such a group is marked `sharded`: `step` leaves it
+alone, and the Engine calls `step_whole_matrices` before DeepSpeed's step instead. Each matrix
+then has one owning rank (round robin by size), which alone keeps its momentum, receives the
+whole gradient and weight, takes the step, and sends the new weight to every rank's shard.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -54,14 +63,74 @@ def polar(update: torch.Tensor, steps: int = 5,
     return x.mT if tall else x
 
 
+def orthogonal_step(weight: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                    group: dict[str, Any]) -> None:
+    """One Muon or MuonH step of a whole matrix, in place on `weight` and `state` (its momentum
+    buffer and, for MuonH, its sphere's radius ‖W₀‖, both made at the first step)."""
+    momentum = group["momentum"]
+    if not state:
+        state["momentum"] = torch.zeros_like(weight)
+        if group["kind"] == "muonh":
+            state["sphere_norm"] = weight.norm()  # ‖W₀‖, kept for the whole run
+    buffer = state["momentum"]
+    buffer.lerp_(grad, 1 - momentum)
+    look_ahead = grad.lerp(buffer, momentum)
+    direction = polar(look_ahead, group["steps"], group["polar_dtype"]).to(weight.dtype)
+    if group["kind"] == "muon":
+        weight.mul_(1 - group["lr"] * group["weight_decay"])
+        rows, cols = weight.shape
+        weight.sub_(direction, alpha=group["lr"] * max(1.0, rows / cols) ** 0.5)
+        return
+    radius = state["sphere_norm"]
+    direction.mul_(radius / direction.norm().clamp_min(1e-10))
+    weight.sub_(direction, alpha=group["lr"])
+    weight.mul_(radius / weight.norm().clamp_min(1e-10))
+
+
+class WholeMatrices(Protocol):
+    """How `MuonH.step_whole_matrices` reaches matrices that ZeRO shards (the Engine's). Every
+    method is collective: all ranks call it for the same parameter in the same order."""
+
+    rank: int
+    world_size: int
+
+    def grad(self, param: torch.Tensor) -> torch.Tensor:
+        """The whole reduced gradient, on every rank."""
+
+    def weight(self, param: torch.Tensor) -> torch.Tensor:
+        """The whole fp32 weight, on every rank."""
+
+    def set_weight(self, param: torch.Tensor, value: torch.Tensor | None, owner: int) -> None:
+        """`value` (given on rank `owner` only) becomes the weight's fp32 shard on every rank."""
+
+
+ORTHOGONAL_KINDS = ("muonh", "muon")
+
+
+def matrix_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also where ZeRO-3 left only a shard of it on this rank."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def owners_by_size(shapes: list[tuple[int, ...]], world_size: int) -> list[int]:
+    """The rank that owns each matrix: the least loaded so far, largest matrices first."""
+    load, owners = [0] * world_size, [0] * len(shapes)
+    for index in sorted(range(len(shapes)), key=lambda i: -torch.Size(shapes[i]).numel()):
+        owners[index] = min(range(world_size), key=lambda rank: load[rank])
+        load[owners[index]] += torch.Size(shapes[index]).numel()
+    return owners
+
+
 class MuonH(torch.optim.Optimizer):
-    """MuonH over the matrices of its "muonh" groups and AdamW over its "adamw" groups (the
-    paper's pairing: embeddings, the LM head, norms and hyper-connection scalars), as one
-    optimizer for DeepSpeed to hold. A group's `kind` says which; "muonh" is the default.
+    """MuonH (or Muon) over the matrices of its "muonh" ("muon") groups and AdamW over its
+    "adamw" groups (the paper's pairing: embeddings, the LM head, norms and hyper-connection
+    scalars), as one optimizer for DeepSpeed to hold. A group's `kind` says which; "muonh" is
+    the default.
 
     MuonH's `lr` is the step on the unit sphere (0.014 in the paper at 2^18 tokens per step,
     scaled with the batch and the run's tokens by the recipe). AdamW groups take `lr`,
-    `betas`, `eps` and `weight_decay` (decoupled)."""
+    `betas`, `eps` and `weight_decay` (decoupled), as do Muon's (betas and eps unused).
+    A group with `sharded: True` is stepped by `step_whole_matrices` (see the module's doc)."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
                  lr: float = 0.014, momentum: float = 0.95, steps: int = 5,
@@ -72,14 +141,20 @@ class MuonH(torch.optim.Optimizer):
             raise ValueError(f"MuonH momentum {momentum}: give a value in [0, 1)")
         super().__init__(params, {"kind": "muonh", "lr": lr, "momentum": momentum,
                                   "steps": steps, "polar_dtype": polar_dtype, "betas": betas,
-                                  "eps": eps, "weight_decay": weight_decay})
-        for group in self.param_groups:
-            if group["kind"] not in ("muonh", "adamw"):
-                raise ValueError(f"optimizer group kind {group['kind']!r}: muonh or adamw")
+                                  "eps": eps, "weight_decay": weight_decay, "sharded": False})
+        self.whole_matrices: list[tuple[int, torch.Tensor]] = []  # (group index, matrix)
+        for group_index, group in enumerate(self.param_groups):
+            if group["kind"] not in (*ORTHOGONAL_KINDS, "adamw"):
+                raise ValueError(f"optimizer group kind {group['kind']!r}: muonh, muon or adamw")
+            if group["sharded"] and group["kind"] not in ORTHOGONAL_KINDS:
+                raise ValueError("only muonh and muon groups are stepped as whole matrices")
             for param in group["params"]:
-                if group["kind"] == "muonh" and param.dim() != 2:
-                    raise ValueError(f"MuonH updates matrices; a parameter of shape "
-                                     f"{tuple(param.shape)} belongs to AdamW")
+                if group["kind"] in ORTHOGONAL_KINDS and len(matrix_shape(param)) != 2:
+                    raise ValueError(f"{group['kind']} updates matrices; a parameter of shape "
+                                     f"{matrix_shape(param)} belongs to AdamW")
+                if group["sharded"]:
+                    self.whole_matrices.append((group_index, param))
+        self.whole_state: dict[int, dict[str, Any]] = {}  # by index in whole_matrices
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,24 +163,42 @@ class MuonH(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = self._muonh if group["kind"] == "muonh" else self._adamw
+            if group["sharded"]:
+                continue  # DeepSpeed's flat shards: step_whole_matrices took their step
             for param in group["params"]:
-                if param.grad is not None:
-                    update(param, group)
+                if param.grad is None:
+                    continue
+                if group["kind"] == "adamw":
+                    self._adamw(param, group)
+                else:
+                    orthogonal_step(param, param.grad, self.state[param], group)
         return loss
 
-    def _muonh(self, param: torch.Tensor, group: dict[str, Any]) -> None:
-        state, momentum = self.state[param], group["momentum"]
-        if not state:
-            state["momentum"] = torch.zeros_like(param)
-            state["sphere_norm"] = param.norm()  # ‖W₀‖, kept for the whole run
-        buffer, radius = state["momentum"], state["sphere_norm"]
-        buffer.lerp_(param.grad, 1 - momentum)
-        look_ahead = param.grad.lerp(buffer, momentum)
-        direction = polar(look_ahead, group["steps"], group["polar_dtype"]).to(param.dtype)
-        direction.mul_(radius / direction.norm().clamp_min(1e-10))
-        param.sub_(direction, alpha=group["lr"])
-        param.mul_(radius / param.norm().clamp_min(1e-10))
+    @torch.no_grad()
+    def step_whole_matrices(self, whole: WholeMatrices) -> None:
+        """The step of the sharded groups' matrices, one at a time, each on its owning rank
+        (called on every rank after the step's last backward, before DeepSpeed's step)."""
+        owners = owners_by_size([matrix_shape(p) for _, p in self.whole_matrices],
+                                whole.world_size)
+        for index, ((group_index, param), owner) in enumerate(zip(self.whole_matrices, owners,
+                                                                  strict=True)):
+            grad, weight = whole.grad(param), whole.weight(param)
+            if whole.rank == owner:
+                state = self.whole_state.setdefault(index, {})
+                orthogonal_step(weight, grad.to(weight.dtype), state,
+                                self.param_groups[group_index])
+            whole.set_weight(param, weight if whole.rank == owner else None, owner)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["whole_matrices"] = self.whole_state  # this rank's own: DeepSpeed saves per rank
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        whole = state_dict.pop("whole_matrices", {})
+        super().load_state_dict(state_dict)
+        self.whole_state = {int(index): dict(entry) for index, entry in whole.items()}
 
     def _adamw(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[param]

@@ -1,6 +1,6 @@
 """The optimizer of a run: AdamW (weight decay on the matrices only; a learning rate per role of
-parameter, train.<role>_lr), or MuonH on the transformer blocks' matrices with AdamW on the
-rest (`train.optimizer`)."""
+parameter, train.<role>_lr), or MuonH (Muon) on the transformer blocks' matrices with AdamW on
+the rest (`train.optimizer`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from megaloop.config import RunConfig
+from megaloop.config import LR_ROLES, RunConfig
 from megaloop.model.blocks import MLP, Attention, RMSNorm
 from megaloop.model.hyper import DynamicGates, Hyperloop, HyperloopConnection, Lanes, MHCConnection
 from megaloop.train.muonh import MuonH
 
 HYPER_MODULES = (DynamicGates, Hyperloop, HyperloopConnection, Lanes, MHCConnection)
-ROLES = ("embedding", "unembedding", "norm", "hyper", "injection")  # with a train.<role>_lr
+ROLES = LR_ROLES
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float,
@@ -97,16 +97,20 @@ def adamw(model: torch.nn.Module, config: RunConfig) -> torch.optim.AdamW:
 
 
 def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The weights of the attention and MLP projections of every transformer block: MuonH's.
-    The embedding, the LM head, the injection, norms and hyper-connections stay with AdamW."""
-    return [linear.weight for module in model.modules() if isinstance(module, (Attention, MLP))
-            for linear in module.modules() if isinstance(linear, torch.nn.Linear)]
+    """The weights of the attention and MLP projections of every transformer block, and the
+    linear injection's [W_e | W_s]: Muon(H)'s, as in the iso-depth paper's code. The embedding,
+    the LM head, norms and hyper-connections stay with AdamW."""
+    matrices = [linear.weight for module in model.modules() if isinstance(module, (Attention, MLP))
+                for linear in module.modules() if isinstance(linear, torch.nn.Linear)]
+    injection = getattr(model, "injection", None)
+    return matrices + ([injection.weight] if injection is not None else [])
 
 
 def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
-    """MuonH on the block matrices, AdamW (train.lr, betas, eps, weight decay) on the rest.
-    Every group carries `lr_scale`, its lr over train.lr: the Engine sets each group's lr to
-    the schedule's lr times it."""
+    """MuonH or Muon (train.optimizer) on the block matrices, AdamW (train.lr, betas, eps,
+    weight decay) on the rest. Every group carries `lr_scale`, its lr over train.lr: the Engine
+    sets each group's lr to the schedule's lr times it. Under ZeRO (stages 1-3) the matrices'
+    group is `sharded`: the Engine steps them whole (muonh.py)."""
     train = config.train
     matrices = block_matrices(model)
     chosen = {id(param) for param in matrices}
@@ -114,6 +118,9 @@ def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
     settings = {key: value for key, value in adamw_settings(config).items() if key != "lr"}
     adamw_groups = [{**group, "kind": "adamw", **settings}
                     for group in role_groups(model, config, rest)]
-    return MuonH([{"params": matrices, "kind": "muonh", "name": "matrices", "lr": train.matrix_lr,
-                   "lr_scale": train.matrix_lr / train.lr, "momentum": train.muon_momentum},
+    decay = train.weight_decay if train.optimizer == "muon" else 0.0  # none on MuonH's sphere
+    return MuonH([{"params": matrices, "kind": train.optimizer, "name": "matrices",
+                   "lr": train.matrix_lr, "lr_scale": train.matrix_lr / train.lr,
+                   "momentum": train.muon_momentum, "weight_decay": decay,
+                   "sharded": train.zero_stage > 0},
                   *adamw_groups])
