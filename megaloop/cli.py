@@ -155,7 +155,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         peak, _ = peak_flops(None, runs[0].config.train.precision if runs else "fp32")
         print(plan_table(runs, peak, assumed_mfu=0.4))
     outcome = execute(runs, spec["experiment"], executor=args.executor, nproc=args.nproc,
-                      dry_run=args.dry_run, progress=not args.no_progress)
+                      dry_run=args.dry_run, progress=not args.no_progress,
+                      borrow=spec["borrow"])
     if outcome.script and args.dry_run:
         print(outcome.script)
     if not args.dry_run:

@@ -422,3 +422,39 @@ def test_a_missing_ds_config_template_is_refused(tmp_path):
                                            '"zero_optimization": {"stage": {{ stage }}}}')
     rendered = render_ds_config(cfg)
     assert rendered["train_batch_size"] == 32 and rendered["gradient_clipping"] == 0.0
+
+
+def test_a_config_includes_a_recipe_and_its_own_values_win(tmp_path):
+    recipe = tmp_path / "recipes" / "mine.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("train: {optimizer: muonh, lr: 0.004, min_lr: 0.0004, warmup_steps: 0}\n"
+                      "model: {d_model: 96, n_heads: 3}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text("include: recipes/mine.yaml\ntrain: {warmup_steps: 7}\n")
+    cfg = config.load(run, ["train.lr=0.005"])
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps) == (
+        "muonh", 0.005, 0.0004, 7)
+    assert cfg.model.d_model == 96
+    assert "include" not in cfg.to_dict()
+    recipe.write_text("include: ../run.yaml\n")
+    with pytest.raises(ConfigError, match="includes it again"):
+        config.load(run)
+    run.write_text("include: {a: 1}\n")
+    with pytest.raises(ConfigError, match="include must be a path or a list of paths"):
+        config.load(run)
+    run.write_text("include: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        config.load(run)
+
+
+def test_the_two_recipes_are_the_papers():
+    iso = config.load(REPO / "configs" / "runs" / "isodepth-s10-r4.yaml").train
+    assert (iso.optimizer, iso.matrix_lr, iso.muon_momentum, iso.embedding_lr, iso.unembedding_lr,
+            iso.norm_lr, iso.hyper_lr) == ("muonh", 0.014, 0.95, 0.3, 0.004, 0.005, 0.01)
+    assert (iso.beta1, iso.beta2, iso.eps, iso.weight_decay, iso.warmup_steps, iso.schedule,
+            iso.grad_clip, iso.min_lr / iso.lr) == (0.8, 0.95, 1e-10, 0.0, 0, "linear", 0.0,
+                                                    pytest.approx(0.1))
+    hyper = config.load(REPO / "configs" / "runs" / "hyperloop-d1024-hyperloop.yaml").train
+    assert (hyper.optimizer, hyper.beta1, hyper.beta2, hyper.weight_decay, hyper.grad_clip,
+            hyper.lr, hyper.min_lr, hyper.schedule, hyper.warmup_steps) == (
+        "adamw", 0.9, 0.95, 0.1, 1.0, 4e-4, 4e-5, "cosine", 2000)

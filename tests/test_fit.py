@@ -373,6 +373,42 @@ def test_fit_from_mlflow_is_logged_as_its_own_run(tmp_path, sweep_store):
     assert again["n_runs"] == 14 and "mlflow_run_id" not in again
 
 
+def test_a_case_study_fits_its_own_runs_with_the_r1_runs_it_borrows(tmp_path, sweep_store):
+    """A case study's experiment holds its looped runs only; the sweep's `borrow` (recorded on
+    the experiment) adds the baseline's r = 1 runs, and not its r = 4 ones."""
+    from mlflow.tracking import MlflowClient
+
+    from megaloop.fit.inputs import read_mlflow
+    from megaloop.sweep.execute import execute
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(sweep_store[0], db)
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(tracking_uri=uri)
+    baseline = client.get_experiment_by_name("sweep").experiment_id
+    study = client.create_experiment("study")
+    for run in client.search_runs([baseline], max_results=1000):
+        if run.data.params.get("recurrences") == "4" and run.data.tags["megaloop.status"] == \
+                "finished" and "n_rec" in run.data.params and "val/loss" in run.data.metrics:
+            copy = client.create_run(study, tags=run.data.tags)
+            for key, value in run.data.params.items():
+                client.log_param(copy.info.run_id, key, value)
+            client.log_metric(copy.info.run_id, "val/loss", run.data.metrics["val/loss"] + 0.01)
+    alone = read_mlflow("study", tracking=uri)
+    assert set(alone.recurrences) == {4} and len(alone) == 14
+    borrow = [{"experiment": "sweep", "recurrences": [1]}]
+    execute([], "study", dry_run=True, tracking=uri, borrow=borrow)  # a dry run records nothing
+    assert len(read_mlflow("study", tracking=uri)) == 14
+    execute([], "study", tracking=uri, borrow=borrow)
+    both = read_mlflow("study", tracking=uri)
+    assert sorted(set(both.recurrences)) == [1, 4] and len(both) == 28
+    assert sum(name.startswith("run sweep/") for name in both.names) == 14
+    assert "with the r = 1 runs of 'sweep'" in both.source
+    execute([], "study", tracking=uri, borrow=[{"experiment": "nowhere", "recurrences": [1]}])
+    with pytest.raises(FitError, match="borrows the r = 1 runs of 'nowhere', which has none"):
+        read_mlflow("study", tracking=uri)
+
+
 def test_mlflow_without_report_dir_logs_a_temporary_report(tmp_path, sweep_store, capsys):
     from mlflow.tracking import MlflowClient
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -62,15 +63,83 @@ def test_paper_parameter_counts_at_s10(paper_runs):
             assert run.n_once + run.n_rec == pytest.approx(PAPER_S10[r], rel=5e-3)
 
 
-def test_case_study_specs():
+PAPER_RECIPE = REPO.parent / "shared" / "data" / "isodepth" / "paper_run_recipe.csv"
+
+
+def paper_matrix_lr(tokens: int, batch_tokens: int, d_ref: float) -> float:
+    return 0.014 * (batch_tokens / 2 ** 18) ** 0.558 * (tokens / d_ref) ** -0.32
+
+
+@pytest.mark.skipif(not PAPER_RECIPE.exists(), reason=f"needs {PAPER_RECIPE}")
+def test_paper_plan_matches_the_papers_runs_steps_and_learning_rates(paper_runs):
+    """Every run of the grid against the paper's code (../shared/data/isodepth): steps within
+    0.1% (our vocabulary is 32000, the paper's padded to 32064), the MuonH lr within 0.1% of its
+    formula applied to our tokens (D_ref from the CSV's own s = 10 reference models), the AdamW
+    groups equal, and the recipe's optimizer, schedule and clipping."""
+    with PAPER_RECIPE.open() as handle:
+        rows = {(int(row["r"]), float(row["budget_flops"]), int(row["s"])): row
+                for row in csv.DictReader(handle)}
+    reference = {(r, int(row["s"])): int(row["paper_n_once"]) + r * int(row["paper_n_rec"])
+                 for (r, _, _), row in rows.items() if row["s"] == "10"}
+    d_ref = {1: 10 * reference[(1, 10)], "looped": 10 * reference[(4, 10)]}
+    assert len(rows) == len(paper_runs) == 116
+    for run in paper_runs:
+        train, r = run.config.train, run.config.model.recurrences
+        row = rows[(r, run.budget_flops, run.context["s"])]
+        steps = run.tokens // (train.global_batch * run.config.model.max_seq_len)
+        assert steps == pytest.approx(int(row["paper_steps"]), rel=1e-3), run.name
+        want = paper_matrix_lr(run.tokens, 2 ** 18, d_ref[1 if r == 1 else "looped"])
+        assert train.matrix_lr == pytest.approx(want, rel=1e-3), run.name
+        for role in ("embedding", "unembedding", "norm"):
+            want = float(row[f"paper_adam_{role}_lr"])
+            assert getattr(train, f"{role}_lr") == pytest.approx(want, rel=1e-3), (run.name, role)
+        assert train.lr == train.unembedding_lr and train.min_lr == pytest.approx(0.1 * train.lr)
+        assert (train.optimizer, train.schedule, train.warmup_steps, train.grad_clip,
+                train.weight_decay, train.beta1, train.beta2, train.eps) == (
+            "muonh", "linear", 0, 0.0, 0.0, 0.8, 0.95, 1e-10)
+        assert train.global_batch * run.config.model.max_seq_len == 2 ** 18
+
+
+def test_the_paper_specs_reference_tokens_are_megaloops_accounting():
+    """The D_ref constants in the iso-depth specs' matrix_lr: 10x the effective parameters of
+    the s = 10 reference models (N_once + r N_rec), by megaloop's accounting."""
+    from megaloop import config
+    from megaloop.model.accounting import account
+
+    def effective(name: str) -> int:
+        model = config.load(REPO / "configs" / "runs" / name).model
+        counts = account(model)
+        return counts["n_once"] + model.recurrences * counts["n_rec"]
+
+    constants = f"(tokens / ({10 * effective('isodepth-s10-r4.yaml')} if r > 1 else " \
+                f"{10 * effective('isodepth-s10-r1.yaml')})) ** -0.32"
+    for name in ("isodepth-paper.yaml", "isodepth-truncbptt.yaml", "isodepth-lanes.yaml"):
+        assert constants in read_spec(SWEEPS / name)["set"]["train.matrix_lr"], name
+
+
+def test_case_study_specs_are_the_papers_grids_on_the_borrowed_r1_baseline():
     truncated = plan(read_spec(SWEEPS / "isodepth-truncbptt.yaml"))
     lanes = plan(read_spec(SWEEPS / "isodepth-lanes.yaml"))
-    assert len(truncated) == len(lanes) == 4 * 20
+    extra = {1e18: 16, 4.64e18: 22, 1e19: 28, 2.15e19: 40, 2.15e18: 18}  # one wider each
+    for runs, added in ((truncated, extra), (lanes, {2.15e18: 18})):
+        assert {run.config.model.recurrences for run in runs} == {2, 4, 8}
+        for r in (2, 4, 8):
+            cells = sorted((run.budget_flops, run.context["s"]) for run in runs
+                           if run.config.model.recurrences == r)
+            want = {c: sorted({*scales, *([added[c]] if c in added else [])})
+                    for c, scales in PAPER_BUDGETS.items()}
+            assert cells == sorted((c, s) for c, scales in want.items() for s in scales)
+        assert {run.config.train.optimizer for run in runs} == {"muonh"}
+    assert len(truncated) == 3 * 34 and len(lanes) == 3 * 30
     for run in truncated:
-        r = run.config.model.recurrences
-        assert run.config.model.bptt_k == math.ceil(r / 2)
+        assert run.config.model.bptt_k == math.ceil(run.config.model.recurrences / 2)
     assert {run.config.model.hyper for run in lanes} == {"lanes"}
-    assert {run.budget_flops for run in lanes} == {4.64e17, 1e18, 2.15e18, 4.64e18}
+    for run in lanes:  # the lane parameters' AdamW lr: 0.01 (d / 640)^-0.5
+        d = run.config.model.d_model
+        assert run.config.train.hyper_lr == pytest.approx(0.01 * (d / 640) ** -0.5)
+    for name in ("isodepth-truncbptt.yaml", "isodepth-lanes.yaml"):
+        assert read_spec(SWEEPS / name)["borrow"] == [{"experiment": "isodepth-paper",
+                                                      "recurrences": [1]}]
 
 
 def write_spec(tmp_path: Path, **changes) -> Path:
@@ -89,6 +158,7 @@ def write_spec(tmp_path: Path, **changes) -> Path:
     ({"name": "r{{ r }}"}, "two runs are named 'r1'"),
     ({"tokens": 1000}, "either budgets"),
     ({"name": "r{{ rr }}"}, "does not render"),
+    ({"borrow": {"experiment": "a"}}, "borrow .* is not understood"),
     ({"set": {"model.colour": 1}}, "model.colour"),
     ({"set": {"model.loop_layers": "{{ 8 // r }}", "model.n_heads": "{{ d // 32 }}",
               "model.coda_layers": "{{ 3 if tokens > 0 else 1 }}"}},

@@ -166,14 +166,32 @@ def parse_filters(filters: list[str] | None) -> dict[str, str]:
 
 def read_mlflow(experiment: str, *, tracking: str | None = None,
                 filter_tags: dict[str, str] | None = None) -> Runs:
-    """The finished runs of an MLflow experiment; `Runs.skipped` counts the others by reason."""
+    """The finished runs of an MLflow experiment, and those it borrows from others (its tag
+    megaloop.borrow, set by the sweep whose spec says `borrow`: a case study's r = 1 baseline);
+    `Runs.skipped` counts the others by reason."""
+    import json
+
     from megaloop.config import TrackConfig
     from megaloop.track import find_runs, tracking_uri
+    from megaloop.track.runs import BORROW_TAG, experiment_tags
 
     uri = tracking or tracking_uri(TrackConfig(), create=False)
     every = [run for run in find_runs(experiment, tracking=uri, status=None,
                                       filter_tags=filter_tags)
              if run["tags"].get(FIT_KIND_TAG) != "fit"]
+    borrowed = json.loads(experiment_tags(experiment, tracking=uri).get(BORROW_TAG, "[]"))
+    for source in borrowed:
+        theirs = [dict(run, name=f"{source['experiment']}/{run['name'] or run['run_id']}")
+                  for run in find_runs(source["experiment"], tracking=uri, status=None,
+                                       filter_tags=filter_tags)
+                  if run["tags"].get(FIT_KIND_TAG) != "fit"
+                  and run["params"].get("recurrences") in {str(r) for r in source["recurrences"]}]
+        if not any(run["status"] == "finished" for run in theirs):
+            rs = ", ".join(str(r) for r in source["recurrences"])
+            raise FitError(f"MLflow experiment '{experiment}' borrows the r = {rs} runs of "
+                           f"'{source['experiment']}', which has none finished at {uri}: run "
+                           f"that sweep first (its r = {rs} runs), then fit again.")
+        every += theirs
     skipped: Counter[str] = Counter()
     columns: dict[str, list[float]] = {name: [] for name in (*REQUIRED, *OPTIONAL)}
     names = []
@@ -205,7 +223,9 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
         names.append(f"run {run['name'] or run['run_id']}")
     where = f"MLflow experiment '{experiment}' at {uri}" + (
         f" (filter {', '.join(f'{k}={v}' for k, v in filter_tags.items())})"
-        if filter_tags else "")
+        if filter_tags else "") + "".join(
+        f", with the r = {', '.join(map(str, b['recurrences']))} runs of '{b['experiment']}'"
+        for b in borrowed)
     if not names:
         why = "; ".join(f"{count} {reason}" for reason, count in skipped.items())
         raise FitError(f"{where} has no finished runs to fit"

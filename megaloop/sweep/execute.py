@@ -6,6 +6,7 @@ resumes from its newest checkpoint (`--resume auto`) and continues its MLflow ru
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -139,11 +140,18 @@ def submit_slurm(experiment: str, runs: list[PlannedRun], nproc: int, dry_run: b
 
 def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inprocess",
             nproc: int = 1, dry_run: bool = False, progress: bool = True,
-            tracking: str | None = None) -> SweepOutcome:
+            tracking: str | None = None,
+            borrow: list[dict[str, Any]] | None = None) -> SweepOutcome:
+    """Train (or submit) the runs not yet finished. `borrow` (the spec's) is recorded on the
+    experiment, so that every later fit of it also takes those runs of other experiments."""
     if tracking is None and runs:
         from megaloop.track import tracking_uri
 
         tracking = tracking_uri(runs[0].config.track)
+    if borrow and not dry_run:
+        from megaloop.track.runs import BORROW_TAG, set_experiment_tag
+
+        set_experiment_tag(experiment, BORROW_TAG, json.dumps(borrow), tracking=tracking)
     finished = finished_hashes(experiment, tracking)
     todo = [run for run in runs if run.config.hash() not in finished]
     skipped = [run.name for run in runs if run.config.hash() in finished]

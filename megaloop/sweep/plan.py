@@ -13,10 +13,14 @@ A spec is data (configs/sweeps/*.yaml):
                                         #   and tokens and steps (of this run; not for the model
                                         #   or the batch, which decide them)
       model.n_heads: "{{ d // 128 }}"
-    lr_scaling: {reference_width: 640, exponent: -1.0}   # optional: lr x (d / 640)^-1
+    lr_scaling: {reference_width: 640, exponent: -1.0}   # optional: AdamW's lrs (train.lr,
+                                        # min_lr and each <role>_lr) x (d / 640)^-1
     variants: {looped: {model.hyper: none}, hyperloop: {...}}   # optional axis `variant`;
                                         # a variant may also give its own base and tokens
     seeds: [0, 1, 2]                    # optional axis `seed` (sets train.seed)
+    borrow: {experiment: isodepth-paper, recurrences: [1]}   # optional: the fit also takes
+                                        # these runs of another experiment (a case study's
+                                        # r = 1 baseline, trained once)
     tokens: 12500000000                 # instead of budgets: a fixed token count per run
 
 Each run's tokens are budget / flops_per_token (the model's accounting), rounded to whole
@@ -36,12 +40,12 @@ import jinja2.meta
 from jinja2.nativetypes import NativeEnvironment
 
 from megaloop import config as run_config
-from megaloop.config import RunConfig
+from megaloop.config import LR_ROLES, RunConfig
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
 
 SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "scales", "tokens",
-             "set", "lr_scaling", "variants", "seeds", "description"}
+             "set", "lr_scaling", "variants", "seeds", "description", "borrow"}
 REQUIRED = {"experiment", "name"}
 VARIANT_KEYS = {"base", "tokens"}  # what a variant may set besides config overrides
 RUN_LENGTH = {"tokens", "steps"}  # known to the expressions only once the run is measured
@@ -101,6 +105,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     if ("budgets" in spec) == bool(with_tokens):
         raise ConfigError(f"Sweep spec {path}: give either budgets (FLOPs -> scales) or tokens "
                           "(a fixed count per run, or per variant), not both or neither.")
+    spec["borrow"] = borrowed_runs(spec.get("borrow"), path)
     here = Path(path).parent
     if "base" in spec:
         spec["base"] = str((here / spec["base"]).resolve())
@@ -108,6 +113,21 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         if variant and "base" in variant:
             variant["base"] = str((here / variant["base"]).resolve())
     return spec
+
+
+def borrowed_runs(raw: Any, path: str | Path) -> list[dict[str, Any]]:
+    """A spec's `borrow` as a list of {experiment, recurrences}."""
+    entries = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    fix = ("write borrow: {experiment: NAME, recurrences: [1]} (or a list of such), naming "
+           "another sweep's experiment and the r of its runs to take")
+    for entry in entries:
+        if (not isinstance(entry, dict) or set(entry) != {"experiment", "recurrences"}
+                or not isinstance(entry["experiment"], str)
+                or not isinstance(entry["recurrences"], list)
+                or not all(isinstance(r, int) and r >= 1 for r in entry["recurrences"])):
+            raise ConfigError(f"Sweep spec {path}: borrow {entry!r} is not understood; {fix}.")
+    return [{"experiment": e["experiment"], "recurrences": list(e["recurrences"])}
+            for e in entries]
 
 
 def width_of(spec: dict[str, Any], scale: float | None) -> int | None:
@@ -242,9 +262,10 @@ def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
                           "tokens or steps changes the model or the batch, which set the "
                           "run's tokens; only settings such as learning rates may use them.")
     factor = _lr_factor(spec, cfg)
-    if factor != 1.0:
-        overrides += [f"train.lr={cfg.train.lr * factor}",
-                      f"train.min_lr={cfg.train.min_lr * factor}"]
+    if factor != 1.0:  # AdamW's lrs, every role's with them; not Muon's matrix_lr
+        overrides += [f"train.{key}={getattr(cfg.train, key) * factor}"
+                      for key in ("lr", "min_lr", *(f"{role}_lr" for role in LR_ROLES))
+                      if getattr(cfg.train, key) is not None]
     overrides += [f"train.tokens={tokens}", "train.steps=null"]
     if context["budget"] is not None:
         overrides.append(f"train.budget_flops={context['budget']}")

@@ -56,6 +56,27 @@ def find_runs(experiment: str, *, tracking: str | None = None, status: str | Non
             for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]
 
 
+BORROW_TAG = "megaloop.borrow"  # an experiment's: the runs of others that its fit also takes
+
+
+def set_experiment_tag(experiment: str, key: str, value: str, *,
+                       tracking: str | None = None) -> None:
+    """Tag `experiment` (made if it does not exist yet)."""
+    uri = tracking or tracking_uri(TrackConfig())
+    client = open_client(uri)
+    client.set_experiment_tag(experiment_id_of(client, experiment, uri), key, value)
+
+
+def experiment_tags(experiment: str, *, tracking: str | None = None) -> dict[str, str]:
+    """The tags of `experiment`; {} where it or the store does not exist."""
+    uri = tracking or tracking_uri(TrackConfig(), create=False)
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return {}
+    found = open_client(uri).get_experiment_by_name(experiment)
+    return dict(found.tags) if found is not None else {}
+
+
 def log_fit_run(experiment: str, *, params: dict, metrics: dict[str, float],
                 artifact_dir: str | Path | None = None, tags: dict | None = None,
                 tracking: str | None = None, run_name: str | None = None) -> str:
