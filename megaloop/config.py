@@ -36,6 +36,7 @@ class ModelConfig:
     mlp: Literal["swiglu", "relu2"] = "swiglu"
     mlp_ratio: float = 2.75
     qk_norm: bool = False
+    qk_norm_mode: Literal["learned_before_rope", "free_after_rope"] = "learned_before_rope"
     tie_embeddings: bool = False
     logit_softcap: float = 0.0  # 0: no soft-cap
     rope_theta: float = 10000.0
@@ -47,6 +48,10 @@ class ModelConfig:
     recurrence_sampling: Literal["fixed", "poisson_lognormal"] = "fixed"
     attention: Literal["auto", "flash", "sdpa"] = "auto"
     activation_checkpointing: Literal["none", "per_recurrence", "per_layer"] = "none"
+    init: Literal["gpt2", "isodepth"] = "gpt2"  # isodepth: the iso-depth paper's (model/looped.py)
+    embedding_norm: bool = False  # an RMSNorm after the embedding (the iso-depth paper's)
+    recurrence_norm: Literal["linear", "every"] = "linear"  # after each recurrence: for linear
+    #   injection only, or in every injection mode (the iso-depth paper's)
 
     @property
     def kv_heads(self) -> int:
@@ -82,6 +87,14 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{key} = {value} must be positive; set it to a value > 0.")
+        if self.recurrence_norm == "every" and self.hyper != "none":
+            raise ConfigError(f"model.recurrence_norm = every with model.hyper = {self.hyper}: "
+                              "hyper-connections carry their own streams through the loop. Set "
+                              "model.recurrence_norm: linear, or model.hyper: none.")
+        if self.init == "isodepth" and self.tie_embeddings:
+            raise ConfigError("model.init = isodepth draws the embedding from N(0, 1) and the LM "
+                              "head from N(0, 0.001): a tied pair cannot be both. Set "
+                              "model.tie_embeddings: false, or model.init: gpt2.")
         for key in ["prelude_layers", "loop_layers", "coda_layers"]:
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} = {getattr(self, key)} must be >= 0.")

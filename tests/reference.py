@@ -59,9 +59,12 @@ class ReferenceBlock:
         q = q.reshape(batch, seq, cfg.n_heads, head_dim).transpose(1, 2)
         k = k.reshape(batch, seq, cfg.kv_heads, head_dim).transpose(1, 2)
         v = v.reshape(batch, seq, cfg.kv_heads, head_dim).transpose(1, 2)
-        if cfg.qk_norm:
+        after_rope = cfg.qk_norm and cfg.qk_norm_mode == "free_after_rope"
+        if cfg.qk_norm and not after_rope:
             q, k = rms_norm(q, w["attn.q_norm.weight"]), rms_norm(k, w["attn.k_norm.weight"])
         q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+        if after_rope:  # no gain
+            q, k = rms_norm(q, 1.0), rms_norm(k, 1.0)
         y = causal_attention(q, k, v).transpose(1, 2).reshape(batch, seq, q_dim)
         return y @ w["attn.out.weight"].T
 
@@ -95,7 +98,10 @@ class ReferenceTransformer:
                 self.blocks.setdefault(f"{stack}.{index}", ReferenceBlock(own, cfg))
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.weights["embed.weight"][tokens]
+        x = self.weights["embed.weight"][tokens]
+        if "embed_norm.weight" in self.weights:
+            x = rms_norm(x, self.weights["embed_norm.weight"])
+        return x
 
     def layers(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         for name in names:

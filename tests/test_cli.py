@@ -18,9 +18,9 @@ def test_params_json_has_every_group(capsys):
     expected = {*GROUPS, "total", "n_once", "n_rec", "flops_per_token"}
     assert set(result) == expected
     d, blocks = 640, 2 + 4 + 2
-    per_block = 12 * d * d + 2 * d + 2 * 128  # attention + ReLU^2 MLP, two norms, QK-norms
-    injection, loop_norm, final_norm = 2 * d * d, d, d
-    non_embedding = blocks * per_block + injection + loop_norm + final_norm
+    per_block = 12 * d * d + 2 * d  # attention + ReLU^2 MLP, two norms (QK-norm has no gains)
+    injection, loop_norm, final_norm, embedding_norm = 2 * d * d, d, d, d
+    non_embedding = blocks * per_block + injection + loop_norm + final_norm + embedding_norm
     assert result["n_once"] + result["n_rec"] == non_embedding
     assert result["injection"] == injection
 

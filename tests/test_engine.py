@@ -269,11 +269,14 @@ def test_compiled_blocks_under_zero3_compute_what_eager_does(process_group):
     assert compiled == pytest.approx(eager, abs=1e-4)
 
 
-def test_consolidated_weights_are_whole_under_zero3(process_group):
-    cfg = run_config()
+@pytest.mark.parametrize("init", ["gpt2", "isodepth"])
+def test_consolidated_weights_are_whole_under_zero3(init, process_group):
+    """Also the init: zero.Init's gathered module-by-module init draws the plain model's."""
+    options = {"model.init": init, "model.embedding_norm": "true"}
+    cfg = run_config(**options)
     with engine_of(cfg) as engine:
         plain = engine.consolidated_state_dict()
-    with engine_of(run_config(**{"train.zero_stage": 3})) as engine:
+    with engine_of(run_config(**options, **{"train.zero_stage": 3})) as engine:
         sharded = engine.consolidated_state_dict()
     assert plain.keys() == sharded.keys()
     for name, tensor in plain.items():

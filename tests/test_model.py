@@ -3,6 +3,7 @@ BPTT, activation checkpointing, initialisations, hyper-connections, sampled r, a
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 
 import pytest
@@ -19,7 +20,7 @@ from tiny import VARIANTS, make_config, make_model, random_tokens
 
 from megaloop.errors import ConfigError
 from megaloop.model import LoopedLM
-from megaloop.model.blocks import native_gqa, sdpa_attention
+from megaloop.model.blocks import MLP, Attention, native_gqa, sdpa_attention
 from megaloop.model.hyper import MHCConnection, sinkhorn
 
 VOCAB = 64
@@ -78,6 +79,9 @@ REFERENCE_CASES = {
     "gqa_qknorm_softcap": {"n_kv_heads": 2, "qk_norm": True, "logit_softcap": 3.0},
     "mqa_tied": {"n_kv_heads": 1, "tie_embeddings": True},
     "wide_heads_theta": {"head_dim": 16, "rope_theta": 500.0},
+    "isodepth_norms": {"mlp": "relu2", "mlp_ratio": 4.0, "qk_norm": True,
+                       "qk_norm_mode": "free_after_rope", "embedding_norm": True,
+                       "init": "isodepth"},
 }
 
 
@@ -115,6 +119,26 @@ def hand_loop_logits(model, tokens, start, inject, finish) -> torch.Tensor:
     for _ in range(cfg.recurrences):
         s = finish(ref, ref.layers(inject(ref, e, s), stack_names("loop", cfg.loop_layers)))
     return ref.logits(ref.layers(s, stack_names("coda", cfg.coda_layers)))
+
+
+@pytest.mark.parametrize("injection", ["additive", "passthrough"])
+def test_a_norm_after_every_recurrence_in_every_injection_mode(injection):
+    """model.recurrence_norm = every: RMSNorm(loop(u)) after each recurrence, as linear
+    injection always has; the parameter-free QK-norm after RoPE has no parameters to count."""
+    model = make_model(perturb=0.1, recurrences=3, injection=injection, recurrence_norm="every",
+                       qk_norm=True, qk_norm_mode="free_after_rope")
+    assert not any("q_norm" in name for name, _ in model.named_parameters())
+    tokens = random_tokens(seq=10)
+    additive = injection == "additive"
+    expected = hand_loop_logits(
+        model, tokens, start=lambda e: torch.zeros_like(e) if additive else e,
+        inject=lambda ref, e, s: s + e if additive else s,
+        finish=lambda ref, s: rms_norm(s, ref.weights["loop_norm.weight"]))
+    with torch.no_grad():
+        exact(model(tokens), expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="Set model.recurrence_norm: linear"):
+        make_config(recurrences=3, hyper="hyperloop", injection="passthrough",
+                    recurrence_norm="every")
 
 
 def test_linear_injection_equals_hand_written_loop():
@@ -492,3 +516,30 @@ def test_per_recurrence_hyper_refuses_another_r(variant, recurrences):
 def test_zero_recurrences_is_refused():
     with pytest.raises(ConfigError, match="recurrences"):
         make_model(**VARIANTS["linear_r3"])(random_tokens(), recurrences=0)
+
+
+def test_the_isodepth_init_draws_the_papers_distributions():
+    """Block matrices uniform with std 1/√fan_in (so bounded by √3 of it), the embedding N(0, 1),
+    the LM head N(0, 0.001), the linear injection [I | 0]; the same draws from the seed."""
+    cfg = make_config(d_model=64, recurrences=3, injection="linear", mlp="relu2",
+                      mlp_ratio=4.0, init="isodepth")
+    torch.manual_seed(0)
+    model = LoopedLM(cfg)
+    for module in model.modules():
+        if isinstance(module, (Attention, MLP)):
+            for linear in (m for m in module.modules() if isinstance(m, torch.nn.Linear)):
+                w, std = linear.weight, linear.in_features ** -0.5
+                assert w.std().item() == pytest.approx(std, rel=0.05)
+                assert w.abs().max().item() <= 3 ** 0.5 * std
+    assert model.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    assert model.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
+    d = cfg.d_model
+    assert torch.equal(model.injection.weight, torch.cat([torch.eye(d), torch.zeros(d, d)], 1))
+    torch.manual_seed(0)
+    again = LoopedLM(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(),
+                                                 strict=True))
+    gpt2 = LoopedLM(dataclasses.replace(cfg, init="gpt2"))
+    assert gpt2.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    with pytest.raises(ConfigError, match="Set model.tie_embeddings: false"):
+        make_config(init="isodepth", tie_embeddings=True)

@@ -115,6 +115,42 @@ def test_muon_steps_follow_the_reference_off_the_sphere(shape):
     assert max(norms) - min(norms) > 1e-3  # not held on a sphere
 
 
+@pytest.mark.parametrize("kind", ["muonh", "muon"])
+def test_a_fused_matrix_steps_as_its_separate_matrices(kind):
+    """q, k and v fused in one weight (row_splits) take the steps of three separate matrices,
+    each on its own sphere, as the paper's separate c_q, c_k, c_v do."""
+    generator = torch.Generator().manual_seed(5)
+    rows = (16, 8, 8)
+    fused = torch.nn.Parameter(torch.randn(sum(rows), 16, generator=generator))
+    separate = [torch.nn.Parameter(piece.detach().clone()) for piece in fused.split(rows)]
+    settings = {"kind": kind, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.1}
+    a = MuonH([{"params": [fused], "row_splits": [rows], **settings}], polar_dtype=torch.float32)
+    b = MuonH([{"params": separate, **settings}], polar_dtype=torch.float32)
+    for _ in range(4):
+        fused.grad = torch.randn(fused.shape, generator=generator)
+        for param, grad in zip(separate, fused.grad.split(rows), strict=True):
+            param.grad = grad.clone()
+        a.step()
+        b.step()
+    for got, want in zip(fused.detach().split(rows), separate, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    if kind == "muonh":
+        assert a.state[fused]["sphere_norm"].shape == (3,)
+
+
+def test_muonh_steps_the_fused_qkv_and_swiglu_matrices_piece_by_piece():
+    from megaloop.train.optim import block_matrices_with_splits
+
+    model = LoopedLM(config.load(None, ["model.d_model=32", "model.n_heads=4",
+                                        "model.n_kv_heads=2", "model.vocab_size=64",
+                                        "model.max_seq_len=16"]).model)
+    splits = {tuple(p.shape): split for p, split in block_matrices_with_splits(model)}
+    assert splits[(32 + 2 * 16, 32)] == (32, 16, 16)  # q, then k and v of two KV heads
+    hidden = model.cfg.mlp_hidden
+    assert splits[(2 * hidden, 32)] == (hidden, hidden)  # SwiGLU's gate and up
+    assert splits[(32, hidden)] is None
+
+
 def test_a_step_moves_the_weight_by_lr_times_its_norm_along_the_sphere():
     generator = torch.Generator().manual_seed(2)
     start = torch.randn(32, 64, generator=generator)

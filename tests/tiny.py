@@ -37,6 +37,9 @@ VARIANTS: dict[str, dict] = {
     "mhc_looped": {"hyper": "mhc", "loop_layers": 1, "recurrences": 2, "injection": "passthrough"},
     "gqa_qknorm_softcap": {"recurrences": 2, "n_kv_heads": 2, "qk_norm": True,
                            "logit_softcap": 3.0, "mlp": "relu2", "mlp_ratio": 4.0},
+    "isodepth_options": {"recurrences": 3, "injection": "additive", "recurrence_norm": "every",
+                         "qk_norm": True, "qk_norm_mode": "free_after_rope",
+                         "embedding_norm": True, "init": "isodepth"},
 }
 
 

@@ -48,7 +48,7 @@ def place(name: str) -> Placement:
         return Placement("injection", "shared")
     if top == "loop_norm":
         return Placement("norms", "shared")
-    if top == "final_norm":
+    if top in ("final_norm", "embed_norm"):
         return Placement("norms", "once")
     if top == "hyper":
         return Placement("hyper", "per_recurrence")

@@ -27,6 +27,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+QK_NORM_EPS = 1e-6
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -179,8 +182,10 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
         self.out = nn.Linear(q_dim, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim) if cfg.qk_norm else None
+        learned = cfg.qk_norm and cfg.qk_norm_mode == "learned_before_rope"
+        self.q_norm = RMSNorm(self.head_dim) if learned else None
+        self.k_norm = RMSNorm(self.head_dim) if learned else None
+        self.free_qk_norm = cfg.qk_norm and cfg.qk_norm_mode == "free_after_rope"
 
     def _use_flash(self, q: torch.Tensor) -> bool:
         return (self.backend != "sdpa" and flash_attn_func is not None and q.is_cuda
@@ -198,6 +203,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.free_qk_norm:  # the iso-depth paper's: no gain, after the rotation
+            q = F.rms_norm(q, (self.head_dim,), eps=QK_NORM_EPS)
+            k = F.rms_norm(k, (self.head_dim,), eps=QK_NORM_EPS)
         # RoPE runs in fp32 under autocast (fp32 tables); attention in the matmul dtype
         dtype = compute_dtype(x)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -48,6 +48,12 @@ def _normal_(weight: torch.Tensor, std: float) -> None:
     weight.copy_(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std))
 
 
+def _uniform_(weight: torch.Tensor, std: float) -> None:
+    """Uniform with standard deviation `std` (bound √3 std: no outliers), drawn on the CPU."""
+    bound = 3 ** 0.5 * std
+    weight.copy_(torch.empty(weight.shape, dtype=weight.dtype).uniform_(-bound, bound))
+
+
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig, init_weights: bool = True):
         super().__init__()
@@ -56,12 +62,14 @@ class LoopedLM(nn.Module):
         self.checkpointing = "none"
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.embed_norm = RMSNorm(d) if cfg.embedding_norm else None
         self.prelude = self._stack(cfg.prelude_layers)
         self.loop = self._stack(cfg.loop_layers)
         self.coda = self._stack(cfg.coda_layers)
         linear_injection = cfg.is_looped and cfg.injection == "linear"
         self.injection = LinearInjection(d) if linear_injection else None
-        self.loop_norm = RMSNorm(d) if self.injection is not None else None
+        every = cfg.is_looped and cfg.recurrence_norm == "every"
+        self.loop_norm = RMSNorm(d) if self.injection is not None or every else None
         self.hyper = None
         if cfg.hyper == "hyperloop":
             self.hyper = Hyperloop(cfg.hyper_streams, d, cfg.recurrences)
@@ -96,10 +104,30 @@ class LoopedLM(nn.Module):
 
     @torch.no_grad()
     def _init_module(self, module: nn.Module) -> None:
-        """GPT-2 style: normal(0.02), residual output projections scaled by the effective depth;
-        linear injection [I | 0]. Drawn from the CPU generator whatever the device, so the
-        seed gives the same weights to a model made on the CPU and moved (ZeRO 0-2) and to one
-        made on the GPU under zero.Init (ZeRO-3)."""
+        """`model.init`, module by module; linear injection [I | 0] in both. Drawn from the CPU
+        generator whatever the device, so the seed gives the same weights to a model made on
+        the CPU and moved (ZeRO 0-2) and to one made on the GPU under zero.Init (ZeRO-3).
+
+        gpt2: normal(0.02), residual output projections scaled by the effective depth.
+        isodepth (the paper's code): every block matrix uniform with std 1/√fan_in (1/√d, the
+        MLP's down-projection 1/√(4d)), the embedding N(0, 1), the LM head N(0, 0.001). Under
+        MuonH these norms are the matrices' spheres for the whole run."""
+        if module is self.injection:  # u = e at the start of training
+            d = self.cfg.d_model
+            module.weight.zero_()
+            module.weight[:, :d].copy_(torch.eye(d))
+        elif self.cfg.init == "isodepth" and not isinstance(module, DynamicGates):
+            if module is self.embed:
+                _normal_(module.weight, std=1.0)
+            elif module is self.lm_head:
+                _normal_(module.weight, std=0.001)
+            else:  # Attention, MLP
+                for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
+                    _uniform_(linear.weight, std=linear.in_features ** -0.5)
+        else:
+            self._init_gpt2(module)
+
+    def _init_gpt2(self, module: nn.Module) -> None:
         std = 0.02
         residual_std = std / math.sqrt(2 * self.cfg.effective_depth)
         if module is self.embed or module is self.lm_head:
@@ -112,10 +140,6 @@ class LoopedLM(nn.Module):
             _normal_(module.out.weight, std=residual_std)
         elif isinstance(module, DynamicGates):
             _normal_(module.proj.weight, std=std)
-        elif module is self.injection:  # u = e at the start of training
-            d = self.cfg.d_model
-            module.weight.zero_()
-            module.weight[:, :d].copy_(torch.eye(d))
 
     def compile_blocks(self, **options: Any) -> None:
         """torch.compile every transformer block in place (train.compile; `options` go to
@@ -162,6 +186,8 @@ class LoopedLM(nn.Module):
             raise ConfigError(f"Sequence length {start + seq_len} exceeds model.max_seq_len = "
                               f"{self.cfg.max_seq_len}; raise max_seq_len or shorten the input.")
         x = self.embed(tokens)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         rope = self.rotary(seq_len, x.dtype, start)
         if self.cfg.hyper == "mhc":
             x = expand_streams(x, self.cfg.hyper_streams)

@@ -56,6 +56,12 @@ def llama_lacks(cfg: ModelConfig) -> str | None:
     if cfg.recurrence_sampling != "fixed":
         return (f"sampled recurrences (model.recurrence_sampling = {cfg.recurrence_sampling}): "
                 "a Llama has a fixed depth")
+    if cfg.embedding_norm:
+        return ("the RMSNorm after the embedding (model.embedding_norm = true): Llama feeds the "
+                "embedding to its first layer as it is")
+    if cfg.is_looped and cfg.recurrence_norm == "every" and cfg.injection == "passthrough":
+        return ("the RMSNorm after every recurrence (model.recurrence_norm = every): the unrolled "
+                "Llama layers would need a norm between the loop's repeats")
     if cfg.is_looped and cfg.injection != "passthrough":
         extra = " and the RMSNorm after every recurrence" if cfg.injection == "linear" else ""
         return (f"{cfg.injection} input injection{extra} (model.injection = {cfg.injection} with "

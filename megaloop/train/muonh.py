@@ -64,27 +64,35 @@ def polar(update: torch.Tensor, steps: int = 5,
 
 
 def orthogonal_step(weight: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
-                    group: dict[str, Any]) -> None:
+                    group: dict[str, Any], row_splits: tuple[int, ...] | None = None) -> None:
     """One Muon or MuonH step of a whole matrix, in place on `weight` and `state` (its momentum
-    buffer and, for MuonH, its sphere's radius ‖W₀‖, both made at the first step)."""
+    buffer and, for MuonH, its sphere's radius ‖W₀‖, both made at the first step).
+
+    `row_splits`: the matrix is several matrices stacked by rows (a fused q/k/v projection,
+    SwiGLU's gate and up): each is orthogonalised and kept on its own sphere, as if separate."""
     momentum = group["momentum"]
+    pieces = (lambda t: t.split(row_splits, dim=0)) if row_splits else (lambda t: (t,))
     if not state:
         state["momentum"] = torch.zeros_like(weight)
-        if group["kind"] == "muonh":
-            state["sphere_norm"] = weight.norm()  # ‖W₀‖, kept for the whole run
+        if group["kind"] == "muonh":  # ‖W₀‖ of each piece, kept for the whole run
+            state["sphere_norm"] = torch.stack([piece.norm() for piece in pieces(weight)])
     buffer = state["momentum"]
     buffer.lerp_(grad, 1 - momentum)
     look_ahead = grad.lerp(buffer, momentum)
-    direction = polar(look_ahead, group["steps"], group["polar_dtype"]).to(weight.dtype)
     if group["kind"] == "muon":
         weight.mul_(1 - group["lr"] * group["weight_decay"])
-        rows, cols = weight.shape
-        weight.sub_(direction, alpha=group["lr"] * max(1.0, rows / cols) ** 0.5)
-        return
-    radius = state["sphere_norm"]
-    direction.mul_(radius / direction.norm().clamp_min(1e-10))
-    weight.sub_(direction, alpha=group["lr"])
-    weight.mul_(radius / weight.norm().clamp_min(1e-10))
+    radii = state["sphere_norm"].reshape(-1) if group["kind"] == "muonh" else None
+    for index, (piece, direction_of) in enumerate(zip(pieces(weight), pieces(look_ahead),
+                                                      strict=True)):
+        direction = polar(direction_of, group["steps"], group["polar_dtype"]).to(weight.dtype)
+        if radii is None:  # Muon
+            rows, cols = piece.shape
+            piece.sub_(direction, alpha=group["lr"] * max(1.0, rows / cols) ** 0.5)
+            continue
+        radius = radii[index]
+        direction.mul_(radius / direction.norm().clamp_min(1e-10))
+        piece.sub_(direction, alpha=group["lr"])
+        piece.mul_(radius / piece.norm().clamp_min(1e-10))
 
 
 class WholeMatrices(Protocol):
@@ -143,7 +151,15 @@ class MuonH(torch.optim.Optimizer):
                                   "steps": steps, "polar_dtype": polar_dtype, "betas": betas,
                                   "eps": eps, "weight_decay": weight_decay, "sharded": False})
         self.whole_matrices: list[tuple[int, torch.Tensor]] = []  # (group index, matrix)
+        self.row_splits: dict[int, tuple[int, ...]] = {}  # by id(param); see orthogonal_step
         for group_index, group in enumerate(self.param_groups):
+            splits = group.pop("row_splits", None) or [None] * len(group["params"])
+            if len(splits) != len(group["params"]):
+                raise ValueError("row_splits: one entry (a tuple of row counts, or None) per "
+                                 "parameter of the group")
+            for param, split in zip(group["params"], splits, strict=True):
+                if split is not None:
+                    self.row_splits[id(param)] = tuple(split)
             if group["kind"] not in (*ORTHOGONAL_KINDS, "adamw"):
                 raise ValueError(f"optimizer group kind {group['kind']!r}: muonh, muon or adamw")
             if group["sharded"] and group["kind"] not in ORTHOGONAL_KINDS:
@@ -171,7 +187,8 @@ class MuonH(torch.optim.Optimizer):
                 if group["kind"] == "adamw":
                     self._adamw(param, group)
                 else:
-                    orthogonal_step(param, param.grad, self.state[param], group)
+                    orthogonal_step(param, param.grad, self.state[param], group,
+                                    self.row_splits.get(id(param)))
         return loss
 
     @torch.no_grad()
@@ -186,7 +203,7 @@ class MuonH(torch.optim.Optimizer):
             if whole.rank == owner:
                 state = self.whole_state.setdefault(index, {})
                 orthogonal_step(weight, grad.to(weight.dtype), state,
-                                self.param_groups[group_index])
+                                self.param_groups[group_index], self.row_splits.get(id(param)))
             whole.set_weight(param, weight if whole.rank == owner else None, owner)
 
     def state_dict(self) -> dict[str, Any]:

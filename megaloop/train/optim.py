@@ -100,10 +100,26 @@ def block_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The weights of the attention and MLP projections of every transformer block, and the
     linear injection's [W_e | W_s]: Muon(H)'s, as in the iso-depth paper's code. The embedding,
     the LM head, norms and hyper-connections stay with AdamW."""
-    matrices = [linear.weight for module in model.modules() if isinstance(module, (Attention, MLP))
-                for linear in module.modules() if isinstance(linear, torch.nn.Linear)]
+    return [param for param, _ in block_matrices_with_splits(model)]
+
+
+def block_matrices_with_splits(
+        model: torch.nn.Module) -> list[tuple[torch.nn.Parameter, tuple[int, ...] | None]]:
+    """`block_matrices`, each with the row counts of the matrices fused in it (q, k and v; the
+    SwiGLU gate and up projection), which Muon(H) steps as separate matrices, as the paper's
+    code has them."""
+    matrices: list[tuple[torch.nn.Parameter, tuple[int, ...] | None]] = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            q_dim, kv_dim = (module.n_heads * module.head_dim,
+                             module.n_kv_heads * module.head_dim)
+            matrices += [(module.qkv.weight, (q_dim, kv_dim, kv_dim)), (module.out.weight, None)]
+        elif isinstance(module, MLP):
+            hidden = module.out.in_features
+            fused = (hidden, hidden) if module.kind == "swiglu" else None
+            matrices += [(module.inp.weight, fused), (module.out.weight, None)]
     injection = getattr(model, "injection", None)
-    return matrices + ([injection.weight] if injection is not None else [])
+    return matrices + ([(injection.weight, None)] if injection is not None else [])
 
 
 def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
@@ -112,14 +128,15 @@ def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
     sets each group's lr to the schedule's lr times it. Under ZeRO (stages 1-3) the matrices'
     group is `sharded`: the Engine steps them whole (muonh.py)."""
     train = config.train
-    matrices = block_matrices(model)
+    matrices, splits = zip(*block_matrices_with_splits(model), strict=True)
     chosen = {id(param) for param in matrices}
     rest = [param for param in model.parameters() if id(param) not in chosen]
     settings = {key: value for key, value in adamw_settings(config).items() if key != "lr"}
     adamw_groups = [{**group, "kind": "adamw", **settings}
                     for group in role_groups(model, config, rest)]
     decay = train.weight_decay if train.optimizer == "muon" else 0.0  # none on MuonH's sphere
-    return MuonH([{"params": matrices, "kind": train.optimizer, "name": "matrices",
+    return MuonH([{"params": list(matrices), "row_splits": list(splits),
+                   "kind": train.optimizer, "name": "matrices",
                    "lr": train.matrix_lr, "lr_scale": train.matrix_lr / train.lr,
                    "momentum": train.muon_momentum, "weight_decay": decay,
                    "sharded": train.zero_stage > 0},
