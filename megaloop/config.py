@@ -51,7 +51,8 @@ class ModelConfig:
     init: Literal["gpt2", "isodepth"] = "gpt2"  # isodepth: the iso-depth paper's (model/looped.py)
     embedding_norm: bool = False  # an RMSNorm after the embedding (the iso-depth paper's)
     recurrence_norm: Literal["linear", "every"] = "linear"  # after each recurrence: for linear
-    #   injection only, or in every injection mode (the iso-depth paper's)
+    #   injection only, or in every injection mode (the iso-depth paper's; lanes then take
+    #   norm(block(u)), the paper's lanes, instead of block(u) - u)
 
     @property
     def kv_heads(self) -> int:
@@ -87,10 +88,11 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{key} = {value} must be positive; set it to a value > 0.")
-        if self.recurrence_norm == "every" and self.hyper != "none":
+        if self.recurrence_norm == "every" and self.hyper in ("hyperloop", "mhc"):
             raise ConfigError(f"model.recurrence_norm = every with model.hyper = {self.hyper}: "
-                              "hyper-connections carry their own streams through the loop. Set "
-                              "model.recurrence_norm: linear, or model.hyper: none.")
+                              "its streams carry the loop's state and add the block's update; "
+                              "only lanes take a normalised block output (the iso-depth "
+                              "paper's). Set model.recurrence_norm: linear.")
         if self.init == "isodepth" and self.tie_embeddings:
             raise ConfigError("model.init = isodepth draws the embedding from N(0, 1) and the LM "
                               "head from N(0, 0.001): a tied pair cannot be both. Set "

@@ -141,6 +141,31 @@ def test_a_norm_after_every_recurrence_in_every_injection_mode(injection):
                     recurrence_norm="every")
 
 
+def test_the_papers_lanes_take_the_normalised_block_output():
+    """lanes <- M lanes + beta (x) norm(block(u)), u = alpha . lanes (the iso-depth paper's lanes,
+    model.recurrence_norm = every), against a hand-written loop of reference blocks; megaloop's
+    other lanes take block(u) - u."""
+    model = make_model(perturb=0.1, **{**VARIANTS["lanes"], "recurrence_norm": "every"})
+    tokens = random_tokens(seq=10)
+    ref, cfg = reference_of(model), model.cfg
+    alpha, mix, beta = (ref.weights[f"hyper.{name}"] for name in ("read", "mix", "write"))
+    e = ref.layers(ref.embed(tokens), stack_names("prelude", cfg.prelude_layers))
+    lanes = [e.clone() for _ in range(cfg.hyper_streams)]
+    for i in range(cfg.recurrences):
+        u = sum(alpha[i, k] * lanes[k] for k in range(len(lanes)))
+        out = rms_norm(ref.layers(u, stack_names("loop", cfg.loop_layers)),
+                       ref.weights["loop_norm.weight"])
+        lanes = [sum(mix[i, j, k] * lanes[k] for k in range(len(lanes))) + beta[i, j] * out
+                 for j in range(len(lanes))]
+    expected = ref.logits(ref.layers(sum(lanes), stack_names("coda", cfg.coda_layers)))
+    with torch.no_grad():
+        exact(model(tokens), expected, atol=1e-5)
+        other = make_model(perturb=0.1, **VARIANTS["lanes"])
+        other.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith("loop_norm")})
+        assert not torch.allclose(other(tokens), expected, atol=1e-3)
+
+
 def test_linear_injection_equals_hand_written_loop():
     model = make_model(perturb=0.1, **VARIANTS["linear_r3"])
     tokens = random_tokens(seq=10)

@@ -103,8 +103,10 @@ class Hyperloop(nn.Module):
 class Lanes(nn.Module):
     """Static hyper-connection lanes of the iso-depth paper, one set of scalars per recurrence.
 
-    Per recurrence i: u = alpha_i . lanes; lanes <- M_i lanes + beta_i (x) F(u).
-    Cyclic init alpha_i = e_(i mod K), M_i = I, beta_i = 1; the coda gets the sum of the lanes.
+    Per recurrence i: u = alpha_i . lanes; lanes <- M_i lanes + beta_i (x) F(u), where F(u) is
+    the loop block's update block(u) - u, or norm(block(u)) (model.recurrence_norm = every: the
+    paper's lanes). Cyclic init alpha_i = e_(i mod K), M_i = I, beta_i = 1; the coda gets the
+    sum of the lanes.
     """
 
     def __init__(self, n: int, recurrences: int):

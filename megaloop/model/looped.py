@@ -265,6 +265,9 @@ class LoopedLM(nn.Module):
                     cache: KVCache | None = None):
         """One pass through the loop block: inject, run the shared layers, normalise."""
         if self.hyper is not None:
+            if self.loop_norm is not None:  # lanes with recurrence_norm every: the paper's
+                return self.hyper.step(
+                    state, i, lambda u: self.loop_norm(self._run_stack(self.loop, u, rope, cache)))
             return self.hyper.step(state, i,
                                    lambda u: self._run_stack(self.loop, u, rope, cache) - u)
         u = self._inject(state, e) if self.cfg.is_looped else state
