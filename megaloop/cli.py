@@ -70,15 +70,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare(open_corpus(args.corpus, args.text_field), Tokenizer.load(args.tokenizer),
                        args.out, val_fraction=args.val_fraction, workers=args.workers,
-                       part_tokens=args.part_tokens)
+                       part_tokens=args.part_tokens, packing=args.packing, seq_len=args.seq_len,
+                       pack_buffer=args.pack_buffer)
     splits = manifest["splits"]
     print(f"shards in {args.out}: " + ", ".join(
         f"{name} {info['tokens']:,} tokens / {info['documents']:,} documents"
+        + (f" in {info['rows']:,} rows ({info['tokens_cropped']:,} tokens cropped, "
+           f"{info['tokens_left_over']:,} left over)" if "rows" in info else "")
         for name, info in splits.items()) + f" ({manifest['dtype']})")
     return 0
 
 
 def _add_data_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from megaloop.data.packing import DEFAULT_BUFFER_DOCUMENTS, PACKINGS
     from megaloop.data.shards import DEFAULT_PART_TOKENS
     from megaloop.data.tokenizer import DEFAULT_TOKENIZER
 
@@ -96,6 +100,15 @@ def _add_data_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     prep.add_argument("--text-field", default="text", help="field or column holding the text")
     prep.add_argument("--part-tokens", type=int, default=DEFAULT_PART_TOKENS,
                       help="training tokens per shard file")
+    prep.add_argument("--packing", choices=PACKINGS, default="stream",
+                      help="stream: documents followed by EOS, one stream (default); "
+                           "bos_best_fit: BOS + document, best-fit packed into rows of "
+                           "--seq-len + 1 tokens (the iso-depth paper's)")
+    prep.add_argument("--seq-len", type=int, metavar="T",
+                      help="bos_best_fit: the model.max_seq_len the rows are for")
+    prep.add_argument("--pack-buffer", type=int, default=DEFAULT_BUFFER_DOCUMENTS,
+                      help="bos_best_fit: documents the packer chooses from "
+                           f"(default: {DEFAULT_BUFFER_DOCUMENTS})")
     prep.set_defaults(func=cmd_data_prepare)
 
 

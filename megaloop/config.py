@@ -175,12 +175,18 @@ class DataConfig:
     cache_dir: str = "runs/data"
     workers: int = 2
     verify: bool = True  # check every shard's sha256 when a run starts
+    packing: Literal["stream", "bos_best_fit"] = "stream"  # bos_best_fit: BOS-aligned rows of
+    #   model.max_seq_len + 1 tokens packed best-fit (the iso-depth paper's; megaloop.data.packing)
+    pack_buffer: int = 1000  # bos_best_fit: documents the packer chooses from
 
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction = {self.val_fraction} must be in [0, 1).")
         if self.workers < 1:
             raise ConfigError(f"data.workers = {self.workers} must be >= 1.")
+        if self.pack_buffer < 1:
+            raise ConfigError(f"data.pack_buffer = {self.pack_buffer} must be >= 1 (the paper's "
+                              "is 1000).")
 
 
 LR_ROLES = ("embedding", "unembedding", "norm", "hyper", "injection")  # each has train.<role>_lr

@@ -7,6 +7,10 @@ in lockstep: global step position p, micro-batch row j and rank k read window
 perm[p + j * world_size + k], so the ranks' windows are disjoint and together cover the epoch.
 The state is the epoch and the number of windows consumed by all ranks together, so a run can
 resume on another number of ranks.
+
+Shards packed bos_best_fit (megaloop.data.packing) hold rows of exactly T + 1 tokens, each
+starting with BOS: there the windows are the rows (window i starts at token i * (T + 1); rows
+share nothing), everything else is as above, and T must be the loader's seq_len.
 """
 
 from __future__ import annotations
@@ -27,22 +31,40 @@ class EpochWarning(UserWarning):
     """The token budget exceeds the data: windows are being seen again."""
 
 
-def _windows(stream: TokenStream, seq_len: int) -> int:
+def window_stride(shards: TokenShards, seq_len: int) -> int:
+    """Tokens from one window's start to the next: seq_len (a stream) or T + 1 (packed rows)."""
+    if not shards.packed:
+        return seq_len
+    if shards.row_tokens != seq_len + 1:
+        raise DataError(
+            f"The shards in {shards.folder} are packed in rows of T + 1 = {shards.row_tokens} "
+            f"tokens (T = {shards.row_tokens - 1}) but model.max_seq_len = {seq_len}; set "
+            f"model.max_seq_len={shards.row_tokens - 1}, or pack the data again with "
+            f"`megaloop data prepare ... --packing bos_best_fit --seq-len {seq_len}`.")
+    return shards.row_tokens
+
+
+def _windows(stream: TokenStream, seq_len: int, stride: int) -> int:
+    if stride > seq_len:  # packed rows
+        return len(stream) // stride
     return max(len(stream) - 1, 0) // seq_len
 
 
-def _check_fill(split: str, stream: TokenStream, seq_len: int, per_step: int, folder) -> int:
-    n = _windows(stream, seq_len)
+def _check_fill(split: str, stream: TokenStream, seq_len: int, stride: int, per_step: int,
+                folder) -> int:
+    n = _windows(stream, seq_len, stride)
     if n < per_step:
+        what = "rows" if stride > seq_len else "windows"
         raise DataError(
-            f"The {split} split of {folder} holds {len(stream):,} tokens: {n} windows of "
+            f"The {split} split of {folder} holds {len(stream):,} tokens: {n} {what} of "
             f"{seq_len + 1} tokens, fewer than the {per_step} one step needs (micro batch x "
             "ranks). Use a shorter model.max_seq_len, a smaller micro batch, or more data.")
     return n
 
 
-def _batch(stream: TokenStream, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, ...]:
-    rows = np.stack([stream.read(int(w) * seq_len, seq_len + 1) for w in windows])
+def _batch(stream: TokenStream, windows: np.ndarray, seq_len: int,
+           stride: int) -> tuple[torch.Tensor, ...]:
+    rows = np.stack([stream.read(int(w) * stride, seq_len + 1) for w in windows])
     rows = torch.from_numpy(rows.astype(np.int64))
     return rows[:, :-1], rows[:, 1:]
 
@@ -58,7 +80,10 @@ class TrainLoader:
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.per_step = micro_batch * world_size
-        self.n_windows = _check_fill("train", self.stream, seq_len, self.per_step, shards.folder)
+        self.packing = shards.packing["mode"]
+        self.stride = window_stride(shards, seq_len)
+        self.n_windows = _check_fill("train", self.stream, seq_len, self.stride, self.per_step,
+                                     shards.folder)
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -76,7 +101,7 @@ class TrainLoader:
             self._start_epoch(self.epoch + 1)
         step = self._order[self.position:self.position + self.per_step]
         self.position += self.per_step
-        return _batch(self.stream, step[self.rank::self.world_size], self.seq_len)
+        return _batch(self.stream, step[self.rank::self.world_size], self.seq_len, self.stride)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -88,14 +113,15 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "seq_len": self.seq_len, "n_windows": self.n_windows}
+                "seq_len": self.seq_len, "n_windows": self.n_windows, "packing": self.packing}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "seq_len", "n_windows"):
+        state = {"packing": "stream", **state}  # states saved before packing existed
+        for key in ("packing", "seed", "seq_len", "n_windows"):
             if state[key] != getattr(self, key):
                 raise DataError(f"The saved loader state has {key} = {state[key]}, this loader "
-                                f"{getattr(self, key)}: resume with the same data, sequence "
-                                "length and seed.")
+                                f"{getattr(self, key)}: resume with the same data, packing, "
+                                "sequence length and seed.")
         if state["position"] % self.per_step:
             raise DataError(f"The saved loader consumed {state['position']} windows, not a "
                             f"multiple of micro batch x ranks = {self.per_step}; resume with a "
@@ -119,7 +145,8 @@ def eval_windows(config: Any) -> int | None:
 
 
 class ValLoader:
-    """The fixed validation batches of one rank: the first windows of the split, in order.
+    """The fixed validation batches of one rank: the first windows (or rows) of the split, in
+    order.
 
     `max_batches` batches per rank (the set grows with the ranks), or the first `max_windows`
     windows in all, the same set on any number of ranks: rank r takes windows r, r + ranks,
@@ -132,8 +159,9 @@ class ValLoader:
         self.stream = shards.streams["val"]
         self.seq_len, self.micro_batch = seq_len, micro_batch
         self.rank, self.world_size = rank, world_size
+        self.stride = window_stride(shards, seq_len)
         per_step = micro_batch * world_size
-        n = _check_fill("val", self.stream, seq_len, per_step, shards.folder)
+        n = _check_fill("val", self.stream, seq_len, self.stride, per_step, shards.folder)
         self.bytes_per_token = shards.bytes_per_token("val")
         self.windows: np.ndarray | None = None
         if max_windows is None:
@@ -160,12 +188,12 @@ class ValLoader:
             if self.windows is None:
                 windows = np.arange(b * per_step + self.rank, (b + 1) * per_step,
                                     self.world_size)
-                yield _batch(self.stream, windows, self.seq_len)
+                yield _batch(self.stream, windows, self.seq_len, self.stride)
                 continue
             real = self.windows[b * self.micro_batch:(b + 1) * self.micro_batch]
             padded = np.zeros(self.micro_batch, dtype=np.int64)
             padded[:len(real)] = real
-            tokens, targets = _batch(self.stream, padded, self.seq_len)
+            tokens, targets = _batch(self.stream, padded, self.seq_len, self.stride)
             targets = targets.clone()  # a view of the tokens' rows
             targets[len(real):] = PADDING
             yield tokens, targets
