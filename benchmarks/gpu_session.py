@@ -9,7 +9,7 @@
 (transformer 18 layers; looped and Hyperloop 3 -> 4 x 3 -> 3) as the Engine computes a bf16
 step (fp32 weights, bf16 autocast without its weight cache), with SDPA held to its flash or
 cuDNN kernels (a step that would need another kernel fails, and says so), eager and with
-`compile_blocks`, and the looped model at sampled r. MFU is against the vendor's dense bf16 peak
+`apply_compile`, and the looped model at sampled r. MFU is against the vendor's dense bf16 peak
 (megaloop/train/mfu.py) and against the bf16 matmul rate measured by `env`; per executed FLOP
 (megaloop.model.accounting.executed_flops_per_token). `--smoke` runs the same code on the CPU at
 toy sizes (the script's own test), where flash is SDPA's only fast kernel.
@@ -144,6 +144,7 @@ def measure_model(name: str, variant: str, args: argparse.Namespace, peak: float
                   measured_peak: float) -> dict:
     from megaloop.model.accounting import account, executed_flops_per_token
     from megaloop.model.looped import LoopedLM
+    from megaloop.train.parallelize import apply_compile
 
     device = device_of(args.smoke)
     sampled = variant == "sampled"
@@ -152,7 +153,7 @@ def measure_model(name: str, variant: str, args: argparse.Namespace, peak: float
     torch.manual_seed(0)
     model = LoopedLM(cfg).to(device)
     if variant == "compiled":
-        model.compile_blocks(backend=args.compile_backend)
+        apply_compile(model, backend=args.compile_backend)
     start = time.perf_counter()
     timing = time_steps(model, cfg, device, args.batch, args.warmup, args.steps, sampled)
     row = {"model": name, "variant": variant, "layout": f"{cfg.prelude_layers} + "

@@ -47,6 +47,7 @@ from megaloop.model.accounting import account, executed_flops_per_token
 from megaloop.model.looped import LoopedLM
 from megaloop.train.engine import bf16_autocast
 from megaloop.train.host_memory import reuse_freed_memory
+from megaloop.train.parallelize import apply_ac, apply_compile
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 ADAMW = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
@@ -163,13 +164,13 @@ def megaloop_config(args: argparse.Namespace, r: int) -> ModelConfig:
 
 def megaloop_entry(args: argparse.Namespace, r: int, variant: str = "") -> Entry:
     """LoopedLM at r: plain, `ckpt` (per-recurrence checkpointing) or `compiled` (train.compile:
-    LoopedLM.compile_blocks; inductor compiles during the warm-up steps)."""
+    train/parallelize.apply_compile; inductor compiles during the warm-up steps)."""
     cfg = megaloop_config(args, r)
     model = LoopedLM(cfg)
     if variant == "ckpt":
-        model.set_activation_checkpointing("per_recurrence")
+        apply_ac(model, "per_recurrence")
     elif variant == "compiled":
-        model.compile_blocks()
+        apply_compile(model)
     layout = f"{cfg.prelude_layers} + {cfg.loop_layers}x{r} + {cfg.coda_layers}"
     return Entry(f"megaloop r={r}" + (f" {variant}" if variant else ""), model, model,
                  account(cfg)["flops_per_token"], layout + (", ckpt" if variant == "ckpt" else ""),
@@ -215,7 +216,7 @@ def build_entries(args: argparse.Namespace) -> list[Entry]:
             entries.append(in_bf16(Entry("hf llama", hf, hf.loss, flops, f"{args.layers} layers")))
     if args.compile:
         entries += [megaloop_entry(args, r, "compiled") for r in args.recurrences]
-        if not args.no_hf:  # each decoder layer compiled, as compile_blocks does for megaloop
+        if not args.no_hf:  # each decoder layer compiled, as apply_compile does for megaloop
             hf = HFLlama(*shape)
             for layer in hf.model.model.layers:
                 layer.compile()
@@ -330,7 +331,7 @@ def measure_memory(args: argparse.Namespace, tokens: torch.Tensor,
     model = LoopedLM(cfg)
     result: dict[str, object] = {"recurrences": r, "layout": str(layout(r, args.layers, args.edge))}
     for mode in ("none", "per_recurrence"):
-        model.set_activation_checkpointing(mode)
+        apply_ac(model, mode)
         model.zero_grad(set_to_none=False)
         model(tokens, targets).backward()  # gradients exist from here on, as in training
 

@@ -3,7 +3,7 @@
 1. train.compile under ZeRO-3. ZeRO-3 gathers each submodule's parameters in forward hooks that
    DeepSpeed marks `torch.compiler.disable`. torch._dynamo.explain counts the graphs and graph
    breaks of one compiled loop block at ZeRO-0 and at ZeRO-3, and one process times the step
-   eager and with `compile_blocks` at both stages and compares their losses on one batch (the
+   eager and with `apply_compile` at both stages and compares their losses on one batch (the
    trainer warns of compile at ZeRO-3 with these figures).
 
 2. Sampled r under ZeRO-3. ZeRO-3 records the order in which modules fetch their parameters on
@@ -51,6 +51,7 @@ def compile_costs(args: argparse.Namespace) -> dict:
 
     from megaloop import config
     from megaloop.train.engine import Engine, join_process_group, leave_process_group
+    from megaloop.train.parallelize import apply_compile
 
     *_, created = join_process_group()
     results = {}
@@ -73,7 +74,7 @@ def compile_costs(args: argparse.Namespace) -> dict:
                     row["break_reasons"] = sorted({str(r.reason).splitlines()[0][:160]
                                                    for r in explained.break_reasons})
                     torch._dynamo.reset()
-                    model.compile_blocks()
+                    apply_compile(model)
                 generator = torch.Generator().manual_seed(0)  # the same batch for both
                 tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1),
                                        generator=generator)

@@ -22,6 +22,7 @@ from megaloop.errors import ConfigError
 from megaloop.model import LoopedLM
 from megaloop.model.blocks import MLP, Attention, native_gqa, sdpa_attention
 from megaloop.model.hyper import MHCConnection, sinkhorn
+from megaloop.train.parallelize import apply_ac
 
 VOCAB = 64
 
@@ -311,7 +312,7 @@ def test_activation_checkpointing_changes_nothing(case, mode):
     model = make_model(perturb=0.05, **CHECKPOINT_CASES[case])
     tokens, targets = tokens_and_targets()
     loss, grads = loss_and_grads(model, lambda: model(tokens, targets))
-    model.set_activation_checkpointing(mode)
+    apply_ac(model, mode)
     checkpointed_loss, checkpointed = loss_and_grads(model, lambda: model(tokens, targets))
     exact(checkpointed_loss, loss, atol=1e-6)
     assert_same_grads(checkpointed, grads, atol=1e-6)
@@ -336,13 +337,55 @@ def test_activation_checkpointing_saves_fewer_tensors(mode):
     model = make_model(**VARIANTS["linear_r3"])
     tokens, targets = tokens_and_targets()
     plain = count_saved_tensors(lambda: model(tokens, targets))
-    model.set_activation_checkpointing(mode)
+    apply_ac(model, mode)
     assert count_saved_tensors(lambda: model(tokens, targets)) < plain / 2
+
+
+def test_checkpointing_is_applied_from_outside_and_changes_no_names():
+    """apply_ac wraps one seam of one instance: the parameter names (checkpoints, export) stay,
+    a second call replaces the first, and `none` takes it off."""
+    model = make_model(**VARIANTS["linear_r3"])
+    names = list(model.state_dict())
+    tokens, targets = tokens_and_targets()
+    plain = count_saved_tensors(lambda: model(tokens, targets))
+    apply_ac(model, "per_layer")
+    assert list(model.state_dict()) == names
+    per_layer = count_saved_tensors(lambda: model(tokens, targets))
+    apply_ac(model, "per_recurrence")
+    per_recurrence = count_saved_tensors(lambda: model(tokens, targets))
+    assert per_layer < per_recurrence < plain
+    apply_ac(model, "none")
+    assert count_saved_tensors(lambda: model(tokens, targets)) == plain
+    assert count_saved_tensors(lambda: make_model(**VARIANTS["linear_r3"])(tokens, targets)) \
+        == plain  # other instances never had it
+
+
+class Doubling:
+    """A loop variant written for this test: s <- body(2 s), from s = e."""
+
+    def start(self, e):
+        return e
+
+    def step(self, state, index, body):
+        return body(2 * state)
+
+    def finish(self, state):
+        return state
+
+
+def test_a_new_loop_variant_is_one_class():
+    model = make_model(perturb=0.1, **VARIANTS["passthrough_r3"])
+    model._plain_variant = Doubling()
+    tokens = random_tokens(seq=10)
+    expected = hand_loop_logits(model, tokens, start=lambda e: e,
+                                inject=lambda ref, e, s: 2 * s, finish=lambda ref, s: s)
+    with torch.no_grad():
+        exact(model(tokens), expected, atol=1e-5)
 
 
 def test_unknown_checkpointing_mode_is_refused(tiny_model):
     with pytest.raises(ConfigError, match="activation_checkpointing"):
-        tiny_model().set_activation_checkpointing("everything")
+        apply_ac(tiny_model(), "everything")
 
 
 # ---- initialisation ---------------------------------------------------------------------------

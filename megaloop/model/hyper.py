@@ -93,8 +93,8 @@ class Hyperloop(nn.Module):
     def start(self, x: torch.Tensor) -> torch.Tensor:
         return expand_streams(x, self.n)
 
-    def step(self, streams: torch.Tensor, index: int, update: Update) -> torch.Tensor:
-        return self.loops[index](streams, update)
+    def step(self, streams: torch.Tensor, index: int, body: Update) -> torch.Tensor:
+        return self.loops[index](streams, lambda u: body(u) - u)
 
     def finish(self, streams: torch.Tensor) -> torch.Tensor:
         return streams.mean(dim=-2)
@@ -104,14 +104,14 @@ class Lanes(nn.Module):
     """Static hyper-connection lanes of the iso-depth paper, one set of scalars per recurrence.
 
     Per recurrence i: u = alpha_i . lanes; lanes <- M_i lanes + beta_i (x) F(u), where F(u) is
-    the loop block's update block(u) - u, or norm(block(u)) (model.recurrence_norm = every: the
-    paper's lanes). Cyclic init alpha_i = e_(i mod K), M_i = I, beta_i = 1; the coda gets the
-    sum of the lanes.
+    the loop block's update block(u) - u, or, with `whole_output`, norm(block(u))
+    (model.recurrence_norm = every: the paper's lanes; the norm is the body's). Cyclic init
+    alpha_i = e_(i mod K), M_i = I, beta_i = 1; the coda gets the sum of the lanes.
     """
 
-    def __init__(self, n: int, recurrences: int):
+    def __init__(self, n: int, recurrences: int, whole_output: bool = False):
         super().__init__()
-        self.n = n
+        self.n, self.whole_output = n, whole_output
         read = torch.zeros(recurrences, n)
         read[torch.arange(recurrences), torch.arange(recurrences) % n] = 1.0
         self.read = nn.Parameter(read)
@@ -121,10 +121,11 @@ class Lanes(nn.Module):
     def start(self, x: torch.Tensor) -> torch.Tensor:
         return expand_streams(x, self.n)
 
-    def step(self, lanes: torch.Tensor, index: int, update: Update) -> torch.Tensor:
+    def step(self, lanes: torch.Tensor, index: int, body: Update) -> torch.Tensor:
         u = torch.einsum("k,btkc->btc", self.read[index], lanes)
         mixed = torch.einsum("jk,btkc->btjc", self.mix[index], lanes)
-        return mixed + self.write[index].unsqueeze(-1) * update(u).unsqueeze(-2)
+        written = body(u) if self.whole_output else body(u) - u
+        return mixed + self.write[index].unsqueeze(-1) * written.unsqueeze(-2)
 
     def finish(self, lanes: torch.Tensor) -> torch.Tensor:
         return lanes.sum(dim=-2)

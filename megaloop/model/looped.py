@@ -1,9 +1,11 @@
-"""LoopedLM: embed -> prelude -> loop x r (injection, truncated BPTT) -> coda -> norm -> LM head.
+"""LoopedLM: embed -> prelude -> loop x r -> coda -> norm -> LM head.
 
 One class covers the standard transformer (r = 1), the looped model with linear, additive or
 passthrough injection, truncated BPTT, Huginn's sampled recurrences, and the hyper-connection
-variants (Hyperloop, lanes, mHC). Activation checkpointing boundaries (per recurrence, per layer)
-are offered here and switched on by the trainer with `set_activation_checkpointing`. For
+variants (Hyperloop, lanes, mHC). How the loop's state enters and leaves each recurrence is a
+loop variant (loops.py, hyper.py): `_run_loop` is a plain loop over its start, step and finish.
+Activation checkpointing and compilation are applied from outside (train/parallelize.py) through
+two seams, `run_layer` and `run_recurrence`, that run one layer and one recurrence. For
 incremental decoding a `KVCache` (blocks.py) is threaded through every attention call.
 """
 
@@ -17,30 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megaloop.config import ModelConfig
 from megaloop.errors import ConfigError
 from megaloop.model.blocks import MLP, Attention, Block, KVCache, RMSNorm, Rotary
 from megaloop.model.hyper import DynamicGates, Hyperloop, Lanes, MHCBlock, expand_streams
+from megaloop.model.loops import Additive, Body, LinearInjection, LoopVariant, Passthrough
 
 RECURRENCE_SIGMA = 0.5  # Huginn's log-normal spread of the sampled recurrence count
-
-
-class LinearInjection(nn.Linear):
-    """u = W [e ; state], W = [W_e | W_s] of shape (d, 2d), [I | 0] at init.
-
-    W_e e is the same in every recurrence, so the loop computes it once per forward pass
-    (`part="embedding"`) and each recurrence adds W_s state (`part="state"`): r + 1 matmuls of
-    d x d instead of r of d x 2d. Both halves go through this module's call, so that ZeRO-3
-    gathers the weight."""
-
-    def __init__(self, d: int):
-        super().__init__(2 * d, d, bias=False)
-
-    def forward(self, x: torch.Tensor, part: str) -> torch.Tensor:
-        d = self.out_features
-        return F.linear(x, self.weight[:, :d] if part == "embedding" else self.weight[:, d:])
 
 
 def _normal_(weight: torch.Tensor, std: float) -> None:
@@ -59,7 +45,6 @@ class LoopedLM(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.checkpointing = "none"
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.embed_norm = RMSNorm(d) if cfg.embedding_norm else None
@@ -74,7 +59,10 @@ class LoopedLM(nn.Module):
         if cfg.hyper == "hyperloop":
             self.hyper = Hyperloop(cfg.hyper_streams, d, cfg.recurrences)
         elif cfg.hyper == "lanes":
-            self.hyper = Lanes(cfg.hyper_streams, cfg.recurrences)
+            self.hyper = Lanes(cfg.hyper_streams, cfg.recurrences,
+                               whole_output=self.loop_norm is not None)
+        self._plain_variant = Additive() if cfg.is_looped and cfg.injection == "additive" \
+            else Passthrough()
         self.final_norm = RMSNorm(d)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.dim_per_head, cfg.max_seq_len, cfg.rope_theta)
@@ -140,23 +128,6 @@ class LoopedLM(nn.Module):
             _normal_(module.out.weight, std=residual_std)
         elif isinstance(module, DynamicGates):
             _normal_(module.proj.weight, std=std)
-
-    def compile_blocks(self, **options: Any) -> None:
-        """torch.compile every transformer block in place (train.compile; `options` go to
-        torch.compile). Per block, not the whole model: the loop's block compiles once whatever
-        r a step runs, where a whole-model graph unrolls the loop and would recompile for every
-        sampled r."""
-        for stack in (self.prelude, self.loop, self.coda):
-            for layer in stack:
-                layer.compile(**options)
-
-    def set_activation_checkpointing(self, mode: str) -> None:
-        """`none`, `per_recurrence` or `per_layer`; non-reentrant, so safe with ZeRO-3 on the
-        reused loop block."""
-        if mode not in ("none", "per_recurrence", "per_layer"):
-            raise ConfigError(f"activation_checkpointing = {mode!r} is not one of: none, "
-                              "per_recurrence, per_layer.")
-        self.checkpointing = mode
 
     def recurrences_for_step(self, step: int, seed: int = 0) -> int:
         """r for a training step: fixed, or drawn Poisson log-normal from a step-seeded generator
@@ -226,13 +197,31 @@ class LoopedLM(nn.Module):
             raise ConfigError(f"recurrences = {r} but the model has no loop layers.")
         return r
 
+    # ---- the two seams of train/parallelize.py ----------------------------------------------
+
+    def run_layer(self, layer: nn.Module, x: torch.Tensor, rope,
+                  cache: KVCache | None = None) -> torch.Tensor:
+        """One transformer layer (apply_ac's per_layer checkpointing wraps this)."""
+        return layer(x, rope, cache)
+
+    def run_recurrence(self, variant: LoopVariant, state: Any, index: int, body: Body,
+                       cache: KVCache | None = None) -> Any:
+        """One recurrence of the loop (apply_ac's per_recurrence checkpointing wraps this);
+        `body` already holds `cache`, which is given to say that one is being filled."""
+        return variant.step(state, index, body)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def loop_variant(self) -> LoopVariant:
+        """The hyper-connection, else the linear injection, else additive or passthrough."""
+        if self.hyper is not None:
+            return self.hyper
+        return self.injection if self.injection is not None else self._plain_variant
+
     def _run_stack(self, stack: nn.ModuleList, x: torch.Tensor, rope,
                    cache: KVCache | None = None) -> torch.Tensor:
         for layer in stack:
-            if self.checkpointing == "per_layer" and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(layer, x, rope, use_reentrant=False)
-            else:
-                x = layer(x, rope, cache)
+            x = self.run_layer(layer, x, rope, cache=cache)
         return x
 
     def _run_loop(self, e: torch.Tensor, rope, r: int,
@@ -242,44 +231,17 @@ class LoopedLM(nn.Module):
             return e
         k = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
         grad_on = torch.is_grad_enabled()
-        state = self._loop_start(e)
-        if self.injection is not None:
-            e = self.injection(e, "embedding")
+        variant = self.loop_variant()
+
+        def body(u: torch.Tensor) -> torch.Tensor:
+            out = self._run_stack(self.loop, u, rope, cache)
+            return self.loop_norm(out) if self.loop_norm is not None else out
+
+        state = variant.start(e)
         for i in range(r):
             with torch.set_grad_enabled(grad_on and i >= r - k):
-                if (self.checkpointing == "per_recurrence" and torch.is_grad_enabled()
-                        and cache is None):
-                    state = checkpoint(self._recurrence, state, e, rope, i, use_reentrant=False)
-                else:
-                    state = self._recurrence(state, e, rope, i, cache)
-        return self.hyper.finish(state) if self.hyper is not None else state
-
-    def _loop_start(self, e: torch.Tensor) -> torch.Tensor:
-        if self.hyper is not None:
-            return self.hyper.start(e)
-        if self.cfg.is_looped and self.cfg.injection == "additive":
-            return torch.zeros_like(e)  # so the first recurrence sees u = e, as for linear
-        return e
-
-    def _recurrence(self, state: torch.Tensor, e: torch.Tensor, rope, i: int,
-                    cache: KVCache | None = None):
-        """One pass through the loop block: inject, run the shared layers, normalise."""
-        if self.hyper is not None:
-            if self.loop_norm is not None:  # lanes with recurrence_norm every: the paper's
-                return self.hyper.step(
-                    state, i, lambda u: self.loop_norm(self._run_stack(self.loop, u, rope, cache)))
-            return self.hyper.step(state, i,
-                                   lambda u: self._run_stack(self.loop, u, rope, cache) - u)
-        u = self._inject(state, e) if self.cfg.is_looped else state
-        state = self._run_stack(self.loop, u, rope, cache)
-        return self.loop_norm(state) if self.loop_norm is not None else state
-
-    def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        if self.injection is not None:  # `e` is already W_e e here (see _run_loop)
-            return self.injection(state, "state") + e
-        if self.cfg.injection == "additive":
-            return state + e
-        return state
+                state = self.run_recurrence(variant, state, i, body, cache=cache)
+        return variant.finish(state)
 
 
 def build(cfg: ModelConfig, device: str | torch.device | None = None,

@@ -51,6 +51,7 @@ from megaloop.train.ds_config import (
 from megaloop.train.host_memory import tune_for_cpu_training
 from megaloop.train.muonh import MuonH, matrix_shape
 from megaloop.train.optim import adamw, adamw_settings, muonh, role_groups
+from megaloop.train.parallelize import apply_ac, apply_compile
 
 # ---- the accelerator and the process group ---------------------------------------------------
 
@@ -174,9 +175,9 @@ def build_model(config: RunConfig, ds_config: dict[str, Any], device: torch.devi
             model = LoopedLM(config.model, init_weights=False)
         model.reset_parameters(gather=gather_each)
         model.rotary.to(device)  # zero.Init made its tables in bf16 when bf16 was on: remade
-    model.set_activation_checkpointing(config.model.activation_checkpointing)
+    apply_ac(model, config.model.activation_checkpointing)
     if config.train.compile:
-        model.compile_blocks()
+        apply_compile(model)
     return model
 
 
