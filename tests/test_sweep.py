@@ -98,6 +98,7 @@ def test_paper_plan_matches_the_papers_runs_steps_and_learning_rates(paper_runs)
                 train.weight_decay, train.beta1, train.beta2, train.eps) == (
             "muonh", "linear", 0, 0.0, 0.0, 0.8, 0.95, 1e-10)
         assert train.global_batch * run.config.model.max_seq_len == 2 ** 18
+        assert train.eval_tokens == 34560 * 2048  # the paper's final validation rows
 
 
 def test_the_paper_specs_reference_tokens_are_megaloops_accounting():
