@@ -390,7 +390,8 @@ def test_a_run_prepares_its_corpus_packed_and_trains_on_the_rows(tmp_path, text_
     # its rows are the packed folder's (the same documents, T and buffer; part size aside)
     np.testing.assert_array_equal(split_rows(shards.folder, "train"), split_rows(packed, "train"))
     given = open_run_data(run_config(tmp_path, f"data.shards={packed}",
-                                     "data.packing=bos_best_fit"), progress=False)
+                                     "data.packing=bos_best_fit", "data.pack_buffer=8"),
+                          progress=False)
     assert given.packed
 
 
@@ -407,7 +408,22 @@ def test_a_run_refuses_data_of_another_layout(tmp_path, packed, text_folder, tok
                                  "data.packing=bos_best_fit"), progress=False)
     with pytest.raises(DataError, match="model.max_seq_len = 64"):
         open_run_data(run_config(tmp_path, f"data.shards={packed}", "data.packing=bos_best_fit",
-                                 "model.max_seq_len=64"), progress=False)
+                                 "data.pack_buffer=8", "model.max_seq_len=64"), progress=False)
+    with pytest.raises(DataError, match="buffer of 8 documents.*data.pack_buffer=8"):
+        open_run_data(run_config(tmp_path, f"data.shards={packed}", "data.packing=bos_best_fit"),
+                      progress=False)
+
+
+def test_stream_folders_of_before_packing_still_serve(tmp_path, text_folder, tokenizer):
+    """A manifest written before data.packing existed has no `packing`: it is a stream."""
+    corpus = open_corpus(str(text_folder))
+    prepare(corpus, tokenizer, tmp_path, val_fraction=0.25, workers=1, progress=False)
+    manifest = read_manifest(tmp_path)
+    assert manifest.pop("packing") == {"mode": "stream"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    shards = TokenShards(tmp_path)
+    assert not shards.packed and TrainLoader(shards, T, 2).state_dict()["packing"] == "stream"
+    assert prepare(corpus, tokenizer, tmp_path, val_fraction=0.25, progress=False) == manifest
 
 
 def test_config_refuses_unknown_packing():

@@ -72,3 +72,9 @@ def check_packing(shards: TokenShards, config: RunConfig) -> None:
         raise DataError(f"The shards in {shards.folder} hold {shards.describe_packing()} but "
                         f"data.packing = {config.data.packing}; {fix}, or use other shards.")
     window_stride(shards, seq_len)  # refuses rows of another T
+    buffer = shards.packing.get("buffer_documents", config.data.pack_buffer)
+    if shards.packed and buffer != config.data.pack_buffer:
+        raise DataError(f"The shards in {shards.folder} were packed from a buffer of {buffer} "
+                        f"documents but data.pack_buffer = {config.data.pack_buffer}; set "
+                        f"data.pack_buffer={buffer} (so that the run's config says what it "
+                        "trains on) or use other shards.")

@@ -171,7 +171,8 @@ class ValLoader:
             self.tokens = self.n_batches * per_step * seq_len
             return
         if max_windows > n:
-            raise DataError(f"train.eval_tokens asks for {max_windows} windows of {seq_len} "
+            what = "rows" if shards.packed else "windows"
+            raise DataError(f"train.eval_tokens asks for {max_windows} {what} of {seq_len} "
                             f"tokens, but the val split of {shards.folder} holds {n}: lower "
                             "train.eval_tokens or prepare the data with a larger val_fraction.")
         self.windows = np.arange(rank, max_windows, world_size)
