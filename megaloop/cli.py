@@ -106,7 +106,7 @@ def _add_data_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                            "--seq-len + 1 tokens (the iso-depth paper's)")
     prep.add_argument("--seq-len", type=int, metavar="T",
                       help="bos_best_fit: the model.max_seq_len the rows are for")
-    prep.add_argument("--pack-buffer", type=int, default=DEFAULT_BUFFER_DOCUMENTS,
+    prep.add_argument("--pack-buffer", type=int, metavar="N",
                       help="bos_best_fit: documents the packer chooses from "
                            f"(default: {DEFAULT_BUFFER_DOCUMENTS})")
     prep.set_defaults(func=cmd_data_prepare)

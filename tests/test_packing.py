@@ -241,7 +241,7 @@ def test_another_packing_in_the_same_folder_is_refused(packed, text_folder, toke
         prepare(open_corpus(str(text_folder)), tokenizer, packed, **{**OPTIONS, "seq_len": 64})
     with pytest.raises(DataError, match="another packing"):
         prepare(open_corpus(str(text_folder)), tokenizer, packed,
-                **{**OPTIONS, "packing": "stream", "seq_len": None})
+                **{**OPTIONS, "packing": "stream", "seq_len": None, "pack_buffer": None})
 
 
 def test_damaged_rows_are_refused(tmp_path, packed):
@@ -269,6 +269,8 @@ def test_bad_packing_arguments(tmp_path, text_folder, tokenizer):
         prepare(corpus, tokenizer, tmp_path, packing="bos_best_fit", progress=False)
     with pytest.raises(DataError, match="--seq-len is for --packing bos_best_fit"):
         prepare(corpus, tokenizer, tmp_path, seq_len=T, progress=False)
+    with pytest.raises(DataError, match="--pack-buffer is for --packing bos_best_fit"):
+        prepare(corpus, tokenizer, tmp_path, pack_buffer=8, progress=False)
     with pytest.raises(DataError, match="--packing 'best'"):
         prepare(corpus, tokenizer, tmp_path, packing="best", seq_len=T, progress=False)
     with pytest.raises(DataError, match="--pack-buffer"):

@@ -49,7 +49,7 @@ def open_run_data(config: RunConfig, rank: int = 0,
             prepare(open_corpus(data.corpus, data.text_field), tokenizer, folder,
                     val_fraction=data.val_fraction, workers=data.workers, progress=progress,
                     packing=data.packing, seq_len=config.model.max_seq_len if packed else None,
-                    pack_buffer=data.pack_buffer)
+                    pack_buffer=data.pack_buffer if packed else None)
         if barrier is not None:
             barrier()
         shards = TokenShards(folder, verify_hashes=data.verify)

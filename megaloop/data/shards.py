@@ -182,14 +182,17 @@ class _SplitBuffer:
 
 
 def _packing(packing: str, seq_len: int | None, tokenizer: Tokenizer,
-             buffer_documents: int) -> dict[str, Any]:
+             buffer_documents: int | None) -> dict[str, Any]:
     if packing not in PACKINGS:
         raise DataError(f"--packing {packing!r} is not one of: {', '.join(PACKINGS)}.")
     if packing == "stream":
-        if seq_len is not None:
-            raise DataError("--seq-len is for --packing bos_best_fit (a stream has no rows); "
-                            "drop it or add --packing bos_best_fit.")
+        for name, value in (("--seq-len", seq_len), ("--pack-buffer", buffer_documents)):
+            if value is not None:
+                raise DataError(f"{name} is for --packing bos_best_fit (a stream has no rows); "
+                                "drop it or add --packing bos_best_fit.")
         return dict(STREAM)
+    if buffer_documents is None:
+        buffer_documents = DEFAULT_BUFFER_DOCUMENTS
     if seq_len is None or seq_len < 1:
         raise DataError(f"--packing bos_best_fit packs rows of T + 1 tokens: give --seq-len T "
                         f">= 1, the model.max_seq_len of the runs that train on them (got "
@@ -281,12 +284,12 @@ def _write_shard(out: Path, name: str, buffer: _SplitBuffer, dtype: np.dtype) ->
 def prepare(corpus: Corpus, tokenizer: Tokenizer, out: str | Path, *, val_fraction: float = 0.01,
             workers: int = 2, part_tokens: int = DEFAULT_PART_TOKENS, progress: bool = True,
             packing: str = "stream", seq_len: int | None = None,
-            pack_buffer: int = DEFAULT_BUFFER_DOCUMENTS) -> dict[str, Any]:
+            pack_buffer: int | None = None) -> dict[str, Any]:
     """Encode `corpus` with `tokenizer` into shards under `out`; returns the manifest.
 
     `packing` stream: each document's ids followed by EOS, one stream per split. bos_best_fit:
     BOS then the ids of each document, packed best-fit from a buffer of `pack_buffer` documents
-    into rows of `seq_len` + 1 tokens (megaloop.data.packing).
+    (default DEFAULT_BUFFER_DOCUMENTS) into rows of `seq_len` + 1 tokens (megaloop.data.packing).
     A folder that already holds a finished preparation of the same inputs is left as it is."""
     out = Path(out)
     if not 0 <= val_fraction < 1:
