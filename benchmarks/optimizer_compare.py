@@ -6,8 +6,12 @@ validate on the same fixed set (train.eval_tokens). AdamW is megaloop's default 
 3e-3 cosine to 3e-4 after a warm-up, weight decay 0.1, clip 1.0); MuonH takes the iso-depth
 paper's optimizer settings (matrix lr 0.014, AdamW groups at the paper's lrs x (d/640)^-0.5 with
 betas 0.8/0.95 and eps 1e-10, no weight decay, no warm-up, linear decay to 0.1x, no clipping).
-Only the optimizer and its schedule differ: the model keeps megaloop's init and norms, so this
-is not yet the paper's whole recipe.
+`muonh` changes only the optimizer and its schedule (the model keeps megaloop's init and
+norms); `muonh_paper_model` adds the paper's model details (configs/recipes/isodepth.yaml's
+model section: its init, the norms after the embedding and after every recurrence, QK-norm
+without gains after RoPE where QK-norm is on), so it is the paper's recipe at tiny scale;
+`adamw_paper_model` is megaloop's AdamW on that model, which separates the optimizer's effect
+from the model's.
 
     PYTHONPATH=. python benchmarks/optimizer_compare.py [--steps 300] [--rounds 2]
 """
@@ -39,11 +43,15 @@ RECIPES: dict[str, dict[str, object]] = {
               "train.lr": 0.005 * WIDTH_FACTOR, "train.min_lr": 0.0005 * WIDTH_FACTOR,
               "train.embedding_lr": 0.3 * WIDTH_FACTOR,
               "train.unembedding_lr": 0.004 * WIDTH_FACTOR,
-              "train.norm_lr": 0.005 * WIDTH_FACTOR, "train.injection_lr": 0.005 * WIDTH_FACTOR,
+              "train.norm_lr": 0.005 * WIDTH_FACTOR,
               "train.beta1": 0.8, "train.beta2": 0.95, "train.eps": 1e-10,
               "train.weight_decay": 0.0, "train.warmup_steps": 0, "train.schedule": "linear",
               "train.grad_clip": 0.0},
 }
+PAPER_MODEL = {"model.init": "isodepth", "model.embedding_norm": True,
+               "model.recurrence_norm": "every", "model.qk_norm_mode": "free_after_rope"}
+RECIPES["muonh_paper_model"] = {**RECIPES["muonh"], **PAPER_MODEL}
+RECIPES["adamw_paper_model"] = {**RECIPES["adamw"], **PAPER_MODEL}  # separates the two effects
 
 
 def train(name: str, shards: Path, workdir: Path, args: argparse.Namespace) -> dict:
@@ -88,7 +96,10 @@ def main() -> None:
               "runs": runs,
               "muonh_over_adamw_step_s": statistics.median(
                   m["step_s"] / a["step_s"] for m, a in zip(runs["muonh"], runs["adamw"],
-                                                            strict=True))}
+                                                            strict=True)),
+              "paper_model_over_adamw_step_s": statistics.median(
+                  m["step_s"] / a["step_s"]
+                  for m, a in zip(runs["muonh_paper_model"], runs["adamw"], strict=True))}
     atomic_write_json(args.json, result)
     print(json.dumps(result, indent=2))
 

@@ -1,6 +1,6 @@
 """The benchmarks run end to end on tiny shapes: the training step (train_step.py --quick), the
 GPU harnesses on the CPU (gpu_mfu.py --quick, gpu_session.sh --cpu-smoke), trainer_ab.py,
-optimizer_compare.py (slow)."""
+optimizer_compare.py and packing_speed.py (slow)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,21 @@ def test_optimizer_compare_trains_both_optimizers(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    for name in ("adamw", "muonh"):
+    for name in ("adamw", "muonh", "muonh_paper_model"):
         (run,) = result["runs"][name]
         assert run["val_loss"] < 8.3 and run["step_s"] > 0  # below ln(4096): it learned
     assert result["runs"]["adamw"][0]["val_loss"] != result["runs"]["muonh"][0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_packing_speed_compares_the_packers_on_the_same_rows(tmp_path):
+    out = tmp_path / "packing.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/packing_speed.py", "--docs", "3000", "--scan-docs", "500",
+         "--json", str(out)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rows"] > 0 and result["scan_over_bisect"] > 0
+    assert result["stream_batch_s"] > 0 and result["packed_batch_s"] > 0
