@@ -209,6 +209,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "muon", "muonh"] = "adamw"  # muon(h): on block matrices + AdamW
     matrix_lr: float = 0.014  # Muon(H)'s lr at the schedule's peak (train.lr is AdamW's)
     muon_momentum: float = 0.95
+    polar_precision: Literal["bf16", "fp32"] = "bf16"  # Muon(H)'s orthogonalisation; fp32: exact
+    #   to float rounding (bf16, the paper's, amplifies a gradient's last-bit differences)
     embedding_lr: float | None = None  # AdamW's peak lr per role of parameter; None: train.lr
     unembedding_lr: float | None = None
     norm_lr: float | None = None  # RMSNorm gains

@@ -216,6 +216,10 @@ def test_muonh_takes_the_block_matrices_and_adamw_everything_else(variant):
         assert kinds[id(param)] == "adamw"
     scales = {group["kind"]: group["lr_scale"] for group in optimizer.param_groups}
     assert scales == {"muonh": pytest.approx(0.02 / 3e-3), "adamw": 1.0}
+    dtypes = {group["polar_dtype"] for group in optimizer.param_groups if group["kind"] == "muonh"}
+    assert dtypes == {torch.bfloat16}
+    exact = muonh(model, run_config(**settings, **{"train.polar_precision": "fp32"}))
+    assert exact.param_groups[0]["polar_dtype"] == torch.float32
 
 
 def test_muonh_trains_and_keeps_every_block_matrix_on_its_sphere(process_group):

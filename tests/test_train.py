@@ -220,14 +220,17 @@ def test_two_ranks_zero3_match_one_process(stdlib_shards, tmp_path):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_with_muonh_match_one_process(stage, stdlib_shards, tmp_path):
     """ZeRO-0: each rank orthogonalises its copy of the reduced gradient. ZeRO 1-3: each matrix's
-    owning rank takes its step whole and sends the new weight to every rank's shard."""
+    owning rank takes its step whole and sends the new weight to every rank's shard. Polar
+    Express in fp32: in bf16 (the default) the two ranks' reduced gradient, which differs from
+    one process's in its last bits, rounds differently, and the linear injection's steps carry
+    that to 1e-3 in the loss by step 5 (benchmarks/RESULTS.md); in fp32 both agree to 1e-6."""
     values = {"train.optimizer": "muonh", "train.weight_decay": 0.0, "train.steps": 5,
-              "train.micro_batch": 2, "train.global_batch": 8}
+              "train.micro_batch": 2, "train.global_batch": 8, "train.polar_precision": "fp32"}
     single, double = tmp_path / "one", tmp_path / "two"
     assert_ok(run_training(stdlib_shards, single, **values))
     assert_ok(run_training(stdlib_shards, double, nproc=2,
                            **{**values, "train.zero_stage": stage}))
-    assert_same_losses(single, double, steps=5, tolerance=1e-4)
+    assert_same_losses(single, double, steps=5, tolerance=1e-5)
 
 
 @pytest.mark.slow

@@ -139,5 +139,7 @@ def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
                    "kind": train.optimizer, "name": "matrices",
                    "lr": train.matrix_lr, "lr_scale": train.matrix_lr / train.lr,
                    "momentum": train.muon_momentum, "weight_decay": decay,
+                   "polar_dtype": torch.float32 if train.polar_precision == "fp32"
+                   else torch.bfloat16,
                    "sharded": train.zero_stage > 0},
                   *adamw_groups])
