@@ -15,6 +15,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def benchmark_json(tmp_path: Path, script: str, *args: str, **env: str) -> dict:
+    """Run benchmarks/`script` with `args` and `--json`; its exit must be 0; its JSON."""
+    out = tmp_path / f"{Path(script).stem}.json"
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--json", str(out)],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **env),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def run_quick(tmp_path: Path, *extra: str) -> dict:
     out = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -105,14 +115,8 @@ def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
 def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
     """benchmarks/trainer_ab.py: the real trainer at two commits (here both HEAD), in worktrees
     that are removed afterwards."""
-    out = tmp_path / "ab.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/trainer_ab.py", "--base", "HEAD", "--head", "HEAD",
-         "--rounds", "1", "--steps", "31", "--d-model", "64", "--json", str(out)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-        timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = benchmark_json(tmp_path, "trainer_ab.py", "--base", "HEAD", "--head", "HEAD",
+                            "--rounds", "1", "--steps", "31", "--d-model", "64")
     assert result["commits"]["base"] == result["commits"]["head"]
     assert all(len(times) == 1 and times[0] > 0 for times in result["step_s"].values())
     assert 0.5 < result["head_over_base_median"] < 2  # the same code, run twice
@@ -158,14 +162,8 @@ def test_the_gpu_session_runs_every_stage_on_the_cpu(tmp_path):
 @pytest.mark.slow
 def test_optimizer_compare_trains_both_optimizers(tmp_path):
     """benchmarks/optimizer_compare.py on 30 steps: both optimizers train and are timed."""
-    out = tmp_path / "optimizers.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/optimizer_compare.py", "--steps", "30", "--rounds", "1",
-         "--json", str(out)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu"),
-        capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = benchmark_json(tmp_path, "optimizer_compare.py", "--steps", "30", "--rounds", "1",
+                            DS_ACCELERATOR="cpu")
     for name in ("adamw", "muonh", "muonh_paper_model"):
         (run,) = result["runs"][name]
         assert run["val_loss"] < 8.3 and run["step_s"] > 0  # below ln(4096): it learned
@@ -174,13 +172,6 @@ def test_optimizer_compare_trains_both_optimizers(tmp_path):
 
 @pytest.mark.slow
 def test_packing_speed_compares_the_packers_on_the_same_rows(tmp_path):
-    out = tmp_path / "packing.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/packing_speed.py", "--docs", "3000", "--scan-docs", "500",
-         "--json", str(out)],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-        timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = benchmark_json(tmp_path, "packing_speed.py", "--docs", "3000", "--scan-docs", "500")
     assert result["rows"] > 0 and result["scan_over_bisect"] > 0
     assert result["stream_batch_s"] > 0 and result["packed_batch_s"] > 0

@@ -171,6 +171,7 @@ class MuonH(torch.optim.Optimizer):
                 if group["sharded"]:
                     self.whole_matrices.append((group_index, param))
         self.whole_state: dict[int, dict[str, Any]] = {}  # by index in whole_matrices
+        self._owners: list[int] | None = None  # each whole matrix's rank, at the first step
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -195,8 +196,10 @@ class MuonH(torch.optim.Optimizer):
     def step_whole_matrices(self, whole: WholeMatrices) -> None:
         """The step of the sharded groups' matrices, one at a time, each on its owning rank
         (called on every rank after the step's last backward, before DeepSpeed's step)."""
-        owners = owners_by_size([matrix_shape(p) for _, p in self.whole_matrices],
-                                whole.world_size)
+        if self._owners is None:  # the world size is the run's: the same for every step
+            self._owners = owners_by_size([matrix_shape(p) for _, p in self.whole_matrices],
+                                          whole.world_size)
+        owners = self._owners
         for index, ((group_index, param), owner) in enumerate(zip(self.whole_matrices, owners,
                                                                   strict=True)):
             grad, weight = whole.grad(param), whole.weight(param)
