@@ -190,6 +190,7 @@ class DataConfig:
 
 
 LR_ROLES = ("embedding", "unembedding", "norm", "hyper", "injection")  # each has train.<role>_lr
+GROUP_ROLES = ("matrix", *LR_ROLES)  # each has train.<role>_beta1, _beta2 and _weight_decay
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,26 @@ class TrainConfig:
     norm_lr: float | None = None  # RMSNorm gains
     hyper_lr: float | None = None  # hyper-connections (Hyperloop, lanes, mHC)
     injection_lr: float | None = None
+    # AdamW's betas and the weight decay per role (matrix: the blocks' projections); None:
+    # train.beta1 / beta2, and train.weight_decay on linear layers' weights only
+    matrix_beta1: float | None = None  # AdamW only: Muon(H) has train.muon_momentum
+    matrix_beta2: float | None = None
+    matrix_weight_decay: float | None = None  # None: train.weight_decay (MuonH: 0)
+    embedding_beta1: float | None = None
+    embedding_beta2: float | None = None
+    embedding_weight_decay: float | None = None
+    unembedding_beta1: float | None = None
+    unembedding_beta2: float | None = None
+    unembedding_weight_decay: float | None = None
+    norm_beta1: float | None = None
+    norm_beta2: float | None = None
+    norm_weight_decay: float | None = None
+    hyper_beta1: float | None = None
+    hyper_beta2: float | None = None
+    hyper_weight_decay: float | None = None
+    injection_beta1: float | None = None
+    injection_beta2: float | None = None
+    injection_weight_decay: float | None = None
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -257,9 +278,19 @@ class TrainConfig:
                               "them: set the other to null.")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr = {self.min_lr} exceeds train.lr = {self.lr}.")
-        for key in ["beta1", "beta2"]:
-            if not 0 <= getattr(self, key) < 1:
-                raise ConfigError(f"train.{key} = {getattr(self, key)} must be in [0, 1).")
+        betas = ["beta1", "beta2", *(f"{role}_beta{i}" for role in GROUP_ROLES for i in (1, 2))]
+        for key in betas:
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise ConfigError(f"train.{key} = {value} must be in [0, 1).")
+        for key in (f"{role}_weight_decay" for role in GROUP_ROLES):
+            value = getattr(self, key)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"train.{key} = {value} must be a finite number >= 0.")
+        if self.optimizer != "adamw" and (self.matrix_beta1, self.matrix_beta2) != (None, None):
+            raise ConfigError(f"train.matrix_beta1 / matrix_beta2 are AdamW's, but "
+                              f"train.optimizer = {self.optimizer} steps the matrices with "
+                              "momentum: set train.muon_momentum instead (or null them).")
         if not 0 < self.wsd_decay_fraction <= 1:
             raise ConfigError(f"train.wsd_decay_fraction = {self.wsd_decay_fraction} must be in "
                               "(0, 1].")

@@ -88,3 +88,52 @@ def test_role_learning_rates_need_a_schedule_to_follow():
         run_config(**{"train.lr": 0, "train.min_lr": 0, "train.norm_lr": 0.005})
     with pytest.raises(ConfigError, match="train.hyper_lr = -1.0"):
         run_config(**{"train.hyper_lr": -1})
+
+
+ROLE_BETAS_AND_DECAY = {"train.embedding_beta1": 0.5, "train.norm_beta2": 0.9,
+                        "train.unembedding_weight_decay": 0.2, "train.norm_weight_decay": 0.3,
+                        "train.matrix_weight_decay": 0.05}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muonh"])
+def test_each_role_gets_its_betas_and_weight_decay(process_group, optimizer):
+    cfg = run_config(**ROLE_BETAS_AND_DECAY, **{"train.optimizer": optimizer,
+                                                "train.weight_decay": 0.1})
+    base = (cfg.train.beta1, cfg.train.beta2)
+    want_betas = {"embedding": (0.5, base[1]), "norm": (base[0], 0.9)}
+    want_decay = {"unembedding": 0.2, "norm": 0.3, "matrix": 0.05, "embedding": 0.0}
+    with contextlib.closing(Engine(cfg).build()) as engine:
+        roles = parameter_roles(engine.model)
+        for group in engine._ds.optimizer.param_groups:
+            if group.get("kind", "adamw") != "adamw":  # MuonH's matrices, the injection's too
+                assert group["weight_decay"] == want_decay["matrix"]
+                continue
+            (role,) = {roles[id(p)] for p in group["params"]}
+            assert tuple(group["betas"]) == want_betas.get(role, base), group["name"]
+            if role in want_decay:
+                assert group["weight_decay"] == want_decay[role], group["name"]
+
+
+def test_a_roles_weight_decay_falls_on_all_its_parameters():
+    """The embedding is not a linear layer, so by default it has no weight decay; set, its
+    rows that no token touched shrink by (1 - lr · wd) per step."""
+    cfg = run_config(**{"train.embedding_weight_decay": 0.5, "train.lr": 0.1})
+    model = LoopedLM(cfg.model)
+    optimizer = adamw(model, cfg)
+    before = model.embed.weight.detach().clone()
+    tokens = torch.zeros(2, 8, dtype=torch.long)  # only row 0 gets a gradient
+    model(tokens, tokens).backward()
+    optimizer.step()
+    assert torch.allclose(model.embed.weight[1:], before[1:] * (1 - 0.1 * 0.5))
+    default = run_config(**{"train.lr": 0.1})
+    groups = adamw(LoopedLM(default.model), default).param_groups
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"].startswith("embedding"))
+
+
+def test_role_betas_and_weight_decay_are_checked():
+    with pytest.raises(ConfigError, match=r"train.hyper_beta2 = 1.0 must be in \[0, 1\)"):
+        run_config(**{"train.hyper_beta2": 1.0})
+    with pytest.raises(ConfigError, match="train.norm_weight_decay = -0.1"):
+        run_config(**{"train.norm_weight_decay": -0.1})
+    with pytest.raises(ConfigError, match="set train.muon_momentum instead"):
+        run_config(**{"train.optimizer": "muonh", "train.matrix_beta1": 0.9})

@@ -1,6 +1,8 @@
-"""The optimizer of a run: AdamW (weight decay on the matrices only; a learning rate per role of
-parameter, train.<role>_lr), or MuonH (Muon) on the transformer blocks' matrices with AdamW on
-the rest (`train.optimizer`)."""
+"""The optimizer of a run: AdamW, or MuonH (Muon) on the transformer blocks' matrices with AdamW
+on the rest (`train.optimizer`). Every parameter has a role (matrix, embedding, unembedding,
+norm, hyper, injection), and each role its own lr (train.<role>_lr), betas
+(train.<role>_beta1 / _beta2) and weight decay (train.<role>_weight_decay); by default weight
+decay falls on linear layers' weights only."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 import torch
 
-from megaloop.config import LR_ROLES, RunConfig
+from megaloop.config import GROUP_ROLES, LR_ROLES, RunConfig
 from megaloop.model.blocks import MLP, Attention, RMSNorm
 from megaloop.model.hyper import DynamicGates, Hyperloop, HyperloopConnection, Lanes, MHCConnection
 from megaloop.train.muonh import MuonH
@@ -60,21 +62,38 @@ def role_lr(config: RunConfig, role: str) -> float:
     return config.train.lr if value is None else value
 
 
+def role_betas(config: RunConfig, role: str) -> tuple[float, float]:
+    """A role's AdamW betas: train.<role>_beta1 / _beta2 where set, else train.beta1 / beta2."""
+    train = config.train
+    own = [getattr(train, f"{role}_beta{i}", None) if role in GROUP_ROLES else None
+           for i in (1, 2)]
+    return (train.beta1 if own[0] is None else own[0], train.beta2 if own[1] is None else own[1])
+
+
+def role_weight_decay(config: RunConfig, role: str) -> float | None:
+    """A role's weight decay on all its parameters (train.<role>_weight_decay), or None: the
+    default, train.weight_decay on linear layers' weights only."""
+    return getattr(config.train, f"{role}_weight_decay", None) if role in GROUP_ROLES else None
+
+
 def role_groups(model: torch.nn.Module, config: RunConfig,
                 params: list[torch.nn.Parameter] | None = None) -> list[dict[str, Any]]:
-    """AdamW's groups: one per role and weight decay, each with its `lr` and `lr_scale` (its
-    lr over train.lr; the Engine sets lr = schedule × lr_scale)."""
+    """AdamW's groups: one per role and weight decay, each with its `lr`, `betas`,
+    `weight_decay` and `lr_scale` (its lr over train.lr; the Engine sets lr = schedule ×
+    lr_scale)."""
     roles = parameter_roles(model)
     chosen = list(model.parameters()) if params is None else params
     groups = []
     for role in dict.fromkeys(roles[id(p)] for p in chosen):
         members = [p for p in chosen if roles[id(p)] == role]
-        lr = role_lr(config, role)
-        for group in optimizer_groups(model, config.train.weight_decay, members):
+        lr, decay = role_lr(config, role), role_weight_decay(config, role)
+        split = (optimizer_groups(model, config.train.weight_decay, members) if decay is None
+                 else [{"params": members, "weight_decay": decay, "name": "decay"}])
+        for group in split:
             if group["params"]:
                 scale = lr / config.train.lr if config.train.lr > 0 else 1.0
                 groups.append({**group, "name": f"{role}/{group['name']}", "lr": lr,
-                               "lr_scale": scale})
+                               "betas": role_betas(config, role), "lr_scale": scale})
     return groups
 
 
@@ -131,10 +150,11 @@ def muonh(model: torch.nn.Module, config: RunConfig) -> MuonH:
     matrices, splits = zip(*block_matrices_with_splits(model), strict=True)
     chosen = {id(param) for param in matrices}
     rest = [param for param in model.parameters() if id(param) not in chosen]
-    settings = {key: value for key, value in adamw_settings(config).items() if key != "lr"}
-    adamw_groups = [{**group, "kind": "adamw", **settings}
+    adamw_groups = [{**group, "kind": "adamw", "eps": train.eps}
                     for group in role_groups(model, config, rest)]
-    decay = train.weight_decay if train.optimizer == "muon" else 0.0  # none on MuonH's sphere
+    decay = train.matrix_weight_decay
+    if decay is None:  # by default none on MuonH's sphere, where it changes nothing to first order
+        decay = train.weight_decay if train.optimizer == "muon" else 0.0
     return MuonH([{"params": list(matrices), "row_splits": list(splits),
                    "kind": train.optimizer, "name": "matrices",
                    "lr": train.matrix_lr, "lr_scale": train.matrix_lr / train.lr,
