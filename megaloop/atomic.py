@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +35,45 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _HashingFile:
+    """A write-only file that takes the SHA-256 of what passes through it, so that a file's
+    digest costs no second read."""
+
+    def __init__(self, handle: BinaryIO):
+        self._handle, self._hash, self.bytes = handle, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.bytes += len(data)
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def digest(self) -> dict[str, Any]:
+        return {"sha256": self._hash.hexdigest(), "bytes": self.bytes}
+
+
+def atomic_write_hashed(path: str | Path, write: Callable[[BinaryIO], None]) -> dict[str, Any]:
+    """`atomic_write`, returning the file's `{"sha256": ..., "bytes": ...}` taken as it was
+    written."""
+    hashing: list[_HashingFile] = []
+
+    def write_through(handle: BinaryIO) -> None:
+        hashing.append(_HashingFile(handle))
+        write(hashing[0])  # type: ignore[arg-type]
+
+    atomic_write(path, write_through)
+    return hashing[0].digest()
+
+
+def file_digest(path: str | Path) -> dict[str, Any]:
+    """The `{"sha256": ..., "bytes": ...}` of a file on disk (one read)."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256")
+    return {"sha256": digest.hexdigest(), "bytes": Path(path).stat().st_size}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -117,8 +117,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from megaloop.train.trainer import train
 
     run = config.load(args.config, args.overrides)
+    if (args.accept_changes or args.trust_checkpoint) and not args.resume:
+        raise MegaloopError("--accept-changes and --trust-checkpoint apply to a resume: add "
+                            "--resume auto (or --resume DIR).")
     train(run, resume=args.resume, progress=not args.no_progress, peak=args.peak_flops,
-          summary_json=args.json)
+          summary_json=args.json, accept_changes=args.accept_changes,
+          trust_checkpoint=args.trust_checkpoint)
     return 0
 
 
@@ -139,6 +143,12 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     _add_config_arguments(train)
     train.add_argument("--resume", metavar="auto|DIR",
                        help="continue from the newest complete checkpoint (auto) or from DIR")
+    train.add_argument("--accept-changes", action="store_true",
+                       help="with --resume: continue the run with this config's other steps, "
+                            "lrs or r (recorded in the run folder and in MLflow)")
+    train.add_argument("--trust-checkpoint", action="store_true",
+                       help="with --resume: load a checkpoint megaloop cannot verify (an older "
+                            "marker, another tool's files) and unpickle it fully")
     train.add_argument("--peak-flops", type=float,
                        help="peak FLOP/s of one device for MFU (default: known GPU or measured)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

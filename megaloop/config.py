@@ -325,6 +325,9 @@ class TrainConfig:
             raise ConfigError("train.offload needs ZeRO: set train.zero_stage to 1, 2 or 3.")
 
 
+RUN_NAME = re.compile(r"^[^./\\\x00-\x1f-][^/\\\x00-\x1f]{0,199}$")
+
+
 @dataclass(frozen=True)
 class TrackConfig:
     experiment: str = "default"
@@ -335,6 +338,12 @@ class TrackConfig:
     def validate(self) -> None:
         if not self.experiment.strip():
             raise ConfigError("track.experiment must not be empty.")
+        name = self.run_name
+        if name is not None and (not RUN_NAME.match(name) or name in (".", "..")):
+            raise ConfigError(f"track.run_name = {name!r} is not a name: it names the run's "
+                              "folder in train.checkpoint_dir, so it may not hold '/', '\\', "
+                              "control characters or start with '.' or '-' (at most 200 "
+                              "characters). Choose a plain name such as 'r4-d512'.")
 
 
 @dataclass(frozen=True)

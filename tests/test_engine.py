@@ -327,13 +327,15 @@ def run_trainer(cfg: config.RunConfig, watch=None):
     """(trainer, summary, what `watch(trainer)` saw while it ran) of one in-process run."""
     from megaloop.train.trainer import Trainer
 
-    engine = Engine(cfg)
+    engine, trainer = Engine(cfg), None
     try:
         trainer = Trainer(cfg, engine, progress=False)
-        trainer.resume(None)
+        trainer.start()
         with watch(trainer) if watch else contextlib.nullcontext() as seen:
             summary = trainer.run()
     finally:
+        if trainer is not None:
+            trainer.folder.unlock()
         engine.close()
     return trainer, summary, seen
 

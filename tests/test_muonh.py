@@ -303,12 +303,9 @@ def test_matrices_are_owned_by_the_least_loaded_rank_largest_first():
 
 
 def trained(cfg: config.RunConfig, resume: str | None) -> dict:
-    from megaloop.train.trainer import Trainer
+    from megaloop.train.trainer import train
 
-    with contextlib.closing(Engine(cfg)) as engine:
-        trainer = Trainer(cfg, engine, progress=False)
-        trainer.resume(resume)
-        return trainer.run()
+    return train(cfg, resume=resume, progress=False)
 
 
 def test_a_muonh_run_resumes_to_the_same_losses(process_group, stdlib_shards, tmp_path):

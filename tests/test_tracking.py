@@ -149,8 +149,8 @@ RESUME = textwrap.dedent("""
     uri, run_id = sys.argv[1], sys.argv[2]
     run = config.from_dict({"model": %r, "train": {"steps": 2000},
                             "track": {"experiment": "test", "tracking_uri": uri}})
-    tracker = open_tracker(run, rank=0, world_size=1, derived=%r, resume_run_id=run_id)
-    assert tracker.run_id == run_id
+    tracker = open_tracker(run, rank=0, world_size=1, derived=%r, resume_run_id=run_id,
+                           resume_step=2)
     for step in range(3, 6):
         tracker.log_metrics({"train/loss": 10.0 + step}, step=step)
     tracker.finish("FINISHED")
@@ -167,15 +167,48 @@ def test_resume_continues_the_same_run_in_a_new_process(store):
     done = subprocess.run([sys.executable, "-c", RESUME, store, first.run_id], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "changed params" in done.stderr  # train.steps differs: warned, kept as a tag
-
-    run = client(store).get_run(first.run_id)
+    # train.steps changed: MLflow keeps a param's first value, so a new run continues the old
+    old = client(store).get_run(first.run_id)
+    new_id = old.data.tags["megaloop.continued_in"]
+    assert old.info.status == "KILLED" and old.data.tags["megaloop.status"] == "superseded"
+    run = client(store).get_run(new_id)
     assert run.info.status == "FINISHED" and run.data.tags["megaloop.status"] == "finished"
-    assert history(store, first.run_id, "train/loss") == [(s, 10.0 + s) for s in range(6)]
-    assert run.data.params["train.steps"] == "None"  # MLflow keeps a param's first value
-    assert run.data.tags["megaloop.resumed_with.train.steps"] == "2000"
+    assert history(store, new_id, "train/loss") == [(s, 10.0 + s) for s in range(6)]
+    assert run.data.params["train.steps"] == "2000"  # the config in force
+    assert run.data.tags["megaloop.continues"] == first.run_id
     assert run.data.tags["megaloop.resumes"] == "1"
-    assert len(client(store).search_runs([run.info.experiment_id])) == 1
+    assert run.info.run_name == old.info.run_name
+
+
+def killed_after_step_4_and_resumed(store: str, resume_step: int) -> tuple[Tracker, Tracker]:
+    first = open_tracker(make_config(store), rank=0, world_size=1, derived=DERIVED)
+    for step in range(1, 5):
+        first.log_metrics({"train/loss": 10.0 + step}, step=step)
+    first.finish("KILLED")
+    return first, open_tracker(make_config(store), rank=0, world_size=1, derived=DERIVED,
+                               resume_run_id=first.run_id, resume_step=resume_step)
+
+
+def test_a_resume_of_the_same_config_continues_the_same_run(store):
+    first, again = killed_after_step_4_and_resumed(store, resume_step=4)
+    assert again.run_id == first.run_id
+    again.log_metrics({"train/loss": 15.0}, step=5)
+    again.finish("FINISHED")
+    assert history(store, first.run_id, "train/loss") == [(s, 10.0 + s) for s in range(1, 6)]
+
+
+def test_steps_retrained_after_a_kill_are_logged_once(store):
+    """A kill after step 4 but before its next checkpoint (step 2 here): steps 3 and 4 are
+    trained again. The continuing run holds steps 1-2 of the first and its own 3-4, once."""
+    first, again = killed_after_step_4_and_resumed(store, resume_step=2)
+    assert again.run_id != first.run_id
+    for step in (3, 4):
+        again.log_metrics({"train/loss": 20.0 + step}, step=step)
+    again.finish("FINISHED")
+    assert history(store, again.run_id, "train/loss") == [(1, 11.0), (2, 12.0), (3, 23.0),
+                                                           (4, 24.0)]
+    finished = find_runs("test", tracking=store)
+    assert [run["run_id"] for run in finished] == [again.run_id]
 
 
 def test_resume_of_an_unknown_run_says_how_to_mend(store):

@@ -100,16 +100,22 @@ def client(workdir: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
 
 
-def only_run(workdir: Path):
+def all_runs(workdir: Path) -> list:
     mlflow = client(workdir)
     experiment = mlflow.get_experiment_by_name("tests")
-    runs = mlflow.search_runs([experiment.experiment_id])
+    return mlflow.search_runs([experiment.experiment_id])
+
+
+def only_run(workdir: Path):
+    """The one MLflow run of the workdir that no later run continues."""
+    runs = [run for run in all_runs(workdir)
+            if run.data.tags.get("megaloop.status") != "superseded"]
     assert len(runs) == 1, f"expected one run, found {len(runs)}"
     return runs[0]
 
 
 def history(workdir: Path, key: str = "train/loss") -> dict[int, list[float]]:
-    """Every value logged for `key`, by step (a resumed run may log a step twice)."""
+    """Every value logged for `key`, by step (one per step, after a resume too)."""
     run = only_run(workdir)
     values: dict[int, list[float]] = {}
     for metric in client(workdir).get_metric_history(run.info.run_id, key):

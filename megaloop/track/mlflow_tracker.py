@@ -28,9 +28,8 @@ from megaloop.config import RunConfig, TrackConfig, config_hash
 from megaloop.errors import MegaloopError
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the working directory
-STATUS_TAG = "megaloop.status"  # running | finished | failed | killed
+STATUS_TAG = "megaloop.status"  # running | finished | failed | killed | superseded
 STATUSES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}
-RESUMED_WITH = "megaloop.resumed_with."  # + param name: a value that changed on resume
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
 MAX_PARAMS_PER_BATCH = 100  # the same for params and for tags
 _METRIC_NAME = re.compile(r"^[/\w.\- :]+$")  # what MLflow accepts (it also refuses "a/../b")
@@ -316,10 +315,8 @@ def experiment_id_of(client: Any, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def _resume(client: Any, run_id: str, params: dict[str, str], tags: dict[str, str],
-            experiment: str, uri: str) -> None:
-    """Continue a run: status back to RUNNING; params MLflow already holds keep their first
-    value (it refuses changes), a changed one is recorded as tag megaloop.resumed_with.<name>."""
+def _resumable_run(client: Any, run_id: str, experiment: str, uri: str) -> Any:
+    """The MLflow run `run_id` to continue, or a MegaloopError that says how to mend."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -337,26 +334,53 @@ def _resume(client: Any, run_id: str, params: dict[str, str], tags: dict[str, st
     if name != experiment:
         warnings.warn(f"Resuming MLflow run {run_id} of experiment '{name}', not of "
                       f"track.experiment = '{experiment}'.", stacklevel=3)
-    client.update_run(run_id, status="RUNNING")
-    old = run.data.params
-    changed = {key: value for key, value in params.items() if key in old and old[key] != value}
-    if changed:
-        warnings.warn(f"Resuming MLflow run {run_id} with changed params {sorted(changed)}; "
-                      f"MLflow keeps the first values, the new ones are tags {RESUMED_WITH}*.",
-                      stacklevel=3)
-    for key in run.data.tags:
-        if key.startswith(RESUMED_WITH) and key[len(RESUMED_WITH):] not in changed:
-            client.delete_tag(run_id, key)
-    tags.update({RESUMED_WITH + key: value for key, value in changed.items()})
+    return run
+
+
+def _metric_history(client: Any, run: Any) -> list[Any]:
+    return [metric for key in run.data.metrics
+            for metric in client.get_metric_history(run.info.run_id, key)]
+
+
+def _continue_run(client: Any, run: Any, params: dict[str, str], tags: dict[str, str],
+                  resume_step: int, changes: dict[str, tuple[Any, Any]] | None) -> str:
+    """Continue MLflow run `run` from `resume_step`. The same run where nothing it records
+    changes; else a new run that continues it: its params are the config in force, its metric
+    history the old one's up to `resume_step` (so no step is logged twice), and tags
+    megaloop.continues / megaloop.resumed_at_step / megaloop.changes say where it came from.
+    The old run is then KILLED, tagged superseded and megaloop.continued_in."""
+    old_id, old_params = run.info.run_id, run.data.params
+    history = _metric_history(client, run)
+    changed = {key for key, value in params.items() if key in old_params
+               and old_params[key] != value}
+    later = any(metric.step > resume_step for metric in history)
     tags["megaloop.resumes"] = str(int(run.data.tags.get("megaloop.resumes", "0")) + 1)
-    log_batch(client, run_id, params={k: v for k, v in params.items() if k not in old},
-               tags=tags)
+    if not changed and not later:
+        client.update_run(old_id, status="RUNNING")
+        log_batch(client, old_id, params={k: v for k, v in params.items() if k not in old_params},
+                  tags=tags)
+        return old_id
+    tags.update({"megaloop.continues": old_id, "megaloop.resumed_at_step": str(resume_step)})
+    if changes:
+        tags["megaloop.changes"] = "; ".join(
+            f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())[:5000]
+    new = client.create_run(run.info.experiment_id, run_name=run.info.run_name, tags=tags)
+    new_id = new.info.run_id
+    log_batch(client, new_id, params=params)
+    kept = [metric for metric in history if metric.step <= resume_step]
+    for i in range(0, len(kept), MAX_METRICS_PER_BATCH):
+        client.log_batch(new_id, metrics=kept[i:i + MAX_METRICS_PER_BATCH])
+    log_batch(client, old_id, tags={"megaloop.continued_in": new_id, STATUS_TAG: "superseded"})
+    client.set_terminated(old_id, "KILLED")
+    return new_id
 
 
 def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict,
-                 resume_run_id: str | None = None) -> Tracker | NullTracker:
-    """Rank 0 of an enabled config: a new run (or `resume_run_id` continued) in experiment
-    `track.experiment`, created if missing; everyone else: a NullTracker."""
+                 resume_run_id: str | None = None, resume_step: int = 0,
+                 changes: dict[str, tuple[Any, Any]] | None = None) -> Tracker | NullTracker:
+    """Rank 0 of an enabled config: a new run (or `resume_run_id` continued from step
+    `resume_step`, `_continue_run`) in experiment `track.experiment`, created if missing;
+    everyone else: a NullTracker. `changes`: the config's changes on resume, for the record."""
     if rank != 0 or not config.track.enabled:
         return NullTracker()
     from mlflow.exceptions import MlflowException
@@ -368,8 +392,8 @@ def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict
             "megaloop.config_hash": params["config_hash"]}
     try:
         if resume_run_id:
-            _resume(client, resume_run_id, params, tags, config.track.experiment, uri)
-            return Tracker(client, resume_run_id)
+            run = _resumable_run(client, resume_run_id, config.track.experiment, uri)
+            return Tracker(client, _continue_run(client, run, params, tags, resume_step, changes))
         experiment_id = experiment_id_of(client, config.track.experiment, uri)
         name = config.track.run_name or (
             f"r{config.model.recurrences}-d{config.model.d_model}-{params['config_hash']}")

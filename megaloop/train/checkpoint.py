@@ -1,10 +1,17 @@
 """Checkpoints: the engine state (DeepSpeed: weights, optimizer, ZeRO shards), the loader state,
 every RNG state, the MLflow run id and the resolved config.
 
-A checkpoint is the folder `<run>/step_00000100/`. Every rank writes its part, then rank 0 writes
-`megaloop_complete.json` (the sizes of all files) last: without it a checkpoint is incomplete and
-never loaded. `--resume auto` takes the newest complete checkpoint whose files have the recorded
-sizes and load, skipping others with a warning. Only the newest `keep` complete ones are kept.
+A checkpoint is the folder `<run>/step_00000100/`. Every rank writes its files write-then-rename,
+taking each file's SHA-256 as it is written; the ranks then agree that all of them succeeded,
+and rank 0 writes `megaloop_complete.json` last, with every file's digest, size and writer.
+Without that marker a checkpoint is incomplete and never loaded.
+
+Resuming is one decision for all ranks: the ranks check the newest marked checkpoint's files
+against its marker before anything is loaded (each rank hashes its share of the files), and
+all load the first checkpoint that every rank found whole. A checkpoint that fails is set aside
+as `step_....damaged` with a warning that names the file; an unmarked one newer than the chosen
+one as `step_....incomplete`. Neither is loaded, counted by pruning or overwritten. Only the
+newest `keep` marked checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from megaloop.atomic import atomic_write, atomic_write_json, fsync_files
+from megaloop.atomic import atomic_write_hashed, atomic_write_json, file_digest, fsync_files
 from megaloop.errors import CheckpointError
 
 MARKER = "megaloop_complete.json"
+MARKER_FORMAT = "megaloop-checkpoint-v2"  # v1 (no "format" key) recorded sizes only
 TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -57,62 +65,143 @@ def set_rng_state(engine: Any, state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def marker_problem(folder: Path) -> str | None:
-    """Why the checkpoint `folder` is incomplete or damaged (its marker unreadable, a file
-    missing or of another size than was written), or None."""
+def read_marker(folder: Path) -> dict[str, Any]:
+    """The marker of checkpoint `folder`; CheckpointError when it is missing or unreadable."""
     try:
-        files = json.loads((folder / MARKER).read_text())["files"]
+        marker = json.loads((folder / MARKER).read_text())
+        if not isinstance(marker["files"], dict):
+            raise TypeError("'files' is not a mapping")
+        return marker
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        return f"its marker {MARKER} is unreadable ({exc})"
-    for name, size in files.items():
-        file = folder / name
-        if not file.exists():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        raise CheckpointError(f"its marker {MARKER} is unreadable ({exc})") from None
+
+
+def file_problem(folder: Path, name: str, recorded: Any, sizes_only: bool = False) -> str | None:
+    """Why file `name` of checkpoint `folder` is not the one written (missing, another size,
+    other bytes), or None. `sizes_only`: a v1 marker's entry (a size)."""
+    file = folder / name
+    if not file.is_file():
+        return f"{name} is missing"
+    size = recorded if sizes_only else recorded.get("bytes")
+    if file.stat().st_size != size:
+        return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    if not sizes_only and file_digest(file)["sha256"] != recorded.get("sha256"):
+        return f"{name} does not hold the bytes that were written (its SHA-256 differs)"
     return None
+
+
+def verify_share(folder: Path, rank: int, world_size: int, trust: bool = False) -> str | None:
+    """Check this rank's share of checkpoint `folder`'s files (every world_size-th, from
+    `rank`) against its marker: the ranks read the checkpoint once between them. Returns the
+    first problem found, or None."""
+    try:
+        marker = read_marker(folder)
+    except CheckpointError as exc:
+        return str(exc)
+    sizes_only = marker.get("format") != MARKER_FORMAT
+    if sizes_only and not trust:
+        return ("its marker records file sizes only (an older megaloop wrote it), so its "
+                "contents cannot be verified; resume with --trust-checkpoint to load it anyway")
+    for name in sorted(marker["files"])[rank::world_size]:
+        problem = file_problem(folder, name, marker["files"][name], sizes_only)
+        if problem is not None:
+            return problem
+    return None
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename checkpoint `path` to `<tag>.<reason>` (a free name): kept for inspection, never
+    loaded, pruned or overwritten."""
+    target = path.with_name(f"{path.name}.{reason}")
+    count = 1
+    while target.exists():
+        target, count = path.with_name(f"{path.name}.{reason}.{count}"), count + 1
+    path.rename(target)
+    return target
 
 
 class Checkpoints:
     """The checkpoints of one run, in `folder`, written and read through the run's Engine
-    (train/engine.py), which owns DeepSpeed's part of them."""
+    (train/engine.py), which owns DeepSpeed's part of them and the collectives."""
 
-    def __init__(self, folder: str | Path, keep: int, engine: Any):
+    def __init__(self, folder: str | Path, keep: int, engine: Any, trust: bool = False):
         self.folder = Path(folder)
-        self.keep, self.engine = keep, engine
+        self.keep, self.engine, self.trust = keep, engine, trust
         self.rank, self.world_size = engine.rank, engine.world_size
-
-    def barrier(self) -> None:
-        self.engine.barrier()
 
     def _rank_file(self, tag: str, rank: int) -> Path:
         return self.folder / tag / f"megaloop_rank{rank:05d}.pt"
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Every rank calls this; returns the checkpoint folder."""
+    # ---- saving -----------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict[str, Any], config_hash: str | None = None) -> Path:
+        """Every rank calls this; returns the checkpoint folder. CheckpointError on every rank
+        when a rank failed to write its part: the checkpoint stays unmarked (never loaded) and
+        the earlier ones are left as they are."""
         tag = tag_of(step)
-        self.engine.save_checkpoint(self.folder, tag, {"megaloop": state})
-        payload = {"rng": rng_state(self.engine), "step": step}
-        atomic_write(self._rank_file(tag, self.rank), lambda handle: torch.save(payload, handle))
-        self.barrier()
+        folder = self.folder / tag
+        written, failure = self.engine.save_checkpoint(self.folder, tag, {"megaloop": state})
+        if failure is None:
+            payload = {"rng": rng_state(self.engine), "step": step}
+            try:
+                rank_file = self._rank_file(tag, self.rank)
+                written[str(rank_file)] = atomic_write_hashed(
+                    rank_file, lambda handle: torch.save(payload, handle))
+            except Exception as exc:
+                failure = f"writing {rank_file} failed ({type(exc).__name__}: {exc})"
+        files = {str(Path(path).relative_to(folder)): digest for path, digest in written.items()}
+        reports = self.engine.all_gather_objects({"files": files, "failure": failure})
+        self._raise_failures(folder, reports)
+        failure = None
         if self.rank == 0:
-            folder = self.folder / tag
-            written = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER]
-            fsync_files(written)
-            files = {str(p.relative_to(folder)): p.stat().st_size for p in written}
-            atomic_write_json(folder / MARKER, {
-                "step": step, "world_size": self.world_size, "files": files,
-                "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            self._prune()
-        self.barrier()
-        return self.folder / tag
+            try:
+                self._mark(folder, step, reports, config_hash)
+                self._prune()
+            except Exception as exc:
+                failure = f"writing its marker failed ({type(exc).__name__}: {exc})"
+        self._raise_failures(folder, self.engine.all_gather_objects({"failure": failure}))
+        return folder
+
+    def _raise_failures(self, folder: Path, reports: list[dict[str, Any]]) -> None:
+        failed = [(rank, report["failure"]) for rank, report in enumerate(reports)
+                  if report["failure"] is not None]
+        if failed:
+            rank, why = failed[0]
+            raise CheckpointError(
+                f"Saving checkpoint {folder} failed on rank {rank}: {why}. It is left unmarked, "
+                "so it is never loaded, and the earlier checkpoints are intact. Free space on "
+                "that disk (or point train.checkpoint_dir at another), then continue with "
+                "--resume auto.")
+
+    def _mark(self, folder: Path, step: int, reports: list[dict[str, Any]],
+              config_hash: str | None) -> None:
+        """Rank 0, once every rank's files are written: the marker, with the digest and writer
+        of each file; files written outside DeepSpeed's checkpoint engine (its recovery
+        script) are read once here."""
+        files = {name: {**digest, "rank": rank} for rank, report in enumerate(reports)
+                 for name, digest in report["files"].items()}
+        others = [p for p in sorted(folder.rglob("*"))
+                  if p.is_file() and p.name != MARKER and str(p.relative_to(folder)) not in files]
+        fsync_files(others)
+        files.update({str(p.relative_to(folder)): {**file_digest(p), "rank": 0} for p in others})
+        atomic_write_json(folder / MARKER, {
+            "format": MARKER_FORMAT, "step": step, "world_size": self.world_size,
+            "config_hash": config_hash, "files": files,
+            "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, newest first."""
+        """Marked checkpoints, newest first."""
         if not self.folder.is_dir():
             return []
         found = [p for p in self.folder.iterdir() if TAG.match(p.name) and (p / MARKER).exists()]
         return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def all_tags(self) -> list[Path]:
+        """Every step_* folder, marked or not, newest first."""
+        if not self.folder.is_dir():
+            return []
+        return sorted((p for p in self.folder.iterdir() if TAG.match(p.name)),
+                      key=lambda p: p.name, reverse=True)
 
     def _prune(self) -> None:
         complete = self.complete()
@@ -120,52 +209,95 @@ class Checkpoints:
             return
         newest = complete[0].name
         stale = list(complete[self.keep:])
-        stale += [p for p in self.folder.iterdir()
-                  if TAG.match(p.name) and not (p / MARKER).exists() and p.name < newest]
+        stale += [p for p in self.all_tags() if not (p / MARKER).exists() and p.name < newest]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _problem(self, path: Path) -> str | None:
-        """Why the checkpoint at `path` cannot be loaded by this run, or None."""
-        problem = marker_problem(path)
-        if problem is not None:
-            return problem
-        saved_by = json.loads((path / MARKER).read_text()).get("world_size")
+    # ---- resuming ---------------------------------------------------------------------------
+
+    def _candidates(self, which: str) -> list[Path]:
+        """The checkpoints to try, newest first: the same list on every rank, or an error."""
+        if which != "auto":
+            path = Path(which)
+            if not (path / MARKER).exists() and not self.trust:
+                raise CheckpointError(f"{path} is not a complete megaloop checkpoint (no {MARKER});"
+                                      " pass a step_* folder of a run, or --resume auto.")
+            return [path]
+        names = [p.name for p in self.complete()]
+        seen = self.engine.all_gather_objects(names)
+        if any(other != names for other in seen):
+            raise CheckpointError(
+                f"The ranks see different checkpoints in {self.folder} (rank 0: {seen[0]}, "
+                f"{[f'rank {r}: {s}' for r, s in enumerate(seen) if s != seen[0]][0]}): "
+                "train.checkpoint_dir must be one folder shared by every rank.")
+        return [self.folder / name for name in names]
+
+    def _agreed_problem(self, path: Path) -> str | None:
+        """The first problem any rank found in its share of `path`'s files, the same answer
+        on every rank."""
+        if not (path / MARKER).exists():  # an explicit folder with --trust-checkpoint
+            problems = [None]
+        else:
+            problems = self.engine.all_gather_objects(
+                verify_share(path, self.rank, self.world_size, self.trust))
+        found = [p for p in problems if p is not None]
+        if found or not (path / MARKER).exists():
+            return found[0] if found else None
+        saved_by = read_marker(path).get("world_size")
         if saved_by != self.world_size:
-            return f"it was saved by {saved_by} ranks, this run has {self.world_size}"
+            raise CheckpointError(f"Checkpoint {path} was saved by {saved_by} ranks; this run "
+                                  f"has {self.world_size}. Resume it on {saved_by} ranks.")
         return None
 
     def load(self, which: str) -> dict[str, Any] | None:
-        """Load `which` ("auto": the newest loadable one; else a checkpoint folder) into the
-        engine and this process; returns the saved megaloop state, None when there is none."""
-        if which == "auto":
-            candidates = self.complete()
-        else:
-            path = Path(which)
-            if not (path / MARKER).exists():
-                raise CheckpointError(f"{path} is not a complete megaloop checkpoint (no {MARKER});"
-                                      " pass a step_* folder of a run or --resume auto.")
-            candidates = [path]
-        for path in candidates:
-            problem = self._problem(path)
+        """Load `which` ("auto": the newest checkpoint that every rank finds whole; else one
+        checkpoint folder) into the engine and this process; returns the saved megaloop state,
+        None when there is none. Checkpoints skipped, and unmarked ones newer than the one
+        loaded, are set aside."""
+        chosen = None
+        for path in self._candidates(which):
+            problem = self._agreed_problem(path)
             if problem is None:
-                state = self._load_one(path)
-                if isinstance(state, dict):
-                    return state
-                problem = state
+                chosen = path
+                break
             if which != "auto":
                 raise CheckpointError(f"Cannot resume from {path}: {problem}.")
-            warnings.warn(f"Skipping checkpoint {path}: {problem}.", CheckpointWarning,
-                          stacklevel=2)
-        return None
+            self._skip(path, problem, "damaged")
+        if which == "auto":
+            self._set_aside_newer_than(chosen)
+        return None if chosen is None else self._load_verified(chosen)
 
-    def _load_one(self, path: Path) -> dict[str, Any] | str:
+    def _skip(self, path: Path, problem: str, reason: str) -> None:
+        if self.rank == 0:
+            moved = set_aside(path, reason)
+            warnings.warn(f"Skipping checkpoint {path}: {problem}. It is kept as {moved} and "
+                          "never loaded.", CheckpointWarning, stacklevel=3)
+        self.engine.barrier()
+
+    def _set_aside_newer_than(self, chosen: Path | None) -> None:
+        """Unmarked checkpoints newer than the one resumed (a save that never finished): set
+        aside, so that this run writes those steps afresh."""
+        newer = [p for p in self.all_tags() if chosen is None or p.name > chosen.name]
+        for path in newer:
+            self._skip(path, f"it has no marker {MARKER} (its save did not finish)",
+                       "incomplete")
+
+    def _load_verified(self, path: Path) -> dict[str, Any]:
+        from megaloop.train.engine import load_checkpoint_file
+
         try:
             client = self.engine.load_checkpoint(path.parent, path.name)
-            payload = torch.load(self._rank_file(path.name, self.rank), weights_only=True)
-        except Exception as exc:  # a damaged file surfaces as any error of torch or DeepSpeed
-            return f"it does not load ({type(exc).__name__}: {exc})"
+            payload = load_checkpoint_file(self._rank_file(path.name, self.rank),
+                                           trust=self.trust)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # whole files that do not load: nothing can be taken back
+            raise CheckpointError(
+                f"Checkpoint {path} holds the files that were written but does not load "
+                f"({type(exc).__name__}: {exc}). Part of it may be in the engine already, so "
+                "the run stops here; check that megaloop, DeepSpeed and the config are those "
+                "that saved it.") from exc
         if client is None or "megaloop" not in client:
-            return "DeepSpeed found no engine state in it"
+            raise CheckpointError(f"Checkpoint {path}: DeepSpeed found no engine state in it.")
         set_rng_state(self.engine, payload["rng"])
         return client["megaloop"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,8 +38,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megaloop.atomic import atomic_write_hashed
 from megaloop.config import RunConfig
-from megaloop.errors import ConfigError
+from megaloop.errors import CheckpointError, ConfigError
 from megaloop.model.looped import LoopedLM
 from megaloop.train.ds_config import (
     autocast_enabled,
@@ -247,6 +249,51 @@ def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
 
 # ---- the engine ------------------------------------------------------------------------------
 
+# ---- checkpoint files -------------------------------------------------------------------------
+
+def load_checkpoint_file(path: str | Path, map_location: Any = None, trust: bool = False) -> Any:
+    """`torch.load` of a checkpoint file that runs no code: tensors, plain data and the few
+    DeepSpeed classes its files hold (`checkpoint_pickle_globals`). `trust`: unpickle fully
+    (for a checkpoint of another tool, whose source the user trusts)."""
+    try:
+        with torch.serialization.safe_globals(checkpoint_pickle_globals()):
+            return torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path} holds pickled objects beyond tensors and plain data ({reason}). megaloop "
+            "loads no code from a checkpoint and writes none into its own; if you trust where "
+            "this one came from, resume with --trust-checkpoint.") from None
+
+
+class CheckpointFiles:
+    """DeepSpeed's checkpoint engine with megaloop's file rules: every file written
+    write-then-rename with its SHA-256 taken as it passes (`written`), a failed write (a full
+    disk) kept in `failure` instead of raised inside DeepSpeed's collective save, and every
+    file read by `load_checkpoint_file`. Everything else is DeepSpeed's engine's."""
+
+    def __init__(self, inner: Any, trust: bool):
+        self._inner, self._trust = inner, trust
+        self.written: dict[str, dict[str, Any]] = {}
+        self.failure: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.failure is not None:
+            return
+        zipped = getattr(self._inner, "zipfile_serialization", True)
+        try:
+            self.written[path] = atomic_write_hashed(path, lambda handle: torch.save(
+                state_dict, handle, _use_new_zipfile_serialization=zipped))
+        except Exception as exc:  # OSError, or torch's RuntimeError around it
+            self.failure = f"writing {path} failed ({type(exc).__name__}: {exc})"
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_checkpoint_file(path, map_location, self._trust)
+
+
 class Engine:
     """One run's model, optimizer and DeepSpeed engine on this rank's device.
 
@@ -263,6 +310,8 @@ class Engine:
         self.rank, self.world_size, self._owns_group = join_process_group()
         self._ds: Any = None
         self._whole_matrices: MuonH | None = None
+        self._files: CheckpointFiles | None = None
+        self.trust_checkpoints = False  # --trust-checkpoint: unpickle checkpoint files fully
         try:
             self.device = default_device()
             self.host_allocator = (tune_for_cpu_training() if self.device.type == "cpu"
@@ -293,6 +342,8 @@ class Engine:
                                                 config=self.ds_config)
         except NotImplementedError as exc:  # e.g. a template's unsupported mix of dtypes
             raise refused(config, exc) from None
+        self._files = CheckpointFiles(self._ds.checkpoint_engine, self.trust_checkpoints)
+        self._ds.checkpoint_engine = self._files
         return self
 
     def close(self) -> None:
@@ -374,6 +425,14 @@ class Engine:
     def barrier(self) -> None:
         dist.barrier()
 
+    def all_gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's `value` (small picklable data), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def synchronize(self) -> None:
         synchronize(self.device)
 
@@ -414,10 +473,19 @@ class Engine:
 
     # ---- checkpoints and weights ------------------------------------------------------------
 
-    def save_checkpoint(self, folder: Path, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank writes its part of `folder/tag/` (weights, optimizer, ZeRO shards)."""
-        self._ds.save_checkpoint(str(folder), tag=tag, client_state=client_state,
-                                 save_latest=False)
+    def save_checkpoint(self, folder: Path, tag: str, client_state: dict[str, Any]
+                        ) -> tuple[dict[str, dict[str, Any]], str | None]:
+        """Every rank writes its part of `folder/tag/` (weights, optimizer, ZeRO shards).
+        Returns the files this rank wrote (path: sha256 and bytes) and why writing failed, or
+        None; a failure raises nothing here, so that every rank finishes DeepSpeed's collective
+        save and the ranks can agree on it (`all_gather_objects`)."""
+        self._files.written, self._files.failure = {}, None
+        try:
+            self._ds.save_checkpoint(str(folder), tag=tag, client_state=client_state,
+                                     save_latest=False)
+        except Exception as exc:  # e.g. the folder cannot be made
+            self._files.failure = self._files.failure or f"{type(exc).__name__}: {exc}"
+        return dict(self._files.written), self._files.failure
 
     def load_checkpoint(self, folder: Path, tag: str) -> dict[str, Any] | None:
         """Load `folder/tag/` into the model and optimizer; returns the client state saved with

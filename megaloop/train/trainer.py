@@ -27,13 +27,14 @@ from megaloop.atomic import atomic_write_json
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
 from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted_tokens
-from megaloop.errors import TrainingError
+from megaloop.errors import CheckpointError, ConfigError, MegaloopError, TrainingError
 from megaloop.model.accounting import account
 from megaloop.track import open_tracker
 from megaloop.train.checkpoint import Checkpoints
 from megaloop.train.ds_config import batch_geometry, total_steps
 from megaloop.train.engine import Engine
 from megaloop.train.mfu import peak_flops
+from megaloop.train.run_folder import Claim, RunFolder
 from megaloop.train.schedule import lr_at
 
 
@@ -112,10 +113,23 @@ class ThroughputMeter:
 
 class Trainer:
     def __init__(self, config: RunConfig, engine: Engine, *, progress: bool = True,
-                 peak: float | None = None):
+                 peak: float | None = None, resume: str | None = None,
+                 accept_changes: bool = False, trust_checkpoint: bool = False):
         self.config, self.engine = config, engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.progress = progress and self.rank == 0
+        self.folder = RunFolder(run_folder(config))
+        self.resume_from = resume
+        self.claim = self.claim_folder(resume, accept_changes)
+        try:
+            self._set_up(peak, trust_checkpoint)
+        except BaseException:
+            self.folder.unlock()
+            raise
+
+    def _set_up(self, peak: float | None, trust_checkpoint: bool) -> None:
+        config, engine = self.config, self.engine
+        engine.trust_checkpoints = trust_checkpoint
         self.geometry = batch_geometry(config, self.world_size)
         self.total_steps = total_steps(config, self.geometry)
         self.accounting = account(config.model)
@@ -128,7 +142,8 @@ class Trainer:
                                   max_windows=eval_windows(config))
         engine.build()
         self.model = engine.model
-        self.checkpoints = Checkpoints(run_folder(config), config.train.keep_checkpoints, engine)
+        self.checkpoints = Checkpoints(self.folder.path, config.train.keep_checkpoints, engine,
+                                       trust=trust_checkpoint)
         self.peak, self.peak_source = peak_flops(
             peak or config.train.peak_flops, config.train.precision, engine.device,
             engine.device_name(), engine.synchronize)
@@ -142,6 +157,26 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------
 
+    def claim_folder(self, resume: str | None, accept_changes: bool) -> Claim:
+        """Rank 0 locks and checks the run folder (train/run_folder.py); every rank gets its
+        answer, so that all go on or all stop with its error."""
+        claim, error = None, None
+        if self.rank == 0:
+            try:
+                claim = self.folder.claim(self.config, self.world_size, resume, accept_changes)
+            except MegaloopError as exc:
+                error = exc
+        answer = self.engine.all_gather_objects(
+            (claim, None if error is None else (type(error).__name__, str(error))))[0]
+        if error is not None:
+            raise error
+        if answer[1] is not None:
+            kind, text = answer[1]
+            raise (ConfigError if kind == "ConfigError" else CheckpointError)(text)
+        if answer[0].note:
+            self.say(answer[0].note)
+        return answer[0]
+
     def derived_params(self) -> dict[str, Any]:
         return {"n_once": self.accounting["n_once"], "n_rec": self.accounting["n_rec"],
                 "recurrences": self.config.model.recurrences,
@@ -154,7 +189,9 @@ class Trainer:
                 "global_batch": self.geometry.global_batch, "grad_accum": self.geometry.grad_accum,
                 "world_size": self.world_size}
 
-    def resume(self, which: str | None) -> None:
+    def start(self) -> None:
+        """Load the checkpoint to resume from (if any) and open the MLflow run."""
+        which = self.resume_from
         state = self.checkpoints.load(which) if which else None
         run_id = None
         if state is not None:
@@ -165,7 +202,8 @@ class Trainer:
         elif which and self.rank == 0 and self.config.track.enabled:
             run_id = self.unfinished_run()
         self.tracker = open_tracker(self.config, rank=self.rank, world_size=self.world_size,
-                                    derived=self.derived_params(), resume_run_id=run_id)
+                                    derived=self.derived_params(), resume_run_id=run_id,
+                                    resume_step=self.step, changes=self.claim.changes)
         # a tag, not a param: a peak measured at start differs a little on every resume
         self.tracker.set_tags({"megaloop.peak_flops": f"{self.peak:.4g}",
                                "megaloop.peak_flops_source": self.peak_source,
@@ -184,7 +222,7 @@ class Trainer:
         runs = find_runs(self.config.track.experiment, status=None,
                          tracking=tracking_uri(self.config.track),
                          filter_tags={"megaloop.config_hash": self.config.hash()})
-        unfinished = [run for run in runs if run["status"] != "finished"]
+        unfinished = [run for run in runs if run["status"] not in ("finished", "superseded")]
         return unfinished[-1]["run_id"] if unfinished else None
 
     def say(self, text: str) -> None:
@@ -256,18 +294,22 @@ class Trainer:
         state = {"step": self.step, "loader": self.train_data.state_dict(),
                  "mlflow_run_id": self.tracker.run_id, "config": self.config.to_dict(),
                  "config_hash": self.config.hash()}
-        return self.checkpoints.save(self.step, state)
+        return self.checkpoints.save(self.step, state, config_hash=self.config.hash())
 
     def check_finite(self, step: SyncedStep) -> None:
         norm = step.grad_norm
         if math.isfinite(step.loss) and (norm is None or math.isfinite(norm)):
             return
         latest = self.checkpoints.complete()
-        kept = f"the last good checkpoint is {latest[0]}" if latest else "no checkpoint was saved"
-        raise TrainingError(
-            f"Training diverged at step {step.step}: loss {step.loss}, gradient norm {norm}; "
-            f"{kept}. Lower train.lr, lengthen train.warmup_steps or set train.grad_clip (e.g. "
-            "1.0), then resume from that checkpoint.")
+        advice = ("Lower train.lr, lengthen train.warmup_steps or set train.grad_clip (e.g. "
+                  "1.0), then")
+        if latest:
+            then = (f"the last good checkpoint is {latest[0]}. {advice} resume from it "
+                    "(--resume auto --accept-changes)")
+        else:
+            then = f"no checkpoint was saved before it. {advice} train the run again"
+        raise TrainingError(f"Training diverged at step {step.step}: loss {step.loss}, "
+                            f"gradient norm {norm}; {then}.")
 
     def run(self) -> dict[str, Any]:
         train = self.config.train
@@ -332,20 +374,23 @@ class Trainer:
 
 
 def train(config: RunConfig, *, resume: str | None = None, progress: bool = True,
-          peak: float | None = None, summary_json: str | Path | None = None) -> dict[str, Any]:
+          peak: float | None = None, summary_json: str | Path | None = None,
+          accept_changes: bool = False, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Train one run to its budget (or until SIGTERM); returns a summary on every rank (rank 0
-    also writes it to `summary_json`)."""
+    also writes it to `summary_json`). `resume`: "auto" or a checkpoint folder;
+    `accept_changes` and `trust_checkpoint`: see train/run_folder.py and checkpoint.py."""
     engine = Engine(config)
     trainer = None
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        trainer = Trainer(config, engine, progress=progress, peak=peak)
+        trainer = Trainer(config, engine, progress=progress, peak=peak, resume=resume,
+                          accept_changes=accept_changes, trust_checkpoint=trust_checkpoint)
 
         def request_stop(signum, frame):
             trainer.stop_signalled = True
 
         signal.signal(signal.SIGTERM, request_stop)
-        trainer.resume(resume)
+        trainer.start()
         summary = trainer.run()
         if summary_json is not None and engine.rank == 0:
             atomic_write_json(summary_json, {**summary, "device": engine.device_name(),
@@ -358,4 +403,6 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if trainer is not None:
+            trainer.folder.unlock()
         engine.close()

@@ -1,0 +1,236 @@
+"""A run folder, `<train.checkpoint_dir>/<run name>/`, belongs to one run.
+
+- `megaloop_run.json` records the run: its name, the config in force and its hash, the world
+  size, and each continuation with the changes it made.
+- `megaloop.lock` is held by rank 0 while the run trains (host, pid, start, SLURM job): a second
+  process refuses. A lock whose owner is gone (the same host and its pid dead, or the same SLURM
+  job and task, requeued) is stale and taken over.
+
+The rules a start follows (`claim`, on rank 0; every rank gets its answer):
+- `train` without `--resume` refuses a folder that holds checkpoints.
+- `--resume` continues the recorded config only. A change that alters what is trained (more
+  steps, another lr, another r: `CHANGES_ON_PURPOSE`) needs `--accept-changes` and is recorded;
+  a change of what a checkpoint holds (the model's shape, the data, the optimizer, ZeRO, the
+  world size) is refused; log and checkpoint intervals, workers and the like change freely.
+- `--resume auto` with nothing to resume says so and starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from megaloop.atomic import atomic_write_json
+from megaloop.config import GROUP_ROLES, LR_ROLES, RunConfig
+from megaloop.errors import CheckpointError, ConfigError
+from megaloop.train.checkpoint import MARKER, TAG
+
+RECORD = "megaloop_run.json"
+LOCK = "megaloop.lock"
+
+CHANGES_FREE = frozenset({  # how a run is watched and stored, not what it trains
+    "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
+    "train.peak_flops", "train.compile", "data.workers", "data.verify", "track.enabled",
+    "model.activation_checkpointing", "model.attention"})
+CHANGES_ON_PURPOSE = frozenset({  # what is trained from here on: --accept-changes
+    "train.tokens", "train.steps", "train.budget_flops", "train.lr", "train.min_lr",
+    "train.warmup_steps", "train.schedule", "train.wsd_decay_fraction", "train.weight_decay",
+    "train.matrix_lr", "train.muon_momentum", "train.polar_precision", "train.beta1",
+    "train.beta2", "train.eps", "train.grad_clip", "train.eval_interval", "train.eval_batches",
+    "train.eval_tokens", "train.precision", "model.recurrences", "model.bptt_k",
+    "model.recurrence_sampling",
+    *(f"train.{role}_lr" for role in LR_ROLES),
+    *(f"train.{role}_{key}" for role in GROUP_ROLES
+      for key in ("beta1", "beta2", "weight_decay"))})
+
+
+def config_changes(recorded: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """`{"train.steps": (20, 30), ...}`: the flat keys whose value differs from the record."""
+    before = {f"{section}.{key}": value for section, values in recorded.items()
+              for key, value in values.items()}
+    now = config.flat()
+    return {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)}
+
+
+def describe(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _slurm_task() -> str | None:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    return None if job is None else f"{job}:{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+
+
+@dataclass
+class Claim:
+    """What `claim` decided: `changes` made on purpose or freely (recorded), `fresh` when
+    there was nothing to resume, `note` a line to print."""
+
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    fresh: bool = True
+    note: str | None = None
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock_file = self.path / LOCK
+        self._locked = False
+
+    # ---- the lock ---------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the folder's lock or raise CheckpointError naming its owner."""
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
+                 "slurm": _slurm_task()}
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, draft = tempfile.mkstemp(prefix=".megaloop.lock.", dir=self.path)
+        except OSError as exc:
+            raise CheckpointError(
+                f"Cannot write the run folder {self.path} ({exc.strerror or exc}): point "
+                "train.checkpoint_dir at a folder you can write.") from None
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(owner, handle)
+            for _ in range(2):
+                try:
+                    os.link(draft, self.lock_file)  # atomic, and fails where a lock exists
+                    self._locked = True
+                    return
+                except FileExistsError:
+                    held = self._owner()
+                    if not self._stale(held):
+                        raise CheckpointError(
+                            f"Run folder {self.path} is in use by process {held.get('pid')} on "
+                            f"{held.get('host')} since {held.get('started')} (lock "
+                            f"{self.lock_file}). One process trains a run at a time: wait for "
+                            f"it, or if it is gone, delete {self.lock_file}.") from None
+                    self.lock_file.unlink(missing_ok=True)
+        finally:
+            Path(draft).unlink(missing_ok=True)
+        raise CheckpointError(f"Could not take the lock {self.lock_file}: another process keeps "
+                              "taking it. Check what else trains this run.")
+
+    def _owner(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.lock_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    @staticmethod
+    def _stale(owner: dict[str, Any]) -> bool:
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+            return owner["pid"] != os.getpid() and not _pid_alive(owner["pid"])
+        ours = _slurm_task()
+        return ours is not None and owner.get("slurm") == ours  # this job, requeued
+
+    def unlock(self) -> None:
+        if self._locked and self._owner().get("pid") == os.getpid():
+            self.lock_file.unlink(missing_ok=True)
+        self._locked = False
+
+    # ---- the record -------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any] | None:
+        path = self.path / RECORD
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"The run record {path} is unreadable ({exc}); restore it or "
+                                  "move the folder away.") from None
+
+    def checkpoints(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted((p.name for p in self.path.iterdir()
+                       if TAG.match(p.name) and (p / MARKER).exists()), reverse=True)
+
+    def _write_record(self, config: RunConfig, world_size: int, previous: dict | None,
+                      changes: dict[str, tuple[Any, Any]]) -> None:
+        record = previous or {"run_name": self.path.name, "created": _now(),
+                              "continuations": []}
+        if previous is not None and changes:
+            record["continuations"].append(
+                {"at": _now(), "changes": {k: list(v) for k, v in changes.items()}})
+        record.update({"config": config.to_dict(), "config_hash": config.hash(),
+                       "world_size": world_size})
+        atomic_write_json(self.path / RECORD, record)
+
+    def claim(self, config: RunConfig, world_size: int, resume: str | None,
+              accept_changes: bool = False) -> Claim:
+        """Lock the folder and check that this start may use it (the rules above); records
+        the run. Raises CheckpointError (ConfigError for a refused change) otherwise."""
+        self.lock()
+        try:
+            return self._claim(config, world_size, resume, accept_changes)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _claim(self, config: RunConfig, world_size: int, resume: str | None,
+               accept_changes: bool) -> Claim:
+        record, saved = self.record(), self.checkpoints()
+        if resume is None:
+            if saved:
+                whose = ("this config's" if record and record.get("config_hash") == config.hash()
+                         else "another run's")
+                raise CheckpointError(
+                    f"{self.path} holds {whose} checkpoints (newest {saved[0]}). Continue them "
+                    "with --resume auto, or train a new run under another track.run_name (or "
+                    "train.checkpoint_dir), or delete the folder.")
+            self._write_record(config, world_size, None, {})
+            return Claim()
+        if record is None:
+            self._write_record(config, world_size, None, {})
+            note = (f"nothing to resume in {self.path}: starting fresh"
+                    if resume == "auto" and not saved else None)
+            return Claim(fresh=not saved, note=note)
+        if record.get("world_size") != world_size:
+            raise CheckpointError(
+                f"{self.path} was trained on {record.get('world_size')} ranks; this start has "
+                f"{world_size}. Resume it on {record.get('world_size')} ranks (its optimizer "
+                "state is sharded that way).")
+        changes = config_changes(record.get("config", {}), config)
+        self._check_changes(changes, accept_changes)
+        self._write_record(config, world_size, record, changes)
+        note = f"resuming with changes: {describe(changes)}" if changes else None
+        return Claim(changes=changes, fresh=not saved, note=note)
+
+    def _check_changes(self, changes: dict[str, tuple[Any, Any]], accept: bool) -> None:
+        locked = {k: v for k, v in changes.items()
+                  if k not in CHANGES_FREE and k not in CHANGES_ON_PURPOSE}
+        if locked:
+            raise ConfigError(
+                f"{self.path} holds a run that this config cannot continue: {describe(locked)} "
+                "would change what its checkpoints hold. Resume with the recorded config "
+                f"({self.path / RECORD}), or train a new run under another track.run_name.")
+        on_purpose = {k: v for k, v in changes.items() if k in CHANGES_ON_PURPOSE}
+        if on_purpose and not accept:
+            raise ConfigError(
+                f"{self.path} holds a run with another config: {describe(on_purpose)}. Pass "
+                "--accept-changes to continue it with these values (recorded in the run folder "
+                "and in MLflow), or resume with the recorded config.")
