@@ -2,8 +2,8 @@
 process (ZeRO-3 shards included), rebuild the model of its saved config, export fp32 safetensors.
 
 `--checkpoint` may name a step folder (`<run>/step_00000100/`), a run folder (its newest complete
-checkpoint whose files have the recorded sizes) or a `.safetensors` file made by `megaloop export`
-(its metadata holds the resolved config).
+checkpoint whose files hold the bytes its marker records) or a `.safetensors` file made by
+`megaloop export` (its metadata holds the resolved config).
 
 Where the weights come from:
 - ZeRO stage 0-2: the module state of `mp_rank_00_model_states.pt` (whole on every rank). In a
@@ -33,7 +33,7 @@ import torch
 from megaloop.config import RunConfig, from_dict
 from megaloop.errors import CheckpointError, MegaloopError
 from megaloop.model.looped import LoopedLM
-from megaloop.train.checkpoint import MARKER, TAG, CheckpointWarning, marker_problem
+from megaloop.train.checkpoint import MARKER, TAG, CheckpointWarning, verify_share
 from megaloop.train.engine import checkpoint_pickle_globals
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2
@@ -69,7 +69,7 @@ def resolve(path: str | Path) -> Path:
                                   "`megaloop export`.")
         return path
     if (path / MARKER).exists():
-        problem = marker_problem(path)
+        problem = verify_share(path, 0, 1, trust=True)
         if problem:
             raise CheckpointError(f"Checkpoint {path} cannot be read: {problem}.")
         return path
@@ -77,7 +77,7 @@ def resolve(path: str | Path) -> Path:
     for step in steps:
         if not (step / MARKER).exists():
             continue
-        problem = marker_problem(step)
+        problem = verify_share(step, 0, 1, trust=True)
         if problem is None:
             return step
         warnings.warn(f"Skipping checkpoint {step}: {problem}.", CheckpointWarning, stacklevel=2)
