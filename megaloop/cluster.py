@@ -13,6 +13,7 @@ from megaloop.errors import MegaloopError
 
 HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")  # name, IPv4 or [IPv6]
 HOSTFILE_FORM = "'HOSTNAME slots=N' with N a positive integer ('#' starts a comment)"
+STOP_REPORTS = "MEGALOOP_STOP_REPORTS"  # a folder where each rank stopped by SIGTERM reports
 
 
 class LaunchError(MegaloopError):

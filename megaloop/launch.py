@@ -17,7 +17,9 @@ How it runs:
 1. One process on one node (no --nproc above 1, no --nnodes, --hostfile or SLURM):
    `python -m megaloop.cli COMMAND CONFIG ...`, a plain process without a launcher (no RANK or
    WORLD_SIZE in its environment: world size 1).
-2. Local ranks, `--nproc N`: torchrun (`python -m torch.distributed.run`, the venv's torch)
+2. Local ranks, `--nproc N`: torchrun (`torch.distributed.run`, the venv's torch, run in the
+   launcher's process: on SIGTERM it exits 0 once every rank has saved, without torchrun's
+   traceback)
    with `--standalone`, which picks a free port; with --master-addr or --master-port a static
    rendezvous at that address (127.0.0.1 and 29500 by default) instead. Several nodes, one
    launch.sh on each: `--nnodes N --node-rank I --master-addr A [--master-port P]` (P defaults
@@ -61,6 +63,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import typing
@@ -70,6 +73,7 @@ from pathlib import Path
 
 from megaloop.cluster import (
     HOST,
+    STOP_REPORTS,
     LaunchError,
     cpu_cores,
     cuda_device_count,
@@ -83,6 +87,7 @@ DEFAULT_PORT = 29500
 # 30 s can cut the last checkpoint of a large model short. The SLURM scripts signal 120 s ahead.
 SIGTERM_GRACE_S = 120
 RANK_ARGV = "--rank-argv"  # hidden entry of every rank started by DeepSpeed's launcher
+TORCHRUN = "--torchrun"  # hidden entry: torchrun in this process (`run_torchrun`)
 COMMAND = re.compile(r"[a-z][a-z0-9_-]*")
 SHELL_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
 
@@ -195,7 +200,7 @@ def plan(args: argparse.Namespace, megaloop_argv: list[str], *,
         return Launch([python, "-m", "megaloop.cli", *megaloop_argv], env, notes)
     if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in environ:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(SIGTERM_GRACE_S)
-    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    argv = [python, "-m", "megaloop.launch", TORCHRUN, "--nproc-per-node", str(nproc)]
     if nnodes > 1:
         if addr is None:
             raise LaunchError(f"--nnodes {nnodes} needs --master-addr: the address of node 0, "
@@ -284,10 +289,47 @@ def run_rank(payload: str) -> int:
     return megaloop_main(argv)
 
 
+def run_torchrun(torchrun_argv: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) in this process. On SIGTERM (a job's end, a
+    preemption) torchrun passes the signal to its ranks, waits for them and raises; here that
+    ends in one line and exit 0 when every local rank saved its checkpoint and stopped (each
+    leaves a report in $MEGALOOP_STOP_REPORTS), else 128 + the signal."""
+    import shutil
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    nproc = int(torchrun_argv[torchrun_argv.index("--nproc-per-node") + 1])
+    reports = Path(tempfile.mkdtemp(prefix="megaloop-stop-"))
+    os.environ[STOP_REPORTS] = str(reports)
+    try:
+        torchrun_main(torchrun_argv)
+        return 0
+    except SignalException as exc:
+        stopped = len(list(reports.glob("rank*.json")))
+        name = signal.Signals(exc.sigval).name
+        if stopped == nproc:
+            print(f"{PROG}: stopped by {name}: every rank saved its checkpoint (resume with "
+                  "--resume auto)", file=sys.stderr)
+            return 0
+        print(f"{PROG}: stopped by {name}: {stopped} of {nproc} ranks saved a checkpoint and "
+              "stopped; resume with --resume auto from the last complete one", file=sys.stderr)
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:  # a rank failed: its error is above, torchrun's table here
+        print(exc.format_msg(), file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(reports, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [RANK_ARGV] and len(argv) == 2:
         return run_rank(argv[1])
+    if argv[:1] == [TORCHRUN]:
+        return run_torchrun(argv[1:])
     try:
         args, megaloop_argv = parse(argv)
         launch = plan(args, megaloop_argv)

@@ -18,7 +18,7 @@ from megaloop.cluster import LaunchError, expand_hostlist, parse_hostfile
 
 LAUNCH = str(REPO / "launch.sh")
 CONFIG = "configs/runs/tiny.yaml"
-TORCHRUN = ["-m", "torch.distributed.run"]
+TORCHRUN = ["-m", "megaloop.launch", "--torchrun"]
 CLI = ["-m", "megaloop.cli"]
 
 
@@ -104,8 +104,8 @@ def test_the_environment_a_user_set_is_kept():
 
 def test_a_master_address_or_port_makes_the_rendezvous_static():
     _, argv, _ = dry("train", CONFIG, "--nproc", "2", "--master-port", "29555")
-    assert argv[:8] == [*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                        "--master-port", "29555"]
+    assert argv[:len(TORCHRUN) + 6] == [*TORCHRUN, "--nproc-per-node", "2", "--master-addr",
+                                        "127.0.0.1", "--master-port", "29555"]
 
 
 def test_one_launch_per_node():
@@ -116,8 +116,9 @@ def test_one_launch_per_node():
                     *CLI, "train", CONFIG, "--json"]
     assert "world size 4" in notes[-1]
     _, argv, _ = dry("train", CONFIG, "--nnodes", "2", "--node-rank", "0", "--master-addr", "h")
-    assert argv[:12] == [*TORCHRUN, "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "0",
-                         "--master-addr", "h", "--master-port", "29500"]
+    assert argv[:len(TORCHRUN) + 10] == [*TORCHRUN, "--nproc-per-node", "1", "--nnodes", "2",
+                                         "--node-rank", "0", "--master-addr", "h",
+                                         "--master-port", "29500"]
 
 
 def decode(payload: str) -> list[str]:
@@ -161,14 +162,14 @@ def test_slurm_numbers_and_overrides():
     job = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
            "SLURM_JOB_NODELIST": "gpu-a[1-3]", "SLURM_GPUS_ON_NODE": "4"}
     argv = plan("train", CONFIG, "--master-port", "5000", environ=job, devices=4).argv
-    assert argv[3:13] == ["--nproc-per-node", "4", "--nnodes", "3", "--node-rank", "2",
+    assert argv[4:14] == ["--nproc-per-node", "4", "--nnodes", "3", "--node-rank", "2",
                           "--master-addr", "gpu-a1", "--master-port", "5000"]
     step = {**job, "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu-a[2-3]",
             "SLURM_NODEID": "1"}
-    assert plan("train", CONFIG, environ=step, devices=4).argv[5:11] == [
+    assert plan("train", CONFIG, environ=step, devices=4).argv[6:12] == [
         "--nnodes", "2", "--node-rank", "1", "--master-addr", "gpu-a2"]
     one_node = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-a1"}
-    assert plan("train", CONFIG, environ=one_node, devices=2).argv[3:6] == [
+    assert plan("train", CONFIG, environ=one_node, devices=2).argv[4:7] == [
         "--nproc-per-node", "2", "--standalone"]
     assert plan("train", CONFIG, environ=one_node).argv[1:3] == CLI  # CPU: one process
     assert plan("train", CONFIG, "--nnodes", "1", environ=job).argv[1:3] == CLI  # SLURM ignored

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,32 @@ def test_local_executor_runs_each_run_on_two_ranks(tmp_path, stdlib_shards):
     for (run,) in runs.values():
         assert run.data.params["world_size"] == "2"
         assert run.data.tags["megaloop.status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_killed_local_sweep_takes_its_training_with_it(tmp_path, stdlib_shards):
+    """SIGKILL of the sweep alone (not its process group): its training child gets SIGTERM,
+    saves a checkpoint and stops, instead of training on unwatched."""
+    spec = tiny_sweep(tmp_path, stdlib_shards, runs=1)
+    settings = yaml.safe_load(spec.read_text())
+    settings["budgets"] = {4e13: [2]}  # hundreds of steps: still training when killed
+    spec.write_text(yaml.safe_dump(settings))
+    sweep = subprocess.Popen(sweep_command(spec, "--executor", "local"), cwd=tmp_path,
+                             env=child_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = tmp_path / "checkpoints" / "r1-d64"
+    wait_for(folder / "step_00000002" / "megaloop_complete.json", sweep)
+    child = json.loads((folder / "megaloop.lock").read_text())["pid"]
+    sweep.kill()
+    sweep.wait()
+    for _ in range(600):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the training outlived its sweep by a minute")
+    (run,) = runs_by_name(tmp_path)["r1-d64"]
+    assert run.data.tags["megaloop.status"] == "killed"  # it saved and stopped

@@ -404,3 +404,18 @@ def test_mlflow_server_serves_runs_and_takes_a_tracker(store, server, tmp_path):
     assert len(history(store, remote.run_id, "train/loss")) == 20
     assert list((tmp_path / "mlartifacts").rglob("ds_config.json"))  # proxied artifact upload
     assert [r["name"] for r in find_runs("served", tracking=server)] == ["remote"]
+
+
+def test_processes_that_open_a_fresh_store_at_once_all_succeed(tmp_path):
+    """MLflow makes its tables on first use; four processes at once on one new sqlite file
+    (a sweep's first runs) must not collide in that set-up."""
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    script = ("import sys; from megaloop.track.mlflow_tracker import open_client; "
+              "c = open_client(sys.argv[1]); print(len(c.search_experiments()))")
+    processes = [subprocess.Popen([sys.executable, "-c", script, uri], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err[-2000:]
+        assert out.strip() == "1"  # MLflow's Default experiment

@@ -216,10 +216,8 @@ def test_two_ranks_zero3_match_one_process(stdlib_shards, tmp_path):
     assert_same_losses(single, double, steps=5, tolerance=1e-5)
 
 
-SLOW_STAGES = [pytest.param(stage, marks=pytest.mark.slow) for stage in (0, 1, 2)]
-
-
-@pytest.mark.parametrize("stage", [*SLOW_STAGES, 3])  # ZeRO-3, the users', in the default suite
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_with_muonh_match_one_process(stage, stdlib_shards, tmp_path):
     """ZeRO-0: each rank orthogonalises its copy of the reduced gradient. ZeRO 1-3: each matrix's
     owning rank takes its step whole and sends the new weight to every rank's shard. Polar

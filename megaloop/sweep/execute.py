@@ -7,8 +7,10 @@ resumes from its newest checkpoint (`--resume auto`) and continues its MLflow ru
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +78,22 @@ def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
     return done
 
 
+def die_with_parent(parent: int):
+    """A `preexec_fn`: the child gets SIGTERM when the sweep that started it dies, even by
+    SIGKILL (Linux's PR_SET_PDEATHSIG, kept across exec), so a killed sweep leaves no training
+    behind: the run saves a checkpoint and stops. Elsewhere it does nothing."""
+    def arm() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: bool) -> list[str]:
     done = []
     paths = write_run_configs(experiment, runs)
@@ -85,7 +103,7 @@ def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: boo
         bar.set_postfix_str(run.name)
         argv = [str(REPO / "launch.sh"), "train", str(path), "--resume", "auto", "--no-progress",
                 "--nproc", str(nproc)]
-        code = subprocess.call(argv)
+        code = subprocess.call(argv, preexec_fn=die_with_parent(os.getpid()))
         if code != 0:
             raise MegaloopError(f"Run {run.name} failed (exit {code}); fix the cause and run the "
                                 "sweep again: finished runs are skipped, this one resumes.")

@@ -11,6 +11,7 @@ global run, so several trackers may live in one process. mlflow is imported lazi
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import posixpath
@@ -108,12 +109,25 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def open_client(uri: str) -> Any:
+    """A client of the store at `uri`. An sqlite store is made (its folder too) under an
+    exclusive file lock: MLflow sets up its tables on first use, and two processes doing so at
+    once collide ("duplicate column")."""
     from mlflow.tracking import MlflowClient
 
     db = sqlite_path(uri)
-    if db is not None:
+    if db is None:
+        return MlflowClient(tracking_uri=uri)
+    try:
         db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+        with open(db.parent / f".{db.name}.setup-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # the tables, made now if missing
+            return client
+    except OSError as exc:
+        raise MegaloopError(f"Cannot open the MLflow store {uri} ({exc.strerror or exc}): point "
+                            "track.tracking_uri (or MLFLOW_TRACKING_URI) at a folder you can "
+                            "write.") from None
 
 
 def log_batch(client: Any, run_id: str, *, params: dict | None = None,

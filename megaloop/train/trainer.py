@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from megaloop.atomic import atomic_write_json
+from megaloop.cluster import STOP_REPORTS
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
 from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted_tokens
@@ -373,6 +375,13 @@ class Trainer:
         self.tracker.log_metrics(metrics, self.step)
 
 
+def report_stop(rank: int, step: int) -> None:
+    """Tell the launcher (launch.py's run_torchrun) that this rank saved and stopped."""
+    reports = os.environ.get(STOP_REPORTS)
+    if reports:
+        atomic_write_json(Path(reports) / f"rank{rank:05d}.json", {"step": step})
+
+
 def train(config: RunConfig, *, resume: str | None = None, progress: bool = True,
           peak: float | None = None, summary_json: str | Path | None = None,
           accept_changes: bool = False, trust_checkpoint: bool = False) -> dict[str, Any]:
@@ -392,6 +401,8 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
         signal.signal(signal.SIGTERM, request_stop)
         trainer.start()
         summary = trainer.run()
+        if summary["stopped"]:
+            report_stop(engine.rank, summary["step"])
         if summary_json is not None and engine.rank == 0:
             atomic_write_json(summary_json, {**summary, "device": engine.device_name(),
                                              "peak_flops": trainer.peak,
