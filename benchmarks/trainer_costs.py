@@ -4,8 +4,11 @@
    `--zero-widths`) trained through `launch.sh --nproc 2` at both stages; step time from the
    logged tokens/s (median after the first steps).
 2. Checkpoint save and load time against model size: megaloop's Checkpoints (DeepSpeed engine
-   state with AdamW's moments after one step, loader, RNG, fsync, marker) for models of
-   increasing width, one process, ZeRO-0.
+   state with AdamW's moments after one step, loader, RNG, each file hashed as it is written,
+   write-then-rename, fsync, marker) for models of increasing width, one process, ZeRO-0.
+   References in the same run: DeepSpeed's own save of the same state (its checkpoint engine:
+   no hash, no rename, no fsync), and the time a second read to hash the saved files would
+   add. The load includes the verification of every file against the marker.
 
     PYTHONPATH=. python benchmarks/trainer_costs.py [--steps 30] [--json OUT]
 """
@@ -54,11 +57,26 @@ def zero_run(stage: int, width: int, steps: int, shards: Path, workdir: Path) ->
     return statistics.median(tokens_per_step / rate for rate in rates)
 
 
+def deepspeed_own_save(engine, folder: Path, state: dict) -> float:
+    """Seconds of DeepSpeed's save of the same state through its own checkpoint engine (the
+    reference: megaloop's Engine wraps it, `CheckpointFiles`)."""
+    ds, files = engine._ds, engine._files  # a benchmark may look inside the Engine
+    ds.checkpoint_engine = files._inner
+    try:
+        start = time.perf_counter()
+        ds.save_checkpoint(str(folder), tag="step_00000001", client_state={"megaloop": state},
+                           save_latest=False)
+        return time.perf_counter() - start
+    finally:
+        ds.checkpoint_engine = files
+
+
 def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dict]:
     """Save and load time of a complete checkpoint for models of several widths."""
     import torch
 
     from megaloop import config
+    from megaloop.atomic import file_digest
     from megaloop.train.checkpoint import Checkpoints
     from megaloop.train.engine import Engine, join_process_group, leave_process_group
 
@@ -79,11 +97,19 @@ def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dic
         start = time.perf_counter()
         folder = checkpoints.save(1, state)
         saved = time.perf_counter() - start
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        start = time.perf_counter()
+        for file in files:
+            file_digest(file)
+        rehash = time.perf_counter() - start
+        deepspeed_save = deepspeed_own_save(engine, workdir / f"ds{width}", state)
         start = time.perf_counter()
         checkpoints.load("auto")
         loaded = time.perf_counter() - start
         rows.append({"d_model": width, "parameters": params, "bytes": size, "save_s": saved,
+                     "deepspeed_save_s": deepspeed_save, "second_read_hash_s": rehash,
+                     "save_over_deepspeed": saved / deepspeed_save,
                      "load_s": loaded, "save_mb_per_s": size / saved / 1e6,
                      "load_mb_per_s": size / loaded / 1e6})
         engine.close()

@@ -387,3 +387,14 @@ def test_a_save_that_fails_stops_the_run_and_keeps_the_last_checkpoint(stdlib_sh
     again = run_training(stdlib_shards, tmp_path, "--resume", "auto", **longer)
     assert_ok(again)
     assert "resumed from step 4" in again.stdout
+
+
+def test_r_cannot_change_where_hyper_connections_have_parameters_per_recurrence(tmp_path):
+    values = {"train.checkpoint_dir": str(tmp_path), "model.hyper": "hyperloop",
+              "model.injection": "passthrough", "model.recurrences": 3}
+    folder = RunFolder(tmp_path / "run")
+    folder.claim(tiny(**values), world_size=1, resume=None)
+    folder.unlock()
+    with pytest.raises(ConfigError, match="model.recurrences: 3 -> 4"):
+        folder.claim(tiny(**{**values, "model.recurrences": 4}), world_size=1, resume="auto",
+                     accept_changes=True)

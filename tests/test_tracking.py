@@ -419,3 +419,11 @@ def test_processes_that_open_a_fresh_store_at_once_all_succeed(tmp_path):
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err[-2000:]
         assert out.strip() == "1"  # MLflow's Default experiment
+
+
+def test_a_store_that_cannot_be_written_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(MegaloopError, match="Cannot open the MLflow store"):
+        open_tracker(make_config(f"sqlite:///{blocker}/runs/mlflow.db"), rank=0, world_size=1,
+                     derived=DERIVED)

@@ -111,6 +111,7 @@ class _Lazy:
         return f"{self.root}/*/{self.tag}/{self.marker}"
 
 
+@pytest.mark.slow  # test_run_folder.py's damage that keeps the size runs in the default suite
 def test_a_corrupt_latest_checkpoint_is_skipped(stdlib_shards, tmp_path):
     values = {"train.checkpoint_interval": 2, "train.steps": 6, "train.keep_checkpoints": 5}
     assert_ok(run_training(stdlib_shards, tmp_path, **values))

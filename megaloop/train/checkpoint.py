@@ -10,8 +10,9 @@ Resuming is one decision for all ranks: the ranks check the newest marked checkp
 against its marker before anything is loaded (each rank hashes its share of the files), and
 all load the first checkpoint that every rank found whole. A checkpoint that fails is set aside
 as `step_....damaged` with a warning that names the file; an unmarked one newer than the chosen
-one as `step_....incomplete`. Neither is loaded, counted by pruning or overwritten. Only the
-newest `keep` marked checkpoints are kept.
+one as `step_....incomplete`; a marked one that a run trained again (resumed from an older step)
+reaches as `step_....replaced`. None of them is loaded, counted by pruning or overwritten. Only
+the newest `keep` marked checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -140,6 +141,12 @@ class Checkpoints:
         the earlier ones are left as they are."""
         tag = tag_of(step)
         folder = self.folder / tag
+        if self.rank == 0 and folder.exists():  # a step trained again: never write over one
+            if (folder / MARKER).exists():
+                set_aside(folder, "replaced")
+            else:
+                shutil.rmtree(folder)  # a save cut short: nothing in it can be loaded
+        self.engine.barrier()
         written, failure = self.engine.save_checkpoint(self.folder, tag, {"megaloop": state})
         if failure is None:
             payload = {"rng": rng_state(self.engine), "step": step}

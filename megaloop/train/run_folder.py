@@ -215,14 +215,17 @@ class RunFolder:
                 f"{world_size}. Resume it on {record.get('world_size')} ranks (its optimizer "
                 "state is sharded that way).")
         changes = config_changes(record.get("config", {}), config)
-        self._check_changes(changes, accept_changes)
+        self._check_changes(changes, accept_changes, config)
         self._write_record(config, world_size, record, changes)
         note = f"resuming with changes: {describe(changes)}" if changes else None
         return Claim(changes=changes, fresh=not saved, note=note)
 
-    def _check_changes(self, changes: dict[str, tuple[Any, Any]], accept: bool) -> None:
+    def _check_changes(self, changes: dict[str, tuple[Any, Any]], accept: bool,
+                       config: RunConfig) -> None:
+        shaped_by_r = config.model.hyper != "none"  # hyper-connections: parameters per recurrence
         locked = {k: v for k, v in changes.items()
-                  if k not in CHANGES_FREE and k not in CHANGES_ON_PURPOSE}
+                  if (k not in CHANGES_FREE and k not in CHANGES_ON_PURPOSE)
+                  or (k == "model.recurrences" and shaped_by_r)}
         if locked:
             raise ConfigError(
                 f"{self.path} holds a run that this config cannot continue: {describe(locked)} "
