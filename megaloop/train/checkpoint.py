@@ -141,12 +141,13 @@ class Checkpoints:
         the earlier ones are left as they are."""
         tag = tag_of(step)
         folder = self.folder / tag
-        if self.rank == 0 and folder.exists():  # a step trained again: never write over one
+        def clear() -> None:  # a step trained again: never write over a checkpoint
             if (folder / MARKER).exists():
                 set_aside(folder, "replaced")
-            else:
+            elif folder.exists():
                 shutil.rmtree(folder)  # a save cut short: nothing in it can be loaded
-        self.engine.barrier()
+
+        self._on_rank0(clear)
         written, failure = self.engine.save_checkpoint(self.folder, tag, {"megaloop": state})
         if failure is None:
             payload = {"rng": rng_state(self.engine), "step": step}
@@ -274,12 +275,26 @@ class Checkpoints:
             self._set_aside_newer_than(chosen)
         return None if chosen is None else self._load_verified(chosen)
 
-    def _skip(self, path: Path, problem: str, reason: str) -> None:
+    def _on_rank0(self, action: Any) -> None:
+        """Run `action` on rank 0 only; every rank raises its error, so none waits forever."""
+        failure = None
         if self.rank == 0:
+            try:
+                action()
+            except OSError as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+        failures = self.engine.all_gather_objects(failure)
+        if failures[0] is not None:
+            raise CheckpointError(f"Cannot change the checkpoints in {self.folder}: "
+                                  f"{failures[0]}. Check that the folder is writable.")
+
+    def _skip(self, path: Path, problem: str, reason: str) -> None:
+        def move_aside() -> None:
             moved = set_aside(path, reason)
             warnings.warn(f"Skipping checkpoint {path}: {problem}. It is kept as {moved} and "
-                          "never loaded.", CheckpointWarning, stacklevel=3)
-        self.engine.barrier()
+                          "never loaded.", CheckpointWarning, stacklevel=4)
+
+        self._on_rank0(move_aside)
 
     def _set_aside_newer_than(self, chosen: Path | None) -> None:
         """Unmarked checkpoints newer than the one resumed (a save that never finished): set

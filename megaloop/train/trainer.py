@@ -29,7 +29,7 @@ from megaloop.cluster import STOP_REPORTS
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
 from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted_tokens
-from megaloop.errors import CheckpointError, ConfigError, MegaloopError, TrainingError
+from megaloop.errors import CheckpointError, ConfigError, TrainingError
 from megaloop.model.accounting import account
 from megaloop.track import open_tracker
 from megaloop.train.checkpoint import Checkpoints
@@ -166,7 +166,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 claim = self.folder.claim(self.config, self.world_size, resume, accept_changes)
-            except MegaloopError as exc:
+            except Exception as exc:  # every rank stops with it, none waits in the gather
                 error = exc
         answer = self.engine.all_gather_objects(
             (claim, None if error is None else (type(error).__name__, str(error))))[0]
