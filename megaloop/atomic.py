@@ -59,14 +59,15 @@ class _HashingFile:
 def atomic_write_hashed(path: str | Path, write: Callable[[BinaryIO], None]) -> dict[str, Any]:
     """`atomic_write`, returning the file's `{"sha256": ..., "bytes": ...}` taken as it was
     written."""
-    hashing: list[_HashingFile] = []
+    digest: dict[str, Any] = {}
 
     def write_through(handle: BinaryIO) -> None:
-        hashing.append(_HashingFile(handle))
-        write(hashing[0])  # type: ignore[arg-type]
+        hashing = _HashingFile(handle)
+        write(hashing)  # type: ignore[arg-type]
+        digest.update(hashing.digest())
 
     atomic_write(path, write_through)
-    return hashing[0].digest()
+    return digest
 
 
 def file_digest(path: str | Path) -> dict[str, Any]:

@@ -283,10 +283,6 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value < 1:
                 raise ConfigError(f"train.{key} = {value} must be in [0, 1).")
-        for key in (f"{role}_weight_decay" for role in GROUP_ROLES):
-            value = getattr(self, key)
-            if value is not None and (not math.isfinite(value) or value < 0):
-                raise ConfigError(f"train.{key} = {value} must be a finite number >= 0.")
         if self.optimizer != "adamw" and (self.matrix_beta1, self.matrix_beta2) != (None, None):
             raise ConfigError(f"train.matrix_beta1 / matrix_beta2 are AdamW's, but "
                               f"train.optimizer = {self.optimizer} steps the matrices with "
@@ -295,7 +291,7 @@ class TrainConfig:
             raise ConfigError(f"train.wsd_decay_fraction = {self.wsd_decay_fraction} must be in "
                               "(0, 1].")
         role_lrs = [f"{role}_lr" for role in LR_ROLES]
-        for key in role_lrs:
+        for key in [*role_lrs, *(f"{role}_weight_decay" for role in GROUP_ROLES)]:
             value = getattr(self, key)
             if value is not None and (not math.isfinite(value) or value < 0):
                 raise ConfigError(f"train.{key} = {value} must be a finite number >= 0.")

@@ -110,6 +110,16 @@ def verify_share(folder: Path, rank: int, world_size: int, trust: bool = False) 
     return None
 
 
+def step_folders(run: Path, marked_only: bool = False) -> list[Path]:
+    """The step_* folders of run folder `run` (only those with a marker: `marked_only`),
+    newest first."""
+    if not run.is_dir():
+        return []
+    found = [p for p in run.iterdir()
+             if TAG.match(p.name) and (not marked_only or (p / MARKER).exists())]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
 def set_aside(path: Path, reason: str) -> Path:
     """Rename checkpoint `path` to `<tag>.<reason>` (a free name): kept for inspection, never
     loaded, pruned or overwritten."""
@@ -135,7 +145,7 @@ class Checkpoints:
 
     # ---- saving -----------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], config_hash: str | None = None) -> Path:
+    def save(self, step: int, state: dict[str, Any]) -> Path:
         """Every rank calls this; returns the checkpoint folder. CheckpointError on every rank
         when a rank failed to write its part: the checkpoint stays unmarked (never loaded) and
         the earlier ones are left as they are."""
@@ -163,7 +173,7 @@ class Checkpoints:
         failure = None
         if self.rank == 0:
             try:
-                self._mark(folder, step, reports, config_hash)
+                self._mark(folder, step, reports, state.get("config_hash"))
                 self._prune()
             except Exception as exc:
                 failure = f"writing its marker failed ({type(exc).__name__}: {exc})"
@@ -199,17 +209,11 @@ class Checkpoints:
 
     def complete(self) -> list[Path]:
         """Marked checkpoints, newest first."""
-        if not self.folder.is_dir():
-            return []
-        found = [p for p in self.folder.iterdir() if TAG.match(p.name) and (p / MARKER).exists()]
-        return sorted(found, key=lambda p: p.name, reverse=True)
+        return step_folders(self.folder, marked_only=True)
 
     def all_tags(self) -> list[Path]:
         """Every step_* folder, marked or not, newest first."""
-        if not self.folder.is_dir():
-            return []
-        return sorted((p for p in self.folder.iterdir() if TAG.match(p.name)),
-                      key=lambda p: p.name, reverse=True)
+        return step_folders(self.folder)
 
     def _prune(self) -> None:
         complete = self.complete()
@@ -242,20 +246,19 @@ class Checkpoints:
 
     def _agreed_problem(self, path: Path) -> str | None:
         """The first problem any rank found in its share of `path`'s files, the same answer
-        on every rank."""
+        on every rank (every rank reads the same marker, so all take the same branch)."""
         if not (path / MARKER).exists():  # an explicit folder with --trust-checkpoint
-            problems = [None]
-        else:
-            problems = self.engine.all_gather_objects(
-                verify_share(path, self.rank, self.world_size, self.trust))
-        found = [p for p in problems if p is not None]
-        if found or not (path / MARKER).exists():
-            return found[0] if found else None
-        saved_by = read_marker(path).get("world_size")
+            return None
+        try:
+            saved_by = read_marker(path).get("world_size")
+        except CheckpointError as exc:
+            return str(exc)
         if saved_by != self.world_size:
             raise CheckpointError(f"Checkpoint {path} was saved by {saved_by} ranks; this run "
                                   f"has {self.world_size}. Resume it on {saved_by} ranks.")
-        return None
+        problems = self.engine.all_gather_objects(
+            verify_share(path, self.rank, self.world_size, self.trust))
+        return next((problem for problem in problems if problem is not None), None)
 
     def load(self, which: str) -> dict[str, Any] | None:
         """Load `which` ("auto": the newest checkpoint that every rank finds whole; else one

@@ -247,8 +247,6 @@ def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
         raise refused(config, exc) from None
 
 
-# ---- the engine ------------------------------------------------------------------------------
-
 # ---- checkpoint files -------------------------------------------------------------------------
 
 def load_checkpoint_file(path: str | Path, map_location: Any = None, trust: bool = False) -> Any:
@@ -293,6 +291,8 @@ class CheckpointFiles:
     def load(self, path: str, map_location: Any = None) -> Any:
         return load_checkpoint_file(path, map_location, self._trust)
 
+
+# ---- the engine ------------------------------------------------------------------------------
 
 class Engine:
     """One run's model, optimizer and DeepSpeed engine on this rank's device.

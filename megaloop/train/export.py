@@ -33,7 +33,7 @@ import torch
 from megaloop.config import RunConfig, from_dict
 from megaloop.errors import CheckpointError, MegaloopError
 from megaloop.model.looped import LoopedLM
-from megaloop.train.checkpoint import MARKER, TAG, CheckpointWarning, verify_share
+from megaloop.train.checkpoint import MARKER, CheckpointWarning, step_folders, verify_share
 from megaloop.train.engine import checkpoint_pickle_globals
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2
@@ -73,7 +73,7 @@ def resolve(path: str | Path) -> Path:
         if problem:
             raise CheckpointError(f"Checkpoint {path} cannot be read: {problem}.")
         return path
-    steps = sorted((p for p in path.iterdir() if TAG.match(p.name)), reverse=True)
+    steps = step_folders(path)
     for step in steps:
         if not (step / MARKER).exists():
             continue

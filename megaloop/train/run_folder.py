@@ -29,7 +29,7 @@ from typing import Any
 from megaloop.atomic import atomic_write_json
 from megaloop.config import GROUP_ROLES, LR_ROLES, RunConfig
 from megaloop.errors import CheckpointError, ConfigError
-from megaloop.train.checkpoint import MARKER, TAG
+from megaloop.train.checkpoint import step_folders
 
 RECORD = "megaloop_run.json"
 LOCK = "megaloop.lock"
@@ -84,11 +84,10 @@ def _slurm_task() -> str | None:
 
 @dataclass
 class Claim:
-    """What `claim` decided: `changes` made on purpose or freely (recorded), `fresh` when
-    there was nothing to resume, `note` a line to print."""
+    """What `claim` decided: `changes` made on purpose or freely (recorded), `note` a line
+    to print."""
 
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    fresh: bool = True
     note: str | None = None
 
 
@@ -164,10 +163,7 @@ class RunFolder:
                                   "move the folder away.") from None
 
     def checkpoints(self) -> list[str]:
-        if not self.path.is_dir():
-            return []
-        return sorted((p.name for p in self.path.iterdir()
-                       if TAG.match(p.name) and (p / MARKER).exists()), reverse=True)
+        return [p.name for p in step_folders(self.path, marked_only=True)]
 
     def _write_record(self, config: RunConfig, world_size: int, previous: dict | None,
                       changes: dict[str, tuple[Any, Any]]) -> None:
@@ -208,7 +204,7 @@ class RunFolder:
             self._write_record(config, world_size, None, {})
             note = (f"nothing to resume in {self.path}: starting fresh"
                     if resume == "auto" and not saved else None)
-            return Claim(fresh=not saved, note=note)
+            return Claim(note=note)
         if record.get("world_size") != world_size:
             raise CheckpointError(
                 f"{self.path} was trained on {record.get('world_size')} ranks; this start has "
@@ -218,7 +214,7 @@ class RunFolder:
         self._check_changes(changes, accept_changes, config)
         self._write_record(config, world_size, record, changes)
         note = f"resuming with changes: {describe(changes)}" if changes else None
-        return Claim(changes=changes, fresh=not saved, note=note)
+        return Claim(changes=changes, note=note)
 
     def _check_changes(self, changes: dict[str, tuple[Any, Any]], accept: bool,
                        config: RunConfig) -> None:

@@ -296,7 +296,7 @@ class Trainer:
         state = {"step": self.step, "loader": self.train_data.state_dict(),
                  "mlflow_run_id": self.tracker.run_id, "config": self.config.to_dict(),
                  "config_hash": self.config.hash()}
-        return self.checkpoints.save(self.step, state, config_hash=self.config.hash())
+        return self.checkpoints.save(self.step, state)
 
     def check_finite(self, step: SyncedStep) -> None:
         norm = step.grad_norm
