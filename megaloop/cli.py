@@ -145,7 +145,8 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
                        help="continue from the newest complete checkpoint (auto) or from DIR")
     train.add_argument("--accept-changes", action="store_true",
                        help="with --resume: continue the run with this config's other steps, "
-                            "lrs or r (recorded in the run folder and in MLflow)")
+                            "lrs or r, or on another number of ranks (recorded in the run "
+                            "folder and in MLflow)")
     train.add_argument("--trust-checkpoint", action="store_true",
                        help="with --resume: load a checkpoint megaloop cannot verify (an older "
                             "marker, another tool's files) and unpickle it fully")

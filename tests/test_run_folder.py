@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,23 @@ def test_a_checkpoint_that_would_run_code_is_refused(stdlib_shards, tmp_path):
     assert not sentinel.exists()
 
 
+def test_deepspeeds_own_loads_run_no_code_while_a_checkpoint_is_resharded(tmp_path):
+    """DeepSpeed's universal-checkpoint conversion and loader call torch.load with
+    weights_only=False themselves; inside `loads_without_code` they are refused code."""
+    from megaloop.train.engine import loads_without_code
+
+    sentinel, path = tmp_path / "code-ran", tmp_path / "optim_states.pt"
+    torch.save({"state": torch.ones(2), "payload": Payload(str(sentinel))}, path)
+    refused = pytest.raises(CheckpointError, match="--trust-checkpoint")
+    with loads_without_code(trust=False), refused:
+        torch.load(path, weights_only=False)
+    assert not sentinel.exists()
+    with loads_without_code(trust=False):  # tensors and plain data load as ever
+        torch.save({"state": torch.ones(2)}, path)
+        assert torch.load(path, weights_only=False)["state"].sum() == 2
+    assert torch.load is torch.serialization.load  # torch's own again afterwards
+
+
 # ---- a run folder belongs to one run ----------------------------------------------------------
 
 
@@ -287,13 +305,29 @@ def test_a_requeued_slurm_task_takes_over_its_own_lock(tmp_path, monkeypatch):
         RunFolder(folder.path).lock()
 
 
-def test_the_world_size_and_locked_keys_cannot_change(tmp_path):
+def test_the_world_size_changes_on_purpose_and_locked_keys_cannot_change(tmp_path):
     cfg = tiny(**{"train.checkpoint_dir": str(tmp_path)})
     folder = RunFolder(tmp_path / "run")
     folder.claim(cfg, world_size=2, resume=None)
     folder.unlock()
-    with pytest.raises(CheckpointError, match="trained on 2 ranks; this start has 1"):
+    with pytest.raises(CheckpointError, match="trained on 2 ranks; this start has 1.*"
+                                              "--accept-changes to reshard"):
         folder.claim(cfg, world_size=1, resume="auto")
+    muonh = tiny(**{"train.checkpoint_dir": str(tmp_path), "train.optimizer": "muonh",
+                    "train.zero_stage": 1, "train.grad_clip": 0.0})
+    muonh_folder = RunFolder(tmp_path / "muonh")
+    muonh_folder.claim(muonh, world_size=2, resume=None)
+    muonh_folder.unlock()
+    with pytest.raises(CheckpointError, match="reshards Adam's moments only"):
+        muonh_folder.claim(muonh, world_size=1, resume="auto", accept_changes=True)
+    claim = folder.claim(cfg, world_size=1, resume="auto", accept_changes=True)
+    assert claim.changes == {"world_size": (2, 1)}
+    folder.unlock()
+    record = folder.record()
+    assert record["world_size"] == 1
+    assert record["continuations"][-1]["changes"] == {"world_size": [2, 1]}
+    folder.claim(cfg, world_size=2, resume="auto", accept_changes=True)  # and back
+    folder.unlock()
     wider = tiny(**{"train.checkpoint_dir": str(tmp_path), "train.zero_stage": 3})
     with pytest.raises(ConfigError, match="train.zero_stage: 0 -> 3"):
         folder.claim(wider, world_size=2, resume="auto", accept_changes=True)
@@ -352,6 +386,41 @@ def test_two_zero3_ranks_resume_from_the_one_checkpoint_both_find_whole(stdlib_s
     marker = json.loads((newest / MARKER).read_text())
     assert {entry["rank"] for entry in marker["files"].values()} == {0, 1}
     assert only_run(tmp_path).data.tags["megaloop.status"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_by", "resumed_on", "stage"), [(2, 1, 3), (1, 2, 1)])
+def test_a_checkpoint_is_resharded_onto_another_number_of_ranks_on_purpose(
+        stdlib_shards, tmp_path, saved_by, resumed_on, stage):
+    """The run is stopped after step 4's checkpoint and continued on another number of ranks
+    (DeepSpeed's universal checkpoint): its losses are those of a straight run, and MLflow
+    holds one run with one entry per step and the world size in force."""
+    values = {"track.run_name": RUN, "train.zero_stage": stage, "train.checkpoint_interval": 2,
+              "train.steps": 6, "train.micro_batch": 2, "train.keep_checkpoints": 5}
+    straight = tmp_path / "straight"
+    assert_ok(run_training(stdlib_shards, straight, nproc=saved_by, **values))
+    assert_ok(run_training(stdlib_shards, tmp_path, nproc=saved_by, **values))
+    shutil.rmtree(run_dir(tmp_path) / tag_of(6))  # as if stopped after step 4's checkpoint
+    refused = run_training(stdlib_shards, tmp_path, "--resume", "auto", nproc=resumed_on,
+                           **values)
+    assert refused.returncode == (2 if resumed_on == 1 else 1)  # torchrun's 1 for a rank's 2
+    assert f"trained on {saved_by} ranks; this start has {resumed_on}" in refused.stderr
+    assert "--accept-changes" in refused.stderr
+    proc = run_training(stdlib_shards, tmp_path, "--resume", "auto", "--accept-changes",
+                        nproc=resumed_on, **values)
+    assert_ok(proc)
+    assert f"world_size: {saved_by} -> {resumed_on}" in proc.stdout
+    assert "resumed from step 4" in proc.stdout
+    want, got = history(straight), history(tmp_path)
+    assert sorted(got) == list(range(1, 7)) and all(len(v) == 1 for v in got.values())
+    for step in (5, 6):
+        assert got[step] == pytest.approx(want[step], abs=1e-5), step
+    assert not (run_dir(tmp_path) / "resharded").exists()
+    marker = json.loads((run_dir(tmp_path) / tag_of(6) / MARKER).read_text())
+    assert marker["world_size"] == resumed_on
+    run = only_run(tmp_path)
+    assert run.data.params["world_size"] == str(resumed_on)
+    assert json.loads((run_dir(tmp_path) / RECORD).read_text())["world_size"] == resumed_on
 
 
 def limit_file_size(limit: int):

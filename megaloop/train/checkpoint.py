@@ -13,6 +13,11 @@ as `step_....damaged` with a warning that names the file; an unmarked one newer 
 one as `step_....incomplete`; a marked one that a run trained again (resumed from an older step)
 reaches as `step_....replaced`. None of them is loaded, counted by pruning or overwritten. Only
 the newest `keep` marked checkpoints are kept.
+
+A checkpoint saved by another number of ranks loads only where resharding is allowed (the run
+folder accepted the change): its ZeRO shards are converted to DeepSpeed's universal checkpoint
+in `<run>/resharded/<tag>/` (rank 0, once), which every rank loads and rank 0 then removes;
+rank r takes the loader and RNG state of saved rank r mod the saved world size.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from megaloop.atomic import atomic_write_hashed, atomic_write_json, file_digest,
 from megaloop.errors import CheckpointError
 
 MARKER = "megaloop_complete.json"
+RESHARDED = "resharded"  # the universal checkpoint of a resume onto another number of ranks
 MARKER_FORMAT = "megaloop-checkpoint-v2"  # v1 (no "format" key) recorded sizes only
 TAG = re.compile(r"^step_(\d{8})$")
 
@@ -135,9 +141,10 @@ class Checkpoints:
     """The checkpoints of one run, in `folder`, written and read through the run's Engine
     (train/engine.py), which owns DeepSpeed's part of them and the collectives."""
 
-    def __init__(self, folder: str | Path, keep: int, engine: Any, trust: bool = False):
+    def __init__(self, folder: str | Path, keep: int, engine: Any, trust: bool = False,
+                 reshard: bool = False):
         self.folder = Path(folder)
-        self.keep, self.engine, self.trust = keep, engine, trust
+        self.keep, self.engine, self.trust, self.reshard = keep, engine, trust, reshard
         self.rank, self.world_size = engine.rank, engine.world_size
 
     def _rank_file(self, tag: str, rank: int) -> Path:
@@ -253,9 +260,10 @@ class Checkpoints:
             saved_by = read_marker(path).get("world_size")
         except CheckpointError as exc:
             return str(exc)
-        if saved_by != self.world_size:
+        if saved_by != self.world_size and not self.reshard:
             raise CheckpointError(f"Checkpoint {path} was saved by {saved_by} ranks; this run "
-                                  f"has {self.world_size}. Resume it on {saved_by} ranks.")
+                                  f"has {self.world_size}. Resume it on {saved_by} ranks, or "
+                                  "pass --accept-changes to reshard it onto these.")
         problems = self.engine.all_gather_objects(
             verify_share(path, self.rank, self.world_size, self.trust))
         return next((problem for problem in problems if problem is not None), None)
@@ -278,18 +286,23 @@ class Checkpoints:
             self._set_aside_newer_than(chosen)
         return None if chosen is None else self._load_verified(chosen)
 
-    def _on_rank0(self, action: Any) -> None:
-        """Run `action` on rank 0 only; every rank raises its error, so none waits forever."""
+    def _on_rank0(self, action: Any, doing: str | None = None) -> None:
+        """Run `action` on rank 0 only; every rank raises its error, so none waits forever.
+        `doing`: what the action does, for the message (else it changes the folder)."""
         failure = None
         if self.rank == 0:
             try:
                 action()
-            except OSError as exc:
+            except Exception as exc:
                 failure = f"{type(exc).__name__}: {exc}"
         failures = self.engine.all_gather_objects(failure)
-        if failures[0] is not None:
-            raise CheckpointError(f"Cannot change the checkpoints in {self.folder}: "
-                                  f"{failures[0]}. Check that the folder is writable.")
+        if failures[0] is None:
+            return
+        if doing is not None:
+            raise CheckpointError(f"{doing} failed on rank 0 ({failures[0]}). Resume it on the "
+                                  "number of ranks that saved it.")
+        raise CheckpointError(f"Cannot change the checkpoints in {self.folder}: "
+                              f"{failures[0]}. Check that the folder is writable.")
 
     def _skip(self, path: Path, problem: str, reason: str) -> None:
         def move_aside() -> None:
@@ -310,9 +323,15 @@ class Checkpoints:
     def _load_verified(self, path: Path) -> dict[str, Any]:
         from megaloop.train.engine import load_checkpoint_file
 
+        saved_by = read_marker(path).get("world_size") if (path / MARKER).exists() else None
+        resharding = saved_by is not None and saved_by != self.world_size
         try:
-            client = self.engine.load_checkpoint(path.parent, path.name)
-            payload = load_checkpoint_file(self._rank_file(path.name, self.rank),
+            if resharding:
+                client = self._load_resharded(path)
+            else:
+                client = self.engine.load_checkpoint(path.parent, path.name)
+            rank = self.rank % saved_by if resharding else self.rank
+            payload = load_checkpoint_file(path / f"megaloop_rank{rank:05d}.pt",
                                            trust=self.trust)
         except CheckpointError:
             raise
@@ -326,3 +345,22 @@ class Checkpoints:
             raise CheckpointError(f"Checkpoint {path}: DeepSpeed found no engine state in it.")
         set_rng_state(self.engine, payload["rng"])
         return client["megaloop"]
+
+    def _load_resharded(self, path: Path) -> dict[str, Any] | None:
+        """Load verified checkpoint `path`, saved by another number of ranks, through its
+        universal checkpoint; ZeRO stage 0 (no shards: every rank's optimizer state whole in
+        the model file) loads as it is."""
+        if not any(name.endswith("optim_states.pt") for name in read_marker(path)["files"]):
+            return self.engine.load_checkpoint(path.parent, path.name)
+        from megaloop.train.engine import universal_checkpoint
+
+        universal = self.folder / RESHARDED
+        def convert() -> None:
+            shutil.rmtree(universal, ignore_errors=True)
+            universal_checkpoint(path, universal / path.name, self.trust)
+
+        self._on_rank0(convert, f"Converting checkpoint {path} for another number of ranks")
+        try:
+            return self.engine.load_checkpoint(universal, path.name, universal=True)
+        finally:
+            self._on_rank0(lambda: shutil.rmtree(universal))

@@ -249,19 +249,57 @@ def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
 
 # ---- checkpoint files -------------------------------------------------------------------------
 
+_torch_load = torch.load  # torch's own, also while `loads_without_code` stands in for it
+
 def load_checkpoint_file(path: str | Path, map_location: Any = None, trust: bool = False) -> Any:
     """`torch.load` of a checkpoint file that runs no code: tensors, plain data and the few
     DeepSpeed classes its files hold (`checkpoint_pickle_globals`). `trust`: unpickle fully
     (for a checkpoint of another tool, whose source the user trusts)."""
     try:
         with torch.serialization.safe_globals(checkpoint_pickle_globals()):
-            return torch.load(path, map_location=map_location, weights_only=not trust)
+            return _torch_load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0]
+        lines = str(exc).strip().splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
         raise CheckpointError(
             f"{path} holds pickled objects beyond tensors and plain data ({reason}). megaloop "
             "loads no code from a checkpoint and writes none into its own; if you trust where "
             "this one came from, resume with --trust-checkpoint.") from None
+
+
+@contextlib.contextmanager
+def loads_without_code(trust: bool) -> Iterator[None]:
+    """Every `torch.load` inside runs no code (`load_checkpoint_file`'s rule), unless `trust`.
+    DeepSpeed's universal-checkpoint conversion and loader unpickle fully and take no
+    checkpoint engine, so this is the one place to hold them to it."""
+    if trust:
+        yield
+        return
+    def load(path: Any, map_location: Any = None, **_: Any) -> Any:
+        return load_checkpoint_file(path, map_location)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
+
+
+def universal_checkpoint(source: Path, target: Path, trust: bool) -> None:
+    """DeepSpeed's universal checkpoint of checkpoint folder `source` in `target` (every
+    parameter's weights and optimizer moments whole, one folder each), which any number of
+    ranks can load. One process: it reads every rank's files. Its chatter goes to stderr."""
+    import types
+
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = types.SimpleNamespace(input_folder=str(source), output_folder=str(target),
+                                     num_extract_workers=1, num_merge_workers=1,
+                                     keep_temp_folder=False, strict=True,
+                                     inject_missing_state=True)
+        with loads_without_code(trust):
+            ds_to_universal.main(args)
 
 
 class CheckpointFiles:
@@ -487,12 +525,37 @@ class Engine:
             self._files.failure = self._files.failure or f"{type(exc).__name__}: {exc}"
         return dict(self._files.written), self._files.failure
 
-    def load_checkpoint(self, folder: Path, tag: str) -> dict[str, Any] | None:
+    def load_checkpoint(self, folder: Path, tag: str, universal: bool = False
+                        ) -> dict[str, Any] | None:
         """Load `folder/tag/` into the model and optimizer; returns the client state saved with
-        it, None where DeepSpeed found no engine state. A damaged file raises (any error)."""
-        loaded, client = self._ds.load_checkpoint(str(folder), tag=tag,
-                                                  load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+        it, None where DeepSpeed found no engine state. A damaged file raises (any error).
+        `universal`: `folder/tag/` is a universal checkpoint (`universal_checkpoint`), saved by
+        another number of ranks."""
+        if not universal:
+            loaded, client = self._ds.load_checkpoint(str(folder), tag=tag,
+                                                      load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+            return client if loaded is not None else None
+        # DeepSpeed's universal loader gives every group the first saved group's settings
+        # (betas, weight decay): megaloop's groups keep their own.
+        settings = [{k: v for k, v in group.items() if k != "params"}
+                    for group in self._ds.optimizer.param_groups]
+        self._ds._config.load_universal_checkpoint = True
+        try:
+            with loads_without_code(self.trust_checkpoints):
+                loaded, client = self._ds.load_checkpoint(str(folder), tag=tag,
+                                                          load_optimizer_states=True,
+                                                          load_lr_scheduler_states=False)
+        finally:
+            self._ds._config.load_universal_checkpoint = False
+        for group, kept in zip(self._ds.optimizer.param_groups, settings, strict=True):
+            group.update(kept)
+        # ... and hands every parameter one shared step-count tensor, which a fused or foreach
+        # AdamW then advances once per group in each step: each gets a count of its own
+        inner = getattr(self._ds.optimizer, "optimizer", self._ds.optimizer)
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
         return client if loaded is not None else None
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
@@ -515,10 +578,12 @@ class Engine:
 
 
 def checkpoint_pickle_globals() -> list[Any]:
-    """The DeepSpeed classes that ZeRO optimizer files pickle (data only: an enum and the loss
-    scaler's settings); allowlisted so that `torch.load(weights_only=True)` accepts them."""
+    """The DeepSpeed classes that ZeRO optimizer files pickle (data only: an enum, the loss
+    scaler's settings, a fragment's offset and size); allowlisted so that
+    `torch.load(weights_only=True)` accepts them."""
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]

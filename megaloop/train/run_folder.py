@@ -10,8 +10,10 @@ The rules a start follows (`claim`, on rank 0; every rank gets its answer):
 - `train` without `--resume` refuses a folder that holds checkpoints.
 - `--resume` continues the recorded config only. A change that alters what is trained (more
   steps, another lr, another r: `CHANGES_ON_PURPOSE`) needs `--accept-changes` and is recorded;
-  a change of what a checkpoint holds (the model's shape, the data, the optimizer, ZeRO, the
-  world size) is refused; log and checkpoint intervals, workers and the like change freely.
+  a change of what a checkpoint holds (the model's shape, the data, the optimizer, ZeRO) is
+  refused; log and checkpoint intervals, workers and the like change freely.
+- Another world size is a change on purpose too: the checkpoint is resharded through
+  DeepSpeed's universal checkpoint (train/checkpoint.py), where its optimizer state is Adam's.
 - `--resume auto` with nothing to resume says so and starts fresh.
 """
 
@@ -44,7 +46,7 @@ CHANGES_ON_PURPOSE = frozenset({  # what is trained from here on: --accept-chang
     "train.matrix_lr", "train.muon_momentum", "train.polar_precision", "train.beta1",
     "train.beta2", "train.eps", "train.grad_clip", "train.eval_interval", "train.eval_batches",
     "train.eval_tokens", "train.precision", "model.recurrences", "model.bptt_k",
-    "model.recurrence_sampling",
+    "model.recurrence_sampling", "world_size",
     *(f"train.{role}_lr" for role in LR_ROLES),
     *(f"train.{role}_{key}" for role in GROUP_ROLES
       for key in ("beta1", "beta2", "weight_decay"))})
@@ -205,16 +207,30 @@ class RunFolder:
             note = (f"nothing to resume in {self.path}: starting fresh"
                     if resume == "auto" and not saved else None)
             return Claim(note=note)
-        if record.get("world_size") != world_size:
-            raise CheckpointError(
-                f"{self.path} was trained on {record.get('world_size')} ranks; this start has "
-                f"{world_size}. Resume it on {record.get('world_size')} ranks (its optimizer "
-                "state is sharded that way).")
         changes = config_changes(record.get("config", {}), config)
+        if record.get("world_size") != world_size:
+            self._check_reshard(record.get("world_size"), world_size, accept_changes, config)
+            changes["world_size"] = (record.get("world_size"), world_size)
         self._check_changes(changes, accept_changes, config)
         self._write_record(config, world_size, record, changes)
         note = f"resuming with changes: {describe(changes)}" if changes else None
         return Claim(changes=changes, note=note)
+
+    def _check_reshard(self, saved: int | None, now: int, accept: bool,
+                       config: RunConfig) -> None:
+        """Another world size: on purpose only, and only where DeepSpeed's universal
+        checkpoint can reshard the optimizer state (Adam's moments)."""
+        if config.train.optimizer != "adamw" and config.train.zero_stage > 0:
+            raise CheckpointError(
+                f"{self.path} was trained on {saved} ranks; this start has {now}. Its "
+                f"{config.train.optimizer} state is sharded by ZeRO stage "
+                f"{config.train.zero_stage}, and DeepSpeed's universal checkpoint reshards "
+                f"Adam's moments only: resume it on {saved} ranks.")
+        if not accept:
+            raise CheckpointError(
+                f"{self.path} was trained on {saved} ranks; this start has {now}. Resume it on "
+                f"{saved} ranks, or pass --accept-changes to reshard its checkpoint onto {now} "
+                "(DeepSpeed's universal checkpoint; the global batch stays the same).")
 
     def _check_changes(self, changes: dict[str, tuple[Any, Any]], accept: bool,
                        config: RunConfig) -> None:

@@ -124,12 +124,13 @@ class Trainer:
         self.resume_from = resume
         self.claim = self.claim_folder(resume, accept_changes)
         try:
-            self._set_up(peak, trust_checkpoint)
+            self._set_up(peak, trust_checkpoint, accept_changes)
         except BaseException:
             self.folder.unlock()
             raise
 
-    def _set_up(self, peak: float | None, trust_checkpoint: bool) -> None:
+    def _set_up(self, peak: float | None, trust_checkpoint: bool,
+               accept_changes: bool) -> None:
         config, engine = self.config, self.engine
         engine.trust_checkpoints = trust_checkpoint
         self.geometry = batch_geometry(config, self.world_size)
@@ -145,7 +146,7 @@ class Trainer:
         engine.build()
         self.model = engine.model
         self.checkpoints = Checkpoints(self.folder.path, config.train.keep_checkpoints, engine,
-                                       trust=trust_checkpoint)
+                                       trust=trust_checkpoint, reshard=accept_changes)
         self.peak, self.peak_source = peak_flops(
             peak or config.train.peak_flops, config.train.precision, engine.device,
             engine.device_name(), engine.synchronize)
