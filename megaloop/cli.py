@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import traceback
+from typing import Any
 
 from megaloop.errors import MegaloopError
 
@@ -396,11 +397,26 @@ def _add_fit_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     fit.set_defaults(func=cmd_fit)
 
 
+class _PrintVersion(argparse.Action):
+    """`--version`: the version and source commit, looked up only when asked (git runs)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **_: Any):
+        super().__init__(option_strings, dest, nargs=0,
+                         help="print megaloop's version and the commit it runs from, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from megaloop.version import describe
+
+        print(describe())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megaloop", description="Train looped language models and fit how much a recurrence "
                                      "is worth.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action=_PrintVersion)
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)

@@ -125,9 +125,11 @@ def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
     assert "/base " not in trees and "/head " not in trees
 
 
+@pytest.mark.slow  # 64 s: the default suite stays under 10 minutes on CI's 2 cores
 def test_the_gpu_session_runs_every_stage_on_the_cpu(tmp_path):
     """benchmarks/gpu_session.sh --cpu-smoke: the one-shot GPU check at toy sizes on the CPU,
-    so that the script a device session runs cannot rot."""
+    so that the script a device session runs cannot rot (run it before a device session:
+    `scripts/test.sh --slow -k gpu_session`)."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--cpu-smoke"], cwd=REPO, env=env,

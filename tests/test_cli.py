@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tiny import RUN_CONFIGS
+from tiny import REPO, RUN_CONFIGS
 
 from megaloop.cli import main
 from megaloop.model.accounting import GROUPS
@@ -63,3 +63,15 @@ def test_console_command_runs():
                            "model.recurrences=0"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "model.recurrences" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_names_the_release_and_the_commit(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "megaloop.cli", "--version"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    from megaloop import __version__
+
+    assert done.stdout.startswith(f"megaloop {__version__} (")
+    own = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    assert (f"git {own[:12]}" if own else "installed") in done.stdout

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ipaddress
 import json
 import math
 import os
@@ -430,3 +431,37 @@ def test_only_the_engine_talks_to_deepspeed_and_the_device():
             assert "torch.cuda" not in text or path.name == "cluster.py", path
     cluster = (package / "cluster.py").read_text()
     assert cluster.count("torch.cuda") == 1 and "torch.cuda.device_count()" in cluster
+
+
+def test_a_group_of_one_listens_on_no_network_interface():
+    """A plain `megaloop train` forms a process group of one: its store is a file and gloo's
+    socket is on the loopback, so nothing on the network can reach the process."""
+    script = (
+        "import psutil\n"
+        "from megaloop.train.engine import join_process_group\n"
+        "join_process_group()\n"
+        "for c in psutil.Process().net_connections(kind='inet'):\n"
+        "    if c.status == psutil.CONN_LISTEN:\n"
+        "        print('LISTEN', c.laddr.ip)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    listening = [line.split()[1] for line in done.stdout.splitlines()
+                 if line.startswith("LISTEN")]
+    assert all(ipaddress.ip_address(ip).is_loopback for ip in listening), listening
+
+
+@pytest.mark.parametrize("attack", [
+    "{{ cycler.__init__.__globals__.os.popen('touch SENTINEL').read() }}",
+    "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.system("
+    "'touch SENTINEL') }}",
+])
+def test_a_shared_ds_config_template_is_data(tmp_path, attack):
+    sentinel = tmp_path / "code-ran"
+    template = tmp_path / "ds.json.j2"
+    template.write_text('{"train_batch_size": {{ global_batch }}, "x": "'
+                        + attack.replace("SENTINEL", str(sentinel)) + '"}')
+    cfg = config.load(overrides=[f"train.ds_config={template}"])
+    with pytest.raises(ConfigError, match="sandbox"):
+        render_ds_config(cfg)
+    assert not sentinel.exists()

@@ -322,6 +322,7 @@ def test_the_world_size_changes_on_purpose_and_locked_keys_cannot_change(tmp_pat
         muonh_folder.claim(muonh, world_size=1, resume="auto", accept_changes=True)
     claim = folder.claim(cfg, world_size=1, resume="auto", accept_changes=True)
     assert claim.changes == {"world_size": (2, 1)}
+    assert "train.eval_tokens keeps one set" in claim.note
     folder.unlock()
     record = folder.record()
     assert record["world_size"] == 1

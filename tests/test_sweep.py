@@ -172,6 +172,32 @@ def test_bad_specs_are_refused_before_anything_runs(tmp_path, changes, message):
     assert not (tmp_path / "runs").exists()
 
 
+ATTACKS = ["{{ cycler.__init__.__globals__.os.popen('touch SENTINEL').read() }}",
+           "{{ lipsum.__globals__['os'].system('touch SENTINEL') }}",
+           "{{ ''.__class__.__mro__[1].__subclasses__() }}"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_a_shared_spec_is_data_even_in_a_dry_run(tmp_path, capsys, attack):
+    """A spec's expressions render in Jinja's sandbox: one that reaches for Python's internals
+    is refused with a clear error, and the command it carries never runs."""
+    from megaloop.cli import main
+
+    sentinel = tmp_path / "code-ran"
+    spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
+    settings = {**spec["set"], "train.warmup_steps": attack.replace("SENTINEL", str(sentinel))}
+    code = main(["sweep", str(write_spec(tmp_path, set=settings)), "--dry-run"])
+    assert code == 2 and not sentinel.exists()
+    assert "sandbox" in capsys.readouterr().err
+
+
+def test_a_spec_expression_that_fails_names_the_value(tmp_path):
+    spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
+    with pytest.raises(ConfigError, match="warmup_steps .* ZeroDivisionError"):
+        plan(read_spec(write_spec(tmp_path, set={**spec["set"],
+                                                 "train.warmup_steps": "{{ steps // 0 }}"})))
+
+
 def test_values_may_depend_on_the_runs_tokens_and_steps(tmp_path, capsys):
     """The paper's matrix lr scales with the run's tokens: D is known once the run is
     measured, and `--dry-run --json` shows each run's resolved config."""

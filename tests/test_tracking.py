@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny import REPO
 from training import stop_group
 
 from megaloop import config as cfg
@@ -101,7 +102,7 @@ def test_run_records_params_metrics_tags_and_artifacts(store, tmp_path):
     assert math.isnan(run.data.metrics["train/grad_norm"])  # non-finite values are kept
     tags = run.data.tags
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=os.getcwd()).stdout.strip() or "unknown"
+                            cwd=REPO).stdout.strip() or "unknown"
     assert tags["megaloop.git_commit"] == commit
     assert tags["megaloop.host"] == socket.gethostname()
     assert tags["megaloop.world_size"] == "2"
@@ -246,12 +247,31 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking_uri(cfg.TrackConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"
 
 
-def test_run_tags_outside_a_git_repository(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["outside any repository", "inside another repository"])
+def test_the_commit_is_megaloops_own_wherever_it_runs(tmp_path, monkeypatch, where):
+    """The commit tag names the code that trained: megaloop's checkout, not the working
+    directory's repository (a user's project) and not 'unknown' outside one."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    if where == "inside another repository":
+        subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=x", "-c", "user.email=x@x",
+                        "commit", "-q", "--allow-empty", "-m", "theirs"], check=True)
+    own = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    if not own:
+        pytest.skip("megaloop runs from an installed copy here, not a checkout")
     tags = run_tags(8)
-    assert tags["megaloop.git_commit"] == "unknown" and "mlflow.source.git.commit" not in tags
+    assert tags["megaloop.git_commit"] == own == tags["mlflow.source.git.commit"]
     assert tags["megaloop.world_size"] == "8"
+
+
+def test_an_installed_copy_names_no_commit(tmp_path, monkeypatch):
+    from megaloop import version
+
+    monkeypatch.setattr(version, "PACKAGE", tmp_path / "site-packages" / "megaloop")
+    assert version.source_commit() == (None, None)
+    assert "installed" in version.describe()
+    assert run_tags(1)["megaloop.git_commit"] == "unknown"
 
 
 def test_find_runs_returns_finished_runs_with_params_and_latest_metrics(store, tmp_path):

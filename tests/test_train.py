@@ -45,7 +45,13 @@ def test_loss_falls_on_the_embedded_corpus(stdlib_shards, tmp_path):
 
 
 def test_run_is_tracked_with_the_documented_names(stdlib_shards, tmp_path):
-    assert_ok(run_training(stdlib_shards, tmp_path))
+    proc = run_training(stdlib_shards, tmp_path)
+    assert_ok(proc)
+    # --no-progress: one plain line per log interval (every step here), rank 0 only
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("megaloop: step ")]
+    assert [line.split()[2] for line in lines] == [f"{step}/8" for step in range(1, 9)]
+    assert all(" loss " in line and " tok/s " in line and " MFU " in line and " ETA " in line
+               for line in lines)
     run = only_run(tmp_path)
     params, tags = run.data.params, run.data.tags
     cfg = config.load(None, ["model.d_model=64", "model.n_heads=4", "model.prelude_layers=1",
@@ -60,6 +66,10 @@ def test_run_is_tracked_with_the_documented_names(stdlib_shards, tmp_path):
                 "train/mfu"):
         assert key in run.data.metrics, key
     assert 0 < run.data.metrics["train/mfu"] < 1
+    tokens_seen, flops_seen = history(tmp_path, "train/tokens_seen"), history(tmp_path,
+                                                                             "train/flops_seen")
+    assert tokens_seen == {step: [step * 8 * 64] for step in range(1, 9)}
+    assert flops_seen[8][0] == pytest.approx(8 * 8 * 64 * counts["flops_per_token"])
     artifacts = {a.path for a in client(tmp_path).list_artifacts(run.info.run_id)}
     assert {"ds_config.json", "run_config.yaml"} <= artifacts
     lrs = history(tmp_path, "train/lr")

@@ -37,7 +37,9 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+from jinja2.exceptions import SecurityError
 from jinja2.nativetypes import NativeEnvironment
+from jinja2.sandbox import SandboxedEnvironment
 
 from megaloop import config as run_config
 from megaloop.config import LR_ROLES, RunConfig
@@ -73,8 +75,13 @@ def sci(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def _environment() -> NativeEnvironment:
-    env = NativeEnvironment(undefined=jinja2.StrictUndefined)
+class SandboxedNativeEnvironment(SandboxedEnvironment, NativeEnvironment):
+    """Jinja's sandbox (no attribute of Python's internals, no unsafe call: a shared spec is
+    data) rendering to native types (`{{ 2 ** 20 }}` is an int)."""
+
+
+def _environment() -> SandboxedNativeEnvironment:
+    env = SandboxedNativeEnvironment(undefined=jinja2.StrictUndefined)
     env.filters["sci"] = sci
     return env
 
@@ -84,8 +91,12 @@ def _render(value: Any, context: dict[str, Any], where: str) -> Any:
         return value
     try:
         return _environment().from_string(value).render(**context)
-    except jinja2.TemplateError as exc:
-        raise ConfigError(f"Sweep spec: {where} = {value!r} does not render: {exc}.") from None
+    except SecurityError as exc:
+        raise ConfigError(f"Sweep spec: {where} = {value!r} reaches outside the template "
+                          f"sandbox ({exc}); a spec may compute with its variables only.") from None
+    except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as exc:
+        raise ConfigError(f"Sweep spec: {where} = {value!r} does not render: "
+                          f"{type(exc).__name__}: {exc}. Fix the expression.") from None
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:

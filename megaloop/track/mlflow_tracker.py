@@ -17,7 +17,6 @@ import platform
 import posixpath
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -56,15 +55,6 @@ def run_params(config: RunConfig, derived: dict) -> dict[str, str]:
     return {key: str(value) for key, value in values.items()}
 
 
-def _git(*args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=os.getcwd(), capture_output=True, text=True,
-                              timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
 def _version(package: str) -> str:
     import importlib.metadata
 
@@ -78,15 +68,17 @@ def _version(package: str) -> str:
 
 
 def run_tags(world_size: int) -> dict[str, str]:
-    """Where and with what a run ran: git commit of the working directory, host, world size,
-    versions. `mlflow.source.git.commit` is MLflow's own name, shown by its UI."""
+    """Where and with what a run ran: the git commit of megaloop's own source tree (megaloop/
+    version.py), host, world size, versions. `mlflow.source.git.commit` is MLflow's own name,
+    shown by its UI."""
     from megaloop import __version__
+    from megaloop.version import source_commit
 
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    found, dirty = source_commit()
+    commit = found or "unknown"
     tags = {
         "megaloop.git_commit": commit,
-        "megaloop.git_dirty": "unknown" if dirty is None else str(bool(dirty)).lower(),
+        "megaloop.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
         "megaloop.host": socket.gethostname(),
         "megaloop.world_size": str(world_size),
         "megaloop.version.python": platform.python_version(),

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 
 from megaloop.config import RunConfig
 from megaloop.errors import ConfigError
@@ -101,13 +103,19 @@ def render_ds_config(config: RunConfig, world_size: int = 1,
     """The DeepSpeed config this run uses, rendered from its template (what runs is inspectable).
     `pin_memory`: offloaded state in page-locked host memory (the engine sets it on GPUs)."""
     path = template_path(config)
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(path.parent), str(DS_CONFIGS)]),
-                             undefined=jinja2.StrictUndefined, autoescape=False)
+    # the sandbox: a shared template is data, never code (no attribute of Python's internals)
+    env = SandboxedEnvironment(
+        loader=jinja2.FileSystemLoader([str(path.parent), str(DS_CONFIGS)]),
+        undefined=jinja2.StrictUndefined, autoescape=False)
     try:
         text = env.get_template(path.name).render(
             **template_variables(config, world_size, pin_memory))
-    except jinja2.TemplateError as exc:
-        raise ConfigError(f"DeepSpeed template {path} does not render: {exc}") from None
+    except SecurityError as exc:
+        raise ConfigError(f"DeepSpeed template {path} reaches outside the template sandbox "
+                          f"({exc}); a template may compute with its variables only.") from None
+    except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as exc:
+        raise ConfigError(f"DeepSpeed template {path} does not render: "
+                          f"{type(exc).__name__}: {exc}") from None
     try:
         rendered = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -29,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,22 @@ def synchronize(device: torch.device) -> None:
         accelerator().synchronize()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_store_folder: str | None = None  # the file store of this process's group of one
+
+
+@contextlib.contextmanager
+def gloo_on_loopback() -> Iterator[None]:
+    """Gloo's socket on the loopback interface: where the hostname resolves to a network
+    address, gloo would listen there, though a group of one talks to no one."""
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    before = os.environ.get("GLOO_SOCKET_IFNAME")
+    if loopback is not None and before is None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
 def join_process_group() -> tuple[int, int, bool]:
@@ -104,12 +118,16 @@ def join_process_group() -> tuple[int, int, bool]:
                                        verbose=False)
         else:
             refuse_ranks_without_a_rendezvous(os.environ)
-            # a group of one on a free loopback port, leaving RANK and MASTER_* unset, so
-            # that a process this one starts (a test's `megaloop train`) forms its own group
+            # a group of one on a file store: no socket listens (a TCP store would, on every
+            # interface); RANK and MASTER_* stay unset, so that a process this one starts (a
+            # test's `megaloop train`) forms its own group
+            global _store_folder
+            _store_folder = tempfile.mkdtemp(prefix="megaloop-group-")
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine and zero.Init read it
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                       verbose=False, rank=0, world_size=1,
-                                       init_method=f"tcp://127.0.0.1:{_free_port()}")
+            with gloo_on_loopback():
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                           verbose=False, rank=0, world_size=1,
+                                           init_method=f"file://{_store_folder}/store")
     accelerator().set_device(local_rank())
     return dist.get_rank(), dist.get_world_size(), created
 
@@ -126,8 +144,12 @@ def refuse_ranks_without_a_rendezvous(environ: Mapping[str, str]) -> None:
 
 
 def leave_process_group(created: bool) -> None:
+    global _store_folder
     if created and dist.is_initialized():
         dist.destroy_process_group()
+    if created and _store_folder is not None:
+        shutil.rmtree(_store_folder, ignore_errors=True)
+        _store_folder = None
 
 
 def set_matmul_precision(device: torch.device, precision: str) -> str:

@@ -214,6 +214,9 @@ class RunFolder:
         self._check_changes(changes, accept_changes, config)
         self._write_record(config, world_size, record, changes)
         note = f"resuming with changes: {describe(changes)}" if changes else None
+        if "world_size" in changes and config.train.eval_tokens is None:
+            note += ("; val/loss is over train.eval_batches per rank, so its set changes with "
+                     "the ranks (train.eval_tokens keeps one set on any number)")
         return Claim(changes=changes, note=note)
 
     def _check_reshard(self, saved: int | None, now: int, accept: bool,

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,8 @@ class Trainer:
         self.config, self.engine = config, engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.progress = progress and self.rank == 0
+        # no bar (--no-progress, or no terminal to draw it on): a plain line per log interval
+        self.plain_lines = self.rank == 0 and not (progress and sys.stderr.isatty())
         self.folder = RunFolder(run_folder(config))
         self.resume_from = resume
         self.claim = self.claim_folder(resume, accept_changes)
@@ -151,6 +154,7 @@ class Trainer:
             peak or config.train.peak_flops, config.train.precision, engine.device,
             engine.device_name(), engine.synchronize)
         self.step = 0
+        self.flops_seen = 0.0  # training FLOPs of every step so far (sampled r: each its own)
         self.tracker = None
         self.flops_by_r = {config.model.recurrences: self.accounting["flops_per_token"]}
         self.intervals: list[dict[str, float]] = []  # throughput per log interval: summary
@@ -199,6 +203,8 @@ class Trainer:
         run_id = None
         if state is not None:
             self.step = state["step"]
+            self.flops_seen = state.get("flops_seen", self.step * self.geometry.tokens_per_step
+                                        * self.accounting["flops_per_token"])
             self.train_data.load_state_dict(state["loader"])
             run_id = state.get("mlflow_run_id")
             self.say(f"resumed from step {self.step} ({self.checkpoints.folder})")
@@ -296,6 +302,7 @@ class Trainer:
         self.tracker.flush()  # metrics up to a checkpoint survive a kill that follows it
         state = {"step": self.step, "loader": self.train_data.state_dict(),
                  "mlflow_run_id": self.tracker.run_id, "config": self.config.to_dict(),
+                 "flops_seen": self.flops_seen,
                  "config_hash": self.config.hash()}
         return self.checkpoints.save(self.step, state)
 
@@ -317,8 +324,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         train = self.config.train
         meter = ThroughputMeter()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step,
+                   disable=not self.progress or self.plain_lines, unit="step",
+                   dynamic_ncols=True)
         last_eval: dict[str, float] = {}
         while self.step < self.total_steps and not self.stopping:
             result = self.train_step()
@@ -326,6 +334,7 @@ class Trainer:
             self.step += 1
             tokens = self.geometry.tokens_per_step
             meter.add(tokens, tokens * self.flops_per_token(result.recurrences))
+            self.flops_seen += tokens * self.flops_per_token(result.recurrences)
             bar.update()
             log_due = self.step % train.log_interval == 0 or self.step == self.total_steps
             eval_due = self.step % train.eval_interval == 0 and self.step < self.total_steps
@@ -373,7 +382,32 @@ class Trainer:
                                "peak_mem_gb": metrics["train/peak_mem_gb"]})
         if synced.grad_norm is not None:
             metrics["train/grad_norm"] = synced.grad_norm
+        metrics["train/tokens_seen"] = self.step * self.geometry.tokens_per_step
+        metrics["train/flops_seen"] = self.flops_seen
         self.tracker.log_metrics(metrics, self.step)
+        if self.plain_lines:
+            self.say(progress_line(self.step, self.total_steps, synced, tokens_per_s, mfu,
+                                   self.geometry.tokens_per_step))
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 130 -> '2m10s', 7 -> '7s'."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_line(step: int, total: int, synced: SyncedStep, tokens_per_s: float, mfu: float,
+                  tokens_per_step: int) -> str:
+    """One log interval in a line, for logs without a progress bar (sweeps, SLURM tasks); the
+    ETA is the steps left at this interval's training rate."""
+    eta = (total - step) * tokens_per_step / tokens_per_s if tokens_per_s > 0 else math.nan
+    return (f"step {step}/{total}  loss {synced.loss:.4f}  lr {synced.lr:.2e}  "
+            f"{tokens_per_s:,.0f} tok/s  MFU {100 * mfu:.2f}%  "
+            f"ETA {duration(eta) if math.isfinite(eta) else '?'}")
 
 
 def report_stop(rank: int, step: int) -> None:
