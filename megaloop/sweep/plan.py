@@ -37,14 +37,12 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
-from jinja2.exceptions import SecurityError
-from jinja2.nativetypes import NativeEnvironment
-from jinja2.sandbox import SandboxedEnvironment
 
 from megaloop import config as run_config
 from megaloop.config import LR_ROLES, RunConfig
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
+from megaloop.templating import SandboxedNativeEnvironment, render_or_refuse
 
 SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "scales", "tokens",
              "set", "lr_scaling", "variants", "seeds", "description", "borrow"}
@@ -75,11 +73,6 @@ def sci(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-class SandboxedNativeEnvironment(SandboxedEnvironment, NativeEnvironment):
-    """Jinja's sandbox (no attribute of Python's internals, no unsafe call: a shared spec is
-    data) rendering to native types (`{{ 2 ** 20 }}` is an int)."""
-
-
 def _environment() -> SandboxedNativeEnvironment:
     env = SandboxedNativeEnvironment(undefined=jinja2.StrictUndefined)
     env.filters["sci"] = sci
@@ -89,14 +82,8 @@ def _environment() -> SandboxedNativeEnvironment:
 def _render(value: Any, context: dict[str, Any], where: str) -> Any:
     if not isinstance(value, str) or "{" not in value:
         return value
-    try:
-        return _environment().from_string(value).render(**context)
-    except SecurityError as exc:
-        raise ConfigError(f"Sweep spec: {where} = {value!r} reaches outside the template "
-                          f"sandbox ({exc}); a spec may compute with its variables only.") from None
-    except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as exc:
-        raise ConfigError(f"Sweep spec: {where} = {value!r} does not render: "
-                          f"{type(exc).__name__}: {exc}. Fix the expression.") from None
+    return render_or_refuse(lambda: _environment().from_string(value).render(**context),
+                            f"Sweep spec: {where} = {value!r}")
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+import jinja2.sandbox
 
 from megaloop.config import RunConfig
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
+from megaloop.templating import render_or_refuse
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 MIN_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's default; raised for larger loop blocks
@@ -104,18 +104,11 @@ def render_ds_config(config: RunConfig, world_size: int = 1,
     `pin_memory`: offloaded state in page-locked host memory (the engine sets it on GPUs)."""
     path = template_path(config)
     # the sandbox: a shared template is data, never code (no attribute of Python's internals)
-    env = SandboxedEnvironment(
+    env = jinja2.sandbox.SandboxedEnvironment(
         loader=jinja2.FileSystemLoader([str(path.parent), str(DS_CONFIGS)]),
         undefined=jinja2.StrictUndefined, autoescape=False)
-    try:
-        text = env.get_template(path.name).render(
-            **template_variables(config, world_size, pin_memory))
-    except SecurityError as exc:
-        raise ConfigError(f"DeepSpeed template {path} reaches outside the template sandbox "
-                          f"({exc}); a template may compute with its variables only.") from None
-    except (jinja2.TemplateError, ArithmeticError, TypeError, ValueError) as exc:
-        raise ConfigError(f"DeepSpeed template {path} does not render: "
-                          f"{type(exc).__name__}: {exc}") from None
+    text = render_or_refuse(lambda: env.get_template(path.name).render(
+        **template_variables(config, world_size, pin_memory)), f"DeepSpeed template {path}")
     try:
         rendered = json.loads(text)
     except json.JSONDecodeError as exc:
