@@ -179,9 +179,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     elif args.dry_run:
         peak, _ = peak_flops(None, runs[0].config.train.precision if runs else "fp32")
         print(plan_table(runs, peak, assumed_mfu=0.4))
+    slurm = spec["slurm"].overridden(
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
+        partition=args.partition, account=args.account, extra=args.sbatch)
     outcome = execute(runs, spec["experiment"], executor=args.executor, nproc=args.nproc,
                       dry_run=args.dry_run, progress=not args.no_progress,
-                      borrow=spec["borrow"])
+                      borrow=spec["borrow"], slurm=slurm)
     if outcome.script and args.dry_run:
         print(outcome.script)
     if not args.dry_run:
@@ -212,6 +215,16 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     sweep.add_argument("--executor", choices=["inprocess", "local", "slurm"], default="inprocess",
                        help="one process, launch.sh with --nproc ranks, or a SLURM array")
     sweep.add_argument("--nproc", type=int, default=1, help="ranks per run (local, slurm)")
+    slurm = sweep.add_argument_group("slurm", "what each array task asks for (over the spec's "
+                                              "slurm: mapping)")
+    slurm.add_argument("--gpus-per-node", type=int,
+                       help="GPUs per task (default: one per rank; 0: CPU ranks on purpose)")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    slurm.add_argument("--time", help="time limit, e.g. 24:00:00 (the task requeues at it)")
+    slurm.add_argument("--partition", help="partition")
+    slurm.add_argument("--account", help="account")
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="another #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.add_argument("--fit", action="store_true",
                        help="fit the scaling law on the experiment when the runs are done")

@@ -139,9 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"port on node 0 (default {DEFAULT_PORT}; SLURM: from the job id)")
     parser.add_argument("--hostfile", help="'HOST slots=N' lines: start every host from here "
                                            "with DeepSpeed's launcher (pdsh/ssh)")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run CPU ranks although GPUs were asked for (SLURM, "
+                             "CUDA_VISIBLE_DEVICES) and none is visible")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and the environment it sets; start nothing")
     return parser
+
+
+def gpus_asked_for(environ: Mapping[str, str]) -> str | None:
+    """The variable that says this process was given GPUs (SLURM's, CUDA_VISIBLE_DEVICES), as
+    NAME=VALUE, or None."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_GPUS",
+                 "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES"):
+        value = environ.get(name, "").strip()
+        if value and value not in ("0", "-1", "none", "NoDevFiles"):
+            return f"{name}={value}"
+    return None
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -174,6 +188,12 @@ def plan(args: argparse.Namespace, megaloop_argv: list[str], *,
     _check_numbers(args)
     env: dict[str, str] = {}
     if devices == 0 and "DS_ACCELERATOR" not in environ:
+        asked = gpus_asked_for(environ)
+        if asked and not args.allow_cpu:
+            raise LaunchError(f"GPUs were asked for ({asked}) but CUDA sees none on this node: "
+                              "check its driver and CUDA modules (nvidia-smi), or pass "
+                              "--allow-cpu (or set DS_ACCELERATOR=cpu) to run CPU ranks on "
+                              "purpose")
         env["DS_ACCELERATOR"] = "cpu"
     if args.hostfile is not None:
         return _hostfile_launch(args, megaloop_argv, python, env)

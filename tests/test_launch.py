@@ -172,7 +172,24 @@ def test_slurm_numbers_and_overrides():
     assert plan("train", CONFIG, environ=one_node, devices=2).argv[4:7] == [
         "--nproc-per-node", "2", "--standalone"]
     assert plan("train", CONFIG, environ=one_node).argv[1:3] == CLI  # CPU: one process
-    assert plan("train", CONFIG, "--nnodes", "1", environ=job).argv[1:3] == CLI  # SLURM ignored
+    assert plan("train", CONFIG, "--nnodes", "1", "--allow-cpu",
+                environ=job).argv[1:3] == CLI  # SLURM ignored
+
+
+def test_gpus_asked_for_and_none_visible_is_refused_unless_on_purpose():
+    """A task that was given GPUs but whose CUDA sees none (a broken driver, a missing module)
+    stops, instead of training on CPU ranks for days."""
+    job = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-a1",
+           "SLURM_GPUS_ON_NODE": "8"}
+    with pytest.raises(LaunchError, match="SLURM_GPUS_ON_NODE=8.*CUDA sees none.*--allow-cpu"):
+        plan("train", CONFIG, "--nproc", "8", environ=job)
+    with pytest.raises(LaunchError, match="CUDA_VISIBLE_DEVICES=0,1"):
+        plan("train", CONFIG, environ={"CUDA_VISIBLE_DEVICES": "0,1"})
+    on_purpose = plan("train", CONFIG, "--nproc", "2", "--allow-cpu", environ=job)
+    assert on_purpose.env["DS_ACCELERATOR"] == "cpu"
+    chosen = plan("train", CONFIG, "--nproc", "2", environ={**job, "DS_ACCELERATOR": "cpu"})
+    assert "--nproc-per-node" in chosen.argv
+    assert plan("train", CONFIG, "--nproc", "2", environ={"CUDA_VISIBLE_DEVICES": ""}).argv
 
 
 @pytest.mark.parametrize(("nodelist", "hosts"), [
@@ -269,6 +286,9 @@ HOSTFILES = {
     (["train", CONFIG], {"SLURM_JOB_ID": "1", "SLURM_NNODES": "1",
                          "SLURM_JOB_NODELIST": "n1", "SLURM_LOCALID": "1"},
      "srun --ntasks-per-node=1"),
+    (["train", CONFIG], {"SLURM_JOB_ID": "1", "SLURM_NNODES": "1",
+                         "SLURM_JOB_NODELIST": "n1", "SLURM_GPUS_ON_NODE": "8"},
+     "GPUs were asked for (SLURM_GPUS_ON_NODE=8) but CUDA sees none"),
     *[(["train", CONFIG, "--hostfile", f"{{dir}}/{name}"], {}, message)
       for name, (_, message) in HOSTFILES.items() if message],
 ])

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,6 +310,112 @@ def test_slurm_array_script(tmp_path, stdlib_shards):
     assert [p.stem for p in configs] == ["r1-d64", "r2-d64", "r4-d64"]
     assert yaml.safe_load(configs[1].read_text())["model"]["recurrences"] == 2
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+SRUN = """#!/usr/bin/env bash
+# a stand-in for srun: the job step records its argv and any SIGTERM, then ends
+echo "$@" > "$STEP_LOG"
+trap 'echo TERM >> "$STEP_LOG"; exit 0' TERM
+echo started >> "$STEP_LOG"
+if [[ $STEP_EXIT != run ]]; then exit "$STEP_EXIT"; fi
+while true; do sleep 0.05; done
+"""
+SCONTROL = """#!/usr/bin/env bash
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def array_task(tmp_path: Path, step_exit: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Task 1 of a two-run array script, run by bash with stand-ins for srun and scontrol."""
+    from megaloop.sweep.slurm import SlurmResources, slurm_script
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    listing = tmp_path / "runs.txt"
+    listing.write_text("/configs/a.yaml\n/configs/b.yaml\n")
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(slurm_script("exp", listing, 2, 4, tmp_path, SlurmResources()))
+    step_log, scontrol_log = tmp_path / "step.log", tmp_path / "scontrol.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURM_JOB_ID": "555", "STEP_LOG": str(step_log), "SCONTROL_LOG": str(scontrol_log),
+           "STEP_EXIT": step_exit}
+    task = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    return task, step_log, scontrol_log
+
+
+def test_an_array_task_passes_sigterm_to_its_step_and_requeues(tmp_path):
+    """SLURM signals the batch shell only (--signal=B:TERM@120): the script's trap passes
+    SIGTERM on to the job step (whose ranks save and exit 0) and requeues the task."""
+    task, step_log, scontrol_log = array_task(tmp_path, "run")
+    deadline = time.monotonic() + 30
+    while "started" not in (step_log.read_text() if step_log.exists() else ""):
+        assert time.monotonic() < deadline and task.poll() is None, task.communicate()
+        time.sleep(0.05)
+    task.send_signal(signal.SIGTERM)
+    out, err = task.communicate(timeout=30)
+    assert task.returncode == 0, err
+    argv, *events = step_log.read_text().splitlines()
+    assert argv.endswith("launch.sh train /configs/b.yaml --resume auto --no-progress --nproc 4")
+    assert events == ["started", "TERM"]
+    assert scontrol_log.read_text().split() == ["requeue", "555"]
+    assert "requeueing job 555" in out
+
+
+def test_an_array_task_that_fails_keeps_its_exit_and_is_not_requeued(tmp_path):
+    task, step_log, scontrol_log = array_task(tmp_path, "3")
+    task.communicate(timeout=30)
+    assert task.returncode == 3
+    assert not scontrol_log.exists()
+
+
+def test_slurm_resources_from_the_spec_and_the_cli(tmp_path, monkeypatch):
+    from megaloop.cli import main
+
+    spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
+    path = write_spec(tmp_path, slurm={"time": "04:00:00", "partition": "gpu",
+                                       "cpus_per_task": 16, "extra": ["--qos=high"]})
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", str(path), "--executor", "slurm", "--dry-run", "--nproc", "8",
+                 "--time", "1-00:00:00", "--account", "proj1", "--sbatch=--exclusive"]) == 0
+    script = (tmp_path / "runs" / "sweeps" / spec["experiment"] / "sweep.sbatch").read_text()
+    sbatch = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    for line in ("--gpus-per-node=8", "--cpus-per-task=16", "--time=1-00:00:00",
+                 "--partition=gpu", "--account=proj1", "--qos=high", "--exclusive",
+                 "--requeue", "--signal=B:TERM@120"):
+        assert f"#SBATCH {line}" in sbatch, line
+    assert "--time=04:00:00" not in script  # the CLI's limit wins over the spec's
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    assert Path(shellcheck).exists(), "shellcheck is missing: bash scripts/setup.sh installs it"
+    checked = subprocess.run([shellcheck, "-s", "bash", "-"], input=script, text=True,
+                             capture_output=True)
+    assert checked.returncode == 0, checked.stdout
+    cpu = write_spec(tmp_path, slurm={"gpus_per_node": 0})
+    assert main(["sweep", str(cpu), "--executor", "slurm", "--dry-run", "--nproc", "2"]) == 0
+    script = (tmp_path / "runs" / "sweeps" / spec["experiment"] / "sweep.sbatch").read_text()
+    assert "--gpus-per-node" not in script and "DS_ACCELERATOR=cpu srun" in script
+
+
+@pytest.mark.parametrize(("slurm", "cli", "message"), [
+    ({"time": "tomorrow"}, [], "not a SLURM time limit"),
+    ({"gpus": 8}, [], "unknown key 'gpus'"),
+    ({"extra": ["--qos=high; rm -rf ~"]}, [], "not one sbatch option"),
+    ({}, ["--partition", "gpu\n#SBATCH --wrap=id"], "not a SLURM name"),
+    ({}, ["--sbatch", "--comment=a b"], "not one sbatch option"),
+    ({}, ["--cpus-per-task", "0"], "at least 1 CPU"),
+    ("8 gpus", [], "must be a mapping"),
+])
+def test_bad_slurm_resources_are_refused(tmp_path, monkeypatch, capsys, slurm, cli, message):
+    from megaloop.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["sweep", str(write_spec(tmp_path, slurm=slurm)), "--executor", "slurm",
+                 "--dry-run", *cli])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not list(tmp_path.glob("runs/sweeps/*/sweep.sbatch"))
 
 
 @pytest.mark.slow

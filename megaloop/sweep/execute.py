@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from tqdm import tqdm
 from megaloop.atomic import atomic_write_bytes
 from megaloop.errors import ConfigError, MegaloopError
 from megaloop.sweep.plan import PlannedRun
+from megaloop.sweep.slurm import SlurmResources, submit_slurm
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS_DIR = Path("runs") / "sweeps"
@@ -111,55 +110,10 @@ def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: boo
     return done
 
 
-def slurm_script(experiment: str, config_paths: list[Path], nproc: int,
-                 options: dict[str, Any] | None = None) -> str:
-    """An sbatch array script: task i trains config i through launch.sh, resumable on requeue."""
-    listing = sweep_folder(experiment) / "runs.txt"
-    lines = [
-        "#!/usr/bin/env bash",
-        f"#SBATCH --job-name={shlex.quote('megaloop-' + experiment)}",
-        f"#SBATCH --array=0-{len(config_paths) - 1}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={nproc}",  # one GPU per rank: launch.sh starts nproc ranks
-        "#SBATCH --requeue",
-        "#SBATCH --signal=B:TERM@120",
-        f"#SBATCH --output={shlex.quote(str(sweep_folder(experiment).resolve()))}/slurm-%A_%a.out",
-    ]
-    lines += [f"#SBATCH --{key}={shlex.quote(str(value))}" for key, value in
-              (options or {}).items()]
-    lines += [
-        "set -euo pipefail",
-        f"cd {shlex.quote(str(Path.cwd().resolve()))}",
-        f"config=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {shlex.quote(str(listing.resolve()))})",
-        "# SIGTERM (sent 120 s before the time limit) makes the trainer save a checkpoint; the",
-        "# requeued task resumes from it.",
-        f"srun --ntasks-per-node=1 {shlex.quote(str(REPO / 'launch.sh'))} train \"$config\" "
-        f"--resume auto --no-progress --nproc {nproc} &",
-        "wait $!",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def submit_slurm(experiment: str, runs: list[PlannedRun], nproc: int, dry_run: bool) -> str:
-    paths = write_run_configs(experiment, runs)
-    listing = sweep_folder(experiment) / "runs.txt"
-    atomic_write_bytes(listing, "".join(f"{p.resolve()}\n" for p in paths).encode())
-    script = slurm_script(experiment, paths, nproc)
-    script_path = sweep_folder(experiment) / "sweep.sbatch"
-    atomic_write_bytes(script_path, script.encode())
-    if not dry_run:
-        if shutil.which("sbatch") is None:
-            raise ConfigError(f"sbatch is not on this machine; the script is at {script_path}: "
-                              "submit it from a SLURM login node, or use --executor local.")
-        subprocess.run(["sbatch", str(script_path)], check=True)
-    return script
-
-
 def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inprocess",
             nproc: int = 1, dry_run: bool = False, progress: bool = True,
-            tracking: str | None = None,
-            borrow: list[dict[str, Any]] | None = None) -> SweepOutcome:
+            tracking: str | None = None, borrow: list[dict[str, Any]] | None = None,
+            slurm: SlurmResources | None = None) -> SweepOutcome:
     """Train (or submit) the runs not yet finished. `borrow` (the spec's) is recorded on the
     experiment, so that every later fit of it also takes those runs of other experiments."""
     if tracking is None and runs:
@@ -175,7 +129,10 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
     skipped = [run.name for run in runs if run.config.hash() in finished]
     outcome = SweepOutcome(experiment, len(runs), skipped, [])
     if executor == "slurm":
-        outcome.script = submit_slurm(experiment, todo, nproc, dry_run) if todo else None
+        if todo:
+            outcome.script = submit_slurm(sweep_folder(experiment), experiment,
+                                          write_run_configs(experiment, todo), nproc,
+                                          slurm or SlurmResources(), dry_run)
         return outcome
     if dry_run or not todo:
         return outcome

@@ -42,10 +42,11 @@ from megaloop import config as run_config
 from megaloop.config import LR_ROLES, RunConfig
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
+from megaloop.sweep.slurm import SlurmResources
 from megaloop.templating import SandboxedNativeEnvironment, render_or_refuse
 
 SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "scales", "tokens",
-             "set", "lr_scaling", "variants", "seeds", "description", "borrow"}
+             "set", "lr_scaling", "variants", "seeds", "description", "borrow", "slurm"}
 REQUIRED = {"experiment", "name"}
 VARIANT_KEYS = {"base", "tokens"}  # what a variant may set besides config overrides
 RUN_LENGTH = {"tokens", "steps"}  # known to the expressions only once the run is measured
@@ -104,6 +105,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Sweep spec {path}: give either budgets (FLOPs -> scales) or tokens "
                           "(a fixed count per run, or per variant), not both or neither.")
     spec["borrow"] = borrowed_runs(spec.get("borrow"), path)
+    spec["slurm"] = SlurmResources.from_spec(spec.get("slurm"))
     here = Path(path).parent
     if "base" in spec:
         spec["base"] = str((here / spec["base"]).resolve())
