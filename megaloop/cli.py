@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import traceback
 from typing import Any
@@ -167,6 +168,23 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     ds_config.set_defaults(func=cmd_ds_config)
 
 
+EXIT_STOPPED = 3  # a sweep stopped by SIGTERM before its last run: not an error, not done
+
+
+def stopped_sweep_summary(outcome: Any, argv: list[str], fit: bool) -> str:
+    """What a sweep stopped by SIGTERM trained, what is left, and how to go on."""
+    lines = [f"sweep {outcome.experiment}: stopped by SIGTERM"]
+    if outcome.interrupted:
+        lines.append(f"  interrupted: {outcome.interrupted} (its checkpoint is saved; it "
+                     "resumes from it)")
+    left = [*([outcome.interrupted] if outcome.interrupted else []), *outcome.left]
+    lines.append(f"  left: {len(left)} run(s): {', '.join(left)}")
+    if fit:
+        lines.append("  not fitted: the sweep is not complete")
+    lines.append(f"  continue with: megaloop {shlex.join(argv)} (finished runs are skipped)")
+    return "\n".join(lines)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from megaloop.sweep.execute import execute
     from megaloop.sweep.plan import plan, plan_rows, plan_table, read_spec
@@ -190,6 +208,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.dry_run:
         print(f"sweep {outcome.experiment}: {outcome.planned} runs planned, "
               f"{len(outcome.skipped)} already finished, {len(outcome.trained)} trained")
+    if outcome.stopped:
+        print(stopped_sweep_summary(outcome, args.argv, args.fit))
+        return EXIT_STOPPED
     if args.fit and not args.dry_run and args.executor != "slurm":
         from megaloop.fit.command import run_fit
         from megaloop.fit.report import format_summary
@@ -455,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to say how to run it again
     try:
         return args.func(args)
     except MegaloopError as exc:

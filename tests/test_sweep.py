@@ -270,18 +270,26 @@ def test_tiny_sweep_runs_in_process_and_is_idempotent(tmp_path, stdlib_shards):
         {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
 
 
-def test_killed_sweep_finishes_only_what_is_missing(tmp_path, stdlib_shards):
+def test_a_sweep_stopped_by_sigterm_says_what_is_left_and_does_not_fit(tmp_path, stdlib_shards):
+    """SIGTERM during the second run: that run saves a checkpoint, the third never starts,
+    the summary says so and how to go on, `--fit` does not run on the partial sweep (exit 3),
+    and running the sweep again finishes only what is missing."""
     spec = tiny_sweep(tmp_path, stdlib_shards)
-    process = subprocess.Popen(sweep_command(spec), cwd=tmp_path, env=child_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(sweep_command(spec, "--fit"), cwd=tmp_path, env=child_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second_run = tmp_path / "checkpoints" / "r2-d64" / "step_00000002" / "megaloop_complete.json"
     wait_for(second_run, process, timeout=400)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 3, err[-3000:]
+    assert "3 runs planned, 0 already finished, 1 trained" in out
+    assert "interrupted: r2-d64" in out and "left: 2 run(s): r2-d64, r4-d64" in out
+    assert "not fitted" in out and f"continue with: megaloop sweep {spec}" in out
+    assert "Traceback" not in err and "cannot fit" not in out + err
     before = runs_by_name(tmp_path)
     (first_run,) = before["r1-d64"]
     assert first_run.data.tags["megaloop.status"] == "finished"
+    assert "r4-d64" not in before
 
     again = subprocess.run(sweep_command(spec), cwd=tmp_path, env=child_env(),
                            capture_output=True, text=True, timeout=600)

@@ -11,8 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,37 @@ class SweepOutcome:
     skipped: list[str]
     trained: list[str]
     script: str | None = None
+    interrupted: str | None = None  # the run SIGTERM stopped (it saved a checkpoint)
+    left: list[str] = field(default_factory=list)  # runs SIGTERM kept from starting
+
+    @property
+    def stopped(self) -> bool:
+        return self.interrupted is not None or bool(self.left)
+
+
+class StopRequest:
+    """SIGTERM to the sweep: the run in progress saves and stops (the signal reaches it: an
+    in-process run's own handler, or the local child it is passed on to), and no other run
+    starts. Only the main thread can take signals; elsewhere it changes nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.child: subprocess.Popen | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def sweep_folder(experiment: str) -> Path:
@@ -59,22 +91,26 @@ def write_run_configs(experiment: str, runs: list[PlannedRun]) -> list[Path]:
     return paths
 
 
-def run_inprocess(runs: list[PlannedRun], progress: bool) -> list[str]:
+def run_inprocess(runs: list[PlannedRun], progress: bool, outcome: SweepOutcome,
+                  stop: StopRequest) -> None:
     from megaloop.train import engine
     from megaloop.train.trainer import train
 
-    done = []
     *_, created = engine.join_process_group()  # one process group for all the runs
     try:
         bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
-        for run in bar:
+        for index, run in enumerate(bar):
+            if stop.requested:  # between runs: none was in progress
+                outcome.left = [r.name for r in runs[index:]]
+                break
             bar.set_postfix_str(run.name)
             if train(run.config, resume="auto", progress=False).get("stopped"):
-                break  # SIGTERM: the run saved a checkpoint; the whole sweep stops here
-            done.append(run.name)
+                outcome.interrupted = run.name  # it saved a checkpoint; the sweep stops here
+                outcome.left = [r.name for r in runs[index + 1:]]
+                break
+            outcome.trained.append(run.name)
     finally:
         engine.leave_process_group(created)
-    return done
 
 
 def die_with_parent(parent: int):
@@ -93,21 +129,29 @@ def die_with_parent(parent: int):
     return arm
 
 
-def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: bool) -> list[str]:
-    done = []
+def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: bool,
+              outcome: SweepOutcome, stop: StopRequest) -> None:
     paths = write_run_configs(experiment, runs)
     bar = tqdm(list(zip(runs, paths, strict=True)), desc="sweep", unit="run",
                disable=not progress)
-    for run, path in bar:
+    for index, (run, path) in enumerate(bar):
+        if stop.requested:
+            outcome.left = [r.name for r in runs[index:]]
+            return
         bar.set_postfix_str(run.name)
         argv = [str(REPO / "launch.sh"), "train", str(path), "--resume", "auto", "--no-progress",
                 "--nproc", str(nproc)]
-        code = subprocess.call(argv, preexec_fn=die_with_parent(os.getpid()))
+        stop.child = subprocess.Popen(argv, preexec_fn=die_with_parent(os.getpid()))
+        code = stop.child.wait()
+        stop.child = None
+        if stop.requested:  # the run got SIGTERM: it saved a checkpoint (or had finished)
+            outcome.interrupted = run.name
+            outcome.left = [r.name for r in runs[index + 1:]]
+            return
         if code != 0:
             raise MegaloopError(f"Run {run.name} failed (exit {code}); fix the cause and run the "
                                 "sweep again: finished runs are skipped, this one resumes.")
-        done.append(run.name)
-    return done
+        outcome.trained.append(run.name)
 
 
 def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inprocess",
@@ -137,13 +181,15 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
     if dry_run or not todo:
         return outcome
     start = time.perf_counter()
-    if executor == "inprocess":
-        outcome.trained = run_inprocess(todo, progress)
-    elif executor == "local":
-        outcome.trained = run_local(todo, experiment, nproc, progress)
-    else:
-        raise ConfigError(f"Unknown executor {executor!r}; use inprocess, local or slurm.")
+    with StopRequest() as stop:
+        if executor == "inprocess":
+            run_inprocess(todo, progress, outcome, stop)
+        elif executor == "local":
+            run_local(todo, experiment, nproc, progress, outcome, stop)
+        else:
+            raise ConfigError(f"Unknown executor {executor!r}; use inprocess, local or slurm.")
     if progress:
         elapsed = time.perf_counter() - start
-        print(f"sweep {experiment}: trained {len(todo)} runs in {elapsed:.0f} s", file=sys.stderr)
+        print(f"sweep {experiment}: trained {len(outcome.trained)} runs in {elapsed:.0f} s",
+              file=sys.stderr)
     return outcome
