@@ -94,3 +94,22 @@ def fsync_files(paths: list[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_output(path: str | Path, option: str, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: a file where its
+    folders go, a folder where a file goes (or the reverse), or a place this process cannot
+    write. `option` names it in the message (e.g. "--report")."""
+    from megaloop.errors import MegaloopError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise MegaloopError(f"{option} {path} is a {'file' if folder else 'folder'}, not a "
+                            f"{'folder' if folder else 'file'}: choose another path.")
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor))
+    if existing != path and not existing.is_dir():
+        raise MegaloopError(f"{option} {path}: {existing} is a file, not a folder. Choose a "
+                            "path whose folders are folders, or move that file away.")
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        raise MegaloopError(f"{option} {path}: {existing} cannot be written by this user; "
+                            "choose a folder you can write.")

@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 import traceback
 from typing import Any
 
 from megaloop.errors import MegaloopError
+
+
+def whole(least: int):
+    """An argparse type: a whole number >= `least` (argparse then names the option)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}: give {least} or more")
+        return value
+
+    return parse
+
+
+def finite(text: str) -> float:
+    """An argparse type: a finite number (no nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,14 +80,14 @@ def _add_tokenizer_parser(sub: argparse._SubParsersAction,
     train.add_argument("--corpus", required=True,
                        help="`stdlib`, a file or folder (.txt/.jsonl/.jsonl.gz/.parquet), "
                             "hf:NAME[:CONFIG][?split=S] or hf:json:FILES")
-    train.add_argument("--vocab-size", type=int, required=True, help="number of pieces")
+    train.add_argument("--vocab-size", type=whole(2), required=True, help="number of pieces")
     train.add_argument("--out", required=True, help="the .model file to write")
     train.add_argument("--text-field", default="text",
                        help="field or column that holds the text (default: text)")
-    train.add_argument("--max-sentences", type=int, default=DEFAULT_MAX_SENTENCES,
+    train.add_argument("--max-sentences", type=whole(1), default=DEFAULT_MAX_SENTENCES,
                        help=f"lines sampled for training (default: {DEFAULT_MAX_SENTENCES})")
     train.add_argument("--seed", type=int, default=0, help="seed of the line sample")
-    train.add_argument("--threads", type=int, default=2, help="trainer threads (default: 2)")
+    train.add_argument("--threads", type=whole(1), default=2, help="trainer threads (default: 2)")
     train.set_defaults(func=cmd_tokenizer_train)
 
 
@@ -80,6 +106,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
         + (f" in {info['rows']:,} rows ({info['tokens_cropped']:,} tokens cropped, "
            f"{info['tokens_left_over']:,} left over)" if "rows" in info else "")
         for name, info in splits.items()) + f" ({manifest['dtype']})")
+    if not splits["val"]["documents"]:
+        print(f"megaloop: warning: no document went to validation (--val-fraction "
+              f"{args.val_fraction} of {splits['train']['documents']:,} documents): training "
+              "refuses these shards. Prepare them again with a larger --val-fraction, or from "
+              "more documents.", file=sys.stderr)
     return 0
 
 
@@ -96,19 +127,19 @@ def _add_data_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     prep.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
                       help="sentencepiece model (default: the repository's tokenizer/)")
     prep.add_argument("--out", required=True, help="folder for the shards and manifest")
-    prep.add_argument("--val-fraction", type=float, default=0.01,
+    prep.add_argument("--val-fraction", type=finite, default=0.01,
                       help="share of documents held out for validation (default: 0.01)")
-    prep.add_argument("--workers", type=int, default=2, help="encoding processes (default: 2)")
+    prep.add_argument("--workers", type=whole(1), default=2, help="encoding processes (default: 2)")
     prep.add_argument("--text-field", default="text", help="field or column holding the text")
-    prep.add_argument("--part-tokens", type=int, default=DEFAULT_PART_TOKENS,
+    prep.add_argument("--part-tokens", type=whole(1), default=DEFAULT_PART_TOKENS,
                       help="training tokens per shard file")
     prep.add_argument("--packing", choices=PACKINGS, default="stream",
                       help="stream: documents followed by EOS, one stream (default); "
                            "bos_best_fit: BOS + document, best-fit packed into rows of "
                            "--seq-len + 1 tokens (the iso-depth paper's)")
-    prep.add_argument("--seq-len", type=int, metavar="T",
+    prep.add_argument("--seq-len", type=whole(1), metavar="T",
                       help="bos_best_fit: the model.max_seq_len the rows are for")
-    prep.add_argument("--pack-buffer", type=int, metavar="N",
+    prep.add_argument("--pack-buffer", type=whole(1), metavar="N",
                       help="bos_best_fit: documents the packer chooses from "
                            f"(default: {DEFAULT_BUFFER_DOCUMENTS})")
     prep.set_defaults(func=cmd_data_prepare)
@@ -152,7 +183,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     train.add_argument("--trust-checkpoint", action="store_true",
                        help="with --resume: load a checkpoint megaloop cannot verify (an older "
                             "marker, another tool's files) and unpickle it fully")
-    train.add_argument("--peak-flops", type=float,
+    train.add_argument("--peak-flops", type=finite,
                        help="peak FLOP/s of one device for MFU (default: known GPU or measured)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--json", metavar="FILE",
@@ -163,7 +194,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     ds_config = sub.add_parser("ds-config", parents=[common],
                                help="print the DeepSpeed config a run would use")
     _add_config_arguments(ds_config)
-    ds_config.add_argument("--world-size", type=int, default=1,
+    ds_config.add_argument("--world-size", type=whole(1), default=1,
                            help="number of ranks to render for (default: 1)")
     ds_config.set_defaults(func=cmd_ds_config)
 
@@ -235,12 +266,12 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     sweep.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     sweep.add_argument("--executor", choices=["inprocess", "local", "slurm"], default="inprocess",
                        help="one process, launch.sh with --nproc ranks, or a SLURM array")
-    sweep.add_argument("--nproc", type=int, default=1, help="ranks per run (local, slurm)")
+    sweep.add_argument("--nproc", type=whole(1), default=1, help="ranks per run (local, slurm)")
     slurm = sweep.add_argument_group("slurm", "what each array task asks for (over the spec's "
                                               "slurm: mapping)")
-    slurm.add_argument("--gpus-per-node", type=int,
+    slurm.add_argument("--gpus-per-node", type=whole(0),
                        help="GPUs per task (default: one per rank; 0: CPU ranks on purpose)")
-    slurm.add_argument("--cpus-per-task", type=int, help="CPUs per task")
+    slurm.add_argument("--cpus-per-task", type=whole(1), help="CPUs per task")
     slurm.add_argument("--time", help="time limit, e.g. 24:00:00 (the task requeues at it)")
     slurm.add_argument("--partition", help="partition")
     slurm.add_argument("--account", help="account")
@@ -249,8 +280,8 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.add_argument("--fit", action="store_true",
                        help="fit the scaling law on the experiment when the runs are done")
-    sweep.add_argument("--fit-restarts", type=int, default=500, help="starts of the fit")
-    sweep.add_argument("--fit-bootstrap", type=int, default=200, help="bootstrap resamples")
+    sweep.add_argument("--fit-restarts", type=whole(1), default=500, help="starts of the fit")
+    sweep.add_argument("--fit-bootstrap", type=whole(0), default=200, help="bootstrap resamples")
     sweep.set_defaults(func=cmd_sweep)
 
 
@@ -296,9 +327,9 @@ def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
                            "val split")
     evaluate.add_argument("--recurrences", metavar="R[,R...]",
                           help="loop counts to evaluate at (default: the trained r)")
-    evaluate.add_argument("--batch-size", type=int,
+    evaluate.add_argument("--batch-size", type=whole(1),
                           help="sequences per batch (default: the run's train.micro_batch)")
-    evaluate.add_argument("--max-batches", type=int,
+    evaluate.add_argument("--max-batches", type=whole(1),
                           help="--shards: batches (default: the run's train.eval_batches x its "
                                "ranks, which reproduces its last val/loss)")
     evaluate.add_argument("--tokenizer", help="--text: sentencepiece model (default: the run's)")
@@ -309,10 +340,10 @@ def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     gen = sub.add_parser("generate", parents=[common], help="sample text from a checkpoint")
     gen.add_argument("--checkpoint", required=True, help=checkpoint_help)
     gen.add_argument("--prompt", required=True, help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: 1)")
-    gen.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
-    gen.add_argument("--recurrences", type=int, help="loop count (default: the trained r)")
+    gen.add_argument("--max-new-tokens", type=whole(1), default=64, help="(default: 64)")
+    gen.add_argument("--temperature", type=finite, default=1.0, help="0 is greedy (default: 1)")
+    gen.add_argument("--top-k", type=whole(1), help="sample among the k likeliest tokens")
+    gen.add_argument("--recurrences", type=whole(1), help="loop count (default: the trained r)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
     gen.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence for every token (no KV cache)")
@@ -324,8 +355,10 @@ def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from megaloop.atomic import check_output
     from megaloop.train.export import export_safetensors
 
+    check_output(args.out, "--out", folder=False)
     result = export_safetensors(args.checkpoint, args.out)
     print(f"exported {result['parameters']:,} fp32 parameters of {result['checkpoint']} to "
           f"{result['out']}")
@@ -333,8 +366,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
+    from megaloop.atomic import check_output
     from megaloop.train.hf_export import export_hf
 
+    check_output(args.out, "--out", folder=True)
     result = export_hf(args.checkpoint, args.out, tokenizer_path=args.tokenizer)
     print(f"exported {result['checkpoint']} as LlamaForCausalLM ({result['layers']} layers) "
           f"with its tokenizer to {result['out']}")
@@ -383,16 +418,21 @@ def _add_browse_parsers(sub: argparse._SubParsersAction,
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     runs.set_defaults(func=cmd_runs)
     ui = sub.add_parser("ui", parents=[common], help="MLflow's UI over the project's store")
-    ui.add_argument("--port", type=int, default=DEFAULT_UI_PORT,
+    ui.add_argument("--port", type=whole(1), default=DEFAULT_UI_PORT,
                     help=f"port on 127.0.0.1 (default: {DEFAULT_UI_PORT})")
     ui.add_argument("--tracking-uri", help=store_help)
     ui.set_defaults(func=cmd_ui)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
+    from megaloop.atomic import check_output
     from megaloop.fit.command import run_fit
     from megaloop.fit.report import format_summary
 
+    if args.report:
+        check_output(args.report, "--report", folder=True)
+    if args.json:
+        check_output(args.json, "--json", folder=False)
     _, summary = run_fit(runs_csv=args.runs, experiment=args.experiment, filters=args.filters,
                          tracking=args.tracking_uri, fix_phi=args.fix_phi,
                          restarts=args.restarts, bootstrap=args.bootstrap, seed=args.seed,
@@ -416,11 +456,11 @@ def _add_fit_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
                      metavar="TAG=VALUE", help="only MLflow runs with this tag (repeatable)")
     fit.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                                             "sqlite:///runs/mlflow.db)")
-    fit.add_argument("--fix-phi", type=float, metavar="X",
+    fit.add_argument("--fix-phi", type=finite, metavar="X",
                      help="fit with phi fixed at X (e.g. 0 or 1) instead of free")
-    fit.add_argument("--restarts", type=int, default=500,
+    fit.add_argument("--restarts", type=whole(1), default=500,
                      help="random starts in the paper's box (default: 500)")
-    fit.add_argument("--bootstrap", type=int, default=200,
+    fit.add_argument("--bootstrap", type=whole(0), default=200,
                      help="bootstrap resamples for the intervals (default: 200; 0: none)")
     fit.add_argument("--seed", type=int, default=0, help="seed of starts and resamples")
     fit.add_argument("--json", metavar="OUT", help="write the fit as JSON to OUT")
@@ -473,6 +513,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def explain_os_error(exc: OSError) -> str:
+    """What went wrong with which path, and the fix, for an error the file system raised."""
+    import errno
+    from pathlib import Path
+
+    name = exc.filename or "a file"
+    path = Path(str(name))
+    as_folder = exc.errno in (errno.EEXIST, errno.ENOTDIR)  # a folder was to be made there
+    blocking = next((parent for parent in [path, *path.parents]
+                     if (parent != path or as_folder) and parent.is_file()), None)
+    if blocking is not None:
+        return (f"cannot write {name}: {blocking} is a file, not a folder. Choose a path "
+                "whose folders are folders, or move that file away.")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write {name} ({exc.strerror}): choose a folder you can write, e.g. "
+                "under your home or scratch space.")
+    if exc.errno == errno.ENOSPC:
+        return f"cannot write {name}: the disk is full. Free space, or choose another disk."
+    if exc.errno == errno.EEXIST or exc.errno == errno.EISDIR:
+        return (f"cannot write {name}: something else is at that path ({exc.strerror}). Choose "
+                "a new path, or move it away.")
+    return f"{name}: {exc.strerror or exc}. Check the path and try again."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -483,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"megaloop: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path to write that cannot be: an --out, a report, a store
+        if args.debug:
+            traceback.print_exc()
+        print(f"megaloop: error: {explain_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("megaloop: interrupted", file=sys.stderr)

@@ -485,15 +485,28 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
-def read_yaml(path: str | Path) -> Any:
+def read_yaml(path: str | Path, what: str = "run config", examples: str = "configs/runs/") -> Any:
+    """A YAML file's contents; a ConfigError naming the file, what it should be (`what`, with
+    `examples` to copy) and the fix when it is missing, a folder or not YAML."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a {what} file; pass the path of a YAML "
+                          f"{what} (see {examples}).")
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist; pass the path of a YAML run config "
-                          "(see configs/runs/).")
+        raise ConfigError(f"{what.capitalize()} {path} does not exist; pass the path of a YAML "
+                          f"{what} (see {examples}).")
     try:
         return _yaml(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what.capitalize()} {path} is not text; pass a YAML {what} (see "
+                          f"{examples}).") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what.capitalize()} {path} is not valid YAML{where}: {problem}. "
+                          "Fix that line (a missing closing bracket or quote, or a tab for "
+                          "indentation, are the usual causes).") from None
 
 
 def read_sections(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -160,10 +160,16 @@ def gpus_asked_for(environ: Mapping[str, str]) -> str | None:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The launcher's options, and the megaloop argv (COMMAND CONFIG --set ... extras)."""
-    args, extras = build_parser().parse_known_args(argv)
+    args, extras = build_parser().parse_known_intermixed_args(argv)
     if not COMMAND.fullmatch(args.command):
         raise LaunchError(f"{args.command!r} is not a megaloop command: start with one such as "
                           "train, e.g. ./launch.sh train configs/runs/tiny.yaml")
+    misplaced = next((word for word in [args.config or "", *extras]
+                      if word.endswith((".yaml", ".yml")) and Path(word).is_file()), None)
+    if misplaced is not None and misplaced != args.config:
+        raise LaunchError(f"the run config {misplaced} must come right after the command, "
+                          f"before megaloop's own options: ./launch.sh {args.command} "
+                          f"{misplaced} [options]")
     if args.config is None:
         raise LaunchError("no run config given: pass a YAML run config after the command, "
                           "see configs/runs/")

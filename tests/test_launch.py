@@ -304,6 +304,12 @@ def test_errors_exit_2_and_start_nothing(tmp_path, args, env, message):
     assert "Traceback" not in proc.stderr
 
 
+def test_launcher_options_may_come_before_the_config():
+    assert plan("train", "--nproc", "2", CONFIG).argv[-2:] == ["train", CONFIG]
+    with pytest.raises(LaunchError, match=f"the run config {CONFIG} must come right after"):
+        launch.parse(["train", "--resume", "auto", CONFIG])
+
+
 def test_too_many_ranks_for_the_gpus():
     with pytest.raises(LaunchError, match="this node has 2 CUDA devices"):
         plan("train", CONFIG, "--nproc", "4", devices=2)

@@ -165,3 +165,12 @@ def test_a_validation_set_in_tokens_is_the_same_on_any_number_of_ranks(shards):
     too_many = len(shards.streams["val"]) // SEQ + 1
     with pytest.raises(DataError, match="train.eval_tokens"):
         ValLoader(shards, SEQ, 1, max_windows=too_many)
+
+
+def test_an_empty_val_split_names_the_val_fraction(tmp_path):
+    (tmp_path / "docs").mkdir()
+    folder = stdlib_documents(["textwrap.py", "glob.py"], tmp_path / "docs")
+    prepare(open_corpus(str(folder)), Tokenizer.load(DEFAULT_TOKENIZER), tmp_path / "s",
+            val_fraction=0.0, progress=False)
+    with pytest.raises(DataError, match="val split .* is empty.*--val-fraction"):
+        ValLoader(TokenShards(tmp_path / "s"), SEQ, 2)

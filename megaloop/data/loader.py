@@ -53,6 +53,12 @@ def _windows(stream: TokenStream, seq_len: int, stride: int) -> int:
 def _check_fill(split: str, stream: TokenStream, seq_len: int, stride: int, per_step: int,
                 folder) -> int:
     n = _windows(stream, seq_len, stride)
+    if split == "val" and len(stream) == 0:
+        raise DataError(
+            f"The val split of {folder} is empty: no document went to validation. Prepare the "
+            "shards again with a larger val fraction (`megaloop data prepare --val-fraction "
+            "0.01`, or data.val_fraction where training prepares them from data.corpus), or "
+            "from more documents: each document goes to train or val whole.")
     if n < per_step:
         what = "rows" if stride > seq_len else "windows"
         raise DataError(

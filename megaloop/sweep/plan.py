@@ -87,8 +87,59 @@ def _render(value: Any, context: dict[str, Any], where: str) -> Any:
                             f"Sweep spec: {where} = {value!r}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_flops(key: Any) -> bool:
+    """A budget's key: a number, or a string YAML left unparsed (`1e18` lacks YAML 1.1's dot)."""
+    try:
+        return _is_number(float(key)) and float(key) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+SHAPES: dict[str, tuple[Any, str]] = {  # key: (check, what it must be, with an example)
+    "experiment": (lambda v: isinstance(v, str) and v.strip(), "a name, e.g. experiment: mine"),
+    "name": (lambda v: isinstance(v, str), "a string, e.g. name: 'r{{ r }}-d{{ d }}'"),
+    "base": (lambda v: isinstance(v, str), "a run config's path"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "recurrences": (lambda v: isinstance(v, list) and v and all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in v),
+        "a list of whole numbers >= 1, e.g. recurrences: [1, 2, 4]"),
+    "seeds": (lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v),
+              "a list of whole numbers, e.g. seeds: [0, 1]"),
+    "scales": (lambda v: isinstance(v, list) and all(_is_number(x) for x in v),
+               "a list of numbers, e.g. scales: [2, 3, 4]"),
+    "budgets": (lambda v: isinstance(v, dict) and v and all(
+        _is_flops(c) and isinstance(scales, list) and all(_is_number(x) for x in scales)
+        for c, scales in v.items()),
+        "a mapping of FLOPs to the scales trained at them, e.g. budgets: {1e18: [2, 3, 4]}"),
+    "width": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
+              "a mapping, e.g. width: {per_scale: 64, multiple: 64}"),
+    "set": (lambda v: isinstance(v, dict), "a mapping of config keys to values or expressions"),
+    "variants": (lambda v: isinstance(v, dict) and all(x is None or isinstance(x, dict)
+                                                        for x in v.values()),
+                 "a mapping of variant names to their settings, e.g. variants: {plain: {}}"),
+    "lr_scaling": (lambda v: isinstance(v, dict) and set(v) == {"reference_width", "exponent"}
+                   and all(_is_number(x) for x in v.values()) and v["reference_width"] > 0,
+                   "a mapping with a positive reference_width and an exponent, e.g. "
+                   "lr_scaling: {reference_width: 640, exponent: -0.5}"),
+}
+
+
+def check_shapes(spec: dict[str, Any], path: str | Path) -> None:
+    """Every key of a spec holds the kind of value the plan reads (before anything renders)."""
+    for key, (check, what) in SHAPES.items():
+        if key in spec and spec[key] is not None and not check(spec[key]):
+            raise ConfigError(f"Sweep spec {path}: {key} = {spec[key]!r} must be {what}.")
+    if "tokens" in spec and not (_is_number(spec["tokens"]) and spec["tokens"] > 0):
+        raise ConfigError(f"Sweep spec {path}: tokens = {spec['tokens']!r} must be a positive "
+                          "number of tokens per run, e.g. tokens: 1e8.")
+
+
 def read_spec(path: str | Path) -> dict[str, Any]:
-    spec = run_config.read_yaml(path)
+    spec = run_config.read_yaml(path, "sweep spec", "configs/sweeps/")
     if not isinstance(spec, dict):
         raise ConfigError(f"Sweep spec {path} must be a mapping (experiment: ..., name: ...).")
     unknown = sorted(set(spec) - SPEC_KEYS)
@@ -98,6 +149,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     missing = sorted(REQUIRED - set(spec))
     if missing:
         raise ConfigError(f"Sweep spec {path} lacks '{missing[0]}'.")
+    check_shapes(spec, path)
     variants = spec.get("variants") or {}
     with_tokens = "tokens" in spec or (variants and all("tokens" in (v or {})
                                                         for v in variants.values()))

@@ -108,7 +108,7 @@ def open_client(uri: str) -> Any:
 
     db = sqlite_path(uri)
     if db is None:
-        return MlflowClient(tracking_uri=uri)
+        return _reachable_client(uri)
     try:
         db.parent.mkdir(parents=True, exist_ok=True)
         with open(db.parent / f".{db.name}.setup-lock", "a") as lock:
@@ -120,6 +120,33 @@ def open_client(uri: str) -> Any:
         raise MegaloopError(f"Cannot open the MLflow store {uri} ({exc.strerror or exc}): point "
                             "track.tracking_uri (or MLFLOW_TRACKING_URI) at a folder you can "
                             "write.") from None
+
+
+def _reachable_client(uri: str) -> Any:
+    """A client of a store that is not a local sqlite file, asked once, with no retries, that
+    it answers: a wrong address fails in seconds with the fix named, not after MLflow's
+    minutes of retries (which stay in force for the run itself)."""
+    from mlflow.tracking import MlflowClient
+
+    fix = ("check track.tracking_uri (or MLFLOW_TRACKING_URI): an sqlite:///PATH file, or the "
+           "http(s):// address of a running `mlflow server` (`megaloop ui` starts one); or set "
+           "track.enabled false to train without tracking")
+    probe = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {name: os.environ.get(name) for name in probe}
+    os.environ.update(probe)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        return client
+    except Exception as exc:  # MLflow's many kinds: a scheme it lacks, a refused connection
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise MegaloopError(f"Cannot use the MLflow store {uri} ({reason}): {fix}.") from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def log_batch(client: Any, run_id: str, *, params: dict | None = None,
