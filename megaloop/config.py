@@ -330,10 +330,15 @@ class TrackConfig:
     run_name: str | None = None  # None: derived from the config
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db
     enabled: bool = True
+    system_metrics_interval: float = 10.0  # seconds between system/* samples (rank 0); 0: off
 
     def validate(self) -> None:
         if not self.experiment.strip():
             raise ConfigError("track.experiment must not be empty.")
+        if not (math.isfinite(self.system_metrics_interval)
+                and self.system_metrics_interval >= 0):
+            raise ConfigError(f"track.system_metrics_interval = {self.system_metrics_interval} "
+                              "must be a number of seconds >= 0 (0: no system metrics).")
         name = self.run_name
         if name is not None and (not RUN_NAME.match(name) or name in (".", "..")):
             raise ConfigError(f"track.run_name = {name!r} is not a name: it names the run's "

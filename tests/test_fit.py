@@ -365,8 +365,24 @@ def test_fit_from_mlflow_is_logged_as_its_own_run(tmp_path, sweep_store):
     assert run.data.metrics["r2"] == pytest.approx(summary["r2"])
     assert run.data.params["fit.law"] == "looped"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"report.md", "fit.json", "loss_vs_n.png", "phi_bootstrap.png"} <= artifacts
+    assert {"report.md", "fit.json", "loss_vs_n.png", "phi_bootstrap.png",
+            "fitted_runs.json"} <= artifacts
     assert (report / "report.md").exists()
+    # the fit names the runs it took: 28 finished training runs of the experiment, no others
+    training = {r.info.run_id for r in client.search_runs([run.info.experiment_id])
+                if r.data.tags.get("megaloop.status") == "finished"}
+    fitted = json.loads((report / "fitted_runs.json").read_text())
+    assert len(fitted) == 28 and {f["run_id"] for f in fitted} <= training
+    assert set(run.data.tags["megaloop.fit.run_ids"].split(",")) == {f["run_id"] for f in fitted}
+    assert run.data.tags["megaloop.fit.n_runs"] == "28"
+    # `megaloop runs` lists the training runs, with their budget and id, and not the fit
+    from megaloop.track.browse import format_runs, list_runs
+
+    rows = list_runs("sweep", tracking=uri)
+    assert summary["mlflow_run_id"] not in {row["run_id"] for row in rows}
+    assert len(rows) == 31 and all("budget_flops" in row for row in rows)
+    table = format_runs(rows)
+    assert "run_id" in table.splitlines()[1] and "budget" in table.splitlines()[1]
     # the fit run is not taken for a training run by the next fit; a filter selects runs
     _, again = run_fit(experiment="sweep", tracking=uri, restarts=10, bootstrap=0,
                        filters=["batch=a"], log_to_mlflow=False)

@@ -45,7 +45,7 @@ def test_loss_falls_on_the_embedded_corpus(stdlib_shards, tmp_path):
 
 
 def test_run_is_tracked_with_the_documented_names(stdlib_shards, tmp_path):
-    proc = run_training(stdlib_shards, tmp_path)
+    proc = run_training(stdlib_shards, tmp_path, **{"track.system_metrics_interval": 0.25})
     assert_ok(proc)
     # --no-progress: one plain line per log interval (every step here), rank 0 only
     lines = [line for line in proc.stdout.splitlines() if line.startswith("megaloop: step ")]
@@ -66,6 +66,16 @@ def test_run_is_tracked_with_the_documented_names(stdlib_shards, tmp_path):
                 "train/mfu"):
         assert key in run.data.metrics, key
     assert 0 < run.data.metrics["train/mfu"] < 1
+    assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100 * os.cpu_count()
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    assert tags["megaloop.checkpoint_dir"] == str(tmp_path / "checkpoints" / run.info.run_name)
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == stdlib_shards.name
+    assert dataset.tags[0].value == "training"
+    profile = json.loads(dataset.dataset.profile)
+    manifest = json.loads((stdlib_shards / "manifest.json").read_text())
+    assert profile["splits"]["train"]["tokens"] == manifest["splits"]["train"]["tokens"]
+    assert profile["tokenizer_sha256"] == manifest["tokenizer"]["sha256"]
     tokens_seen, flops_seen = history(tmp_path, "train/tokens_seen"), history(tmp_path,
                                                                              "train/flops_seen")
     assert tokens_seen == {step: [step * 8 * 64] for step in range(1, 9)}

@@ -30,13 +30,17 @@ def run_fit(*, runs_csv: str | None = None, experiment: str | None = None,
     result = fit(runs, fix_phi=fix_phi, restarts=restarts, bootstrap=bootstrap, seed=seed)
     summary = result.to_json()
     if experiment is not None and log_to_mlflow:
+        fitted = [{"run_id": run_id, "name": name}
+                  for run_id, name in zip(runs.run_ids, runs.names, strict=True)]
         if report_dir is not None:
             summary["report"] = str(write(result, summary, report_dir))
-            summary["mlflow_run_id"] = _log(experiment, filters, tracking, summary, report_dir)
+            summary["mlflow_run_id"] = _log(experiment, filters, tracking, summary, report_dir,
+                                            fitted)
         else:
             with tempfile.TemporaryDirectory(prefix="megaloop-fit-") as folder:
                 write(result, summary, folder)
-                summary["mlflow_run_id"] = _log(experiment, filters, tracking, summary, folder)
+                summary["mlflow_run_id"] = _log(experiment, filters, tracking, summary, folder,
+                                                fitted)
     elif report_dir is not None:
         summary["report"] = str(write(result, summary, report_dir))
     if json_out is not None:
@@ -68,8 +72,17 @@ def fit_metrics(summary: dict) -> dict[str, float]:
     return metrics
 
 
-def _log(experiment: str, filters, tracking, summary: dict, folder) -> str:
+RUN_IDS_TAG_LIMIT = 5000  # characters: MLflow's tag values are bounded; the artifact is not
+
+
+def _log(experiment: str, filters, tracking, summary: dict, folder,
+         fitted: list[dict[str, str]]) -> str:
+    """The fit as an MLflow run, with the runs it took: `fitted_runs.json` (run id and name of
+    each) and, while short enough for a tag, `megaloop.fit.run_ids`."""
     from megaloop.track.runs import log_fit_run
+
+    atomic_write_json(Path(folder) / "fitted_runs.json", fitted)
+    run_ids = ",".join(run["run_id"] for run in fitted)
 
     settings = summary["settings"]
     params = {"fit.law": summary["law"], "fit.source": summary["source"],
@@ -79,7 +92,10 @@ def _log(experiment: str, filters, tracking, summary: dict, folder) -> str:
               "fit.fix_phi": settings["fix_phi"],
               "fit.bootstrap_unit": summary["bootstrap"]["unit"]}
     skipped = sum(summary["skipped"].values())
-    tags = {"megaloop.fit.experiment": experiment, "megaloop.fit.skipped_runs": str(skipped)}
+    tags = {"megaloop.fit.experiment": experiment, "megaloop.fit.skipped_runs": str(skipped),
+            "megaloop.fit.n_runs": str(len(fitted))}
+    if len(run_ids) <= RUN_IDS_TAG_LIMIT:
+        tags["megaloop.fit.run_ids"] = run_ids
     return log_fit_run(experiment, params=params, metrics=fit_metrics(summary),
                        artifact_dir=folder, tags=tags, tracking=tracking,
                        run_name=f"fit-{summary['law'].replace(', ', '-').replace(' ', '-')}")

@@ -36,6 +36,7 @@ class Runs:
     budget_flops: np.ndarray | None = None
     flops_per_token: np.ndarray | None = None
     names: list[str] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)  # MLflow's, one per run (none from a CSV)
     source: str = ""
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (MLflow)
 
@@ -194,7 +195,8 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
         every += theirs
     skipped: Counter[str] = Counter()
     columns: dict[str, list[float]] = {name: [] for name in (*REQUIRED, *OPTIONAL)}
-    names = []
+    names: list[str] = []
+    run_ids: list[str] = []
     for run in every:
         if run["status"] != "finished":
             skipped[f"not finished (megaloop.status={run['status'] or 'unset'})"] += 1
@@ -221,6 +223,7 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
             except ValueError:
                 columns[name].append(math.nan)
         names.append(f"run {run['name'] or run['run_id']}")
+        run_ids.append(run["run_id"])
     where = f"MLflow experiment '{experiment}' at {uri}" + (
         f" (filter {', '.join(f'{k}={v}' for k, v in filter_tags.items())})"
         if filter_tags else "") + "".join(
@@ -233,4 +236,4 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
                           " (no runs at all: check the experiment name, the filter and "
                           "MLFLOW_TRACKING_URI)")
                        + ". Wait for runs to finish, or fit a CSV file with --runs.")
-    return Runs(**columns, names=names, source=where, skipped=dict(skipped))
+    return Runs(**columns, names=names, run_ids=run_ids, source=where, skipped=dict(skipped))

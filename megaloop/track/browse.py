@@ -20,7 +20,8 @@ from megaloop.track.mlflow_tracker import open_client, sqlite_path, tracking_uri
 from megaloop.track.runs import find_runs
 
 DEFAULT_UI_PORT = 5000  # MLflow's own default
-COLUMNS = ["name", "status", "r", "d_model", "n_once", "n_rec", "tokens", "val/loss", "duration"]
+COLUMNS = ["name", "run_id", "status", "r", "d_model", "n_once", "n_rec", "tokens", "budget",
+           "val/loss", "duration"]
 
 
 def store_uri(tracking: str | None = None) -> str:
@@ -59,13 +60,21 @@ def _row(experiment: str, run: dict[str, Any]) -> dict[str, Any]:
             "recurrences": _int(params.get("recurrences")),
             "d_model": _int(params.get("model.d_model")), "n_once": _int(params.get("n_once")),
             "n_rec": _int(params.get("n_rec")), "tokens": _int(params.get("tokens")),
+            "budget_flops": _float(params.get("budget_flops")),
             "val/loss": run["metrics"].get("val/loss"), "duration_s": duration}
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def list_runs(experiment: str | None = None, tracking: str | None = None) -> list[dict[str, Any]]:
     """The runs of `experiment` (None: of every experiment), oldest first within an experiment:
-    {experiment, run_id, name, status, recurrences, d_model, n_once, n_rec, tokens, val/loss,
-    duration_s}."""
+    {experiment, run_id, name, status, recurrences, d_model, n_once, n_rec, tokens,
+    budget_flops, val/loss, duration_s}; fit runs are left out."""
     uri = store_uri(tracking)
     client = open_client(uri)
     names = _experiment_names(client)
@@ -75,7 +84,8 @@ def list_runs(experiment: str | None = None, tracking: str | None = None) -> lis
                                 f"are: {', '.join(sorted(names)) or 'none'}.")
         names = [experiment]
     return [_row(name, run) for name in names
-            for run in find_runs(name, tracking=uri, status=None)]
+            for run in find_runs(name, tracking=uri, status=None)
+            if run["tags"].get("megaloop.kind") != "fit"]  # fits are runs of their own kind
 
 
 def _count(value: int | None) -> str:
@@ -103,9 +113,10 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
         return "no runs"
     blocks = []
     for experiment in dict.fromkeys(row["experiment"] for row in rows):
-        cells = [[row["name"], row["status"], str(row["recurrences"] or "-"),
+        cells = [[row["name"], row["run_id"][:8], row["status"], str(row["recurrences"] or "-"),
                   str(row["d_model"] or "-"), _count(row["n_once"]), _count(row["n_rec"]),
                   _count(row["tokens"]),
+                  "-" if row["budget_flops"] is None else f"{row['budget_flops']:.3g}",
                   "-" if row["val/loss"] is None else f"{row['val/loss']:.4f}",
                   _duration(row["duration_s"])]
                  for row in rows if row["experiment"] == experiment]

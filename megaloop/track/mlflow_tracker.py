@@ -12,6 +12,7 @@ global run, so several trackers may live in one process. mlflow is imported lazi
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import platform
 import posixpath
@@ -257,6 +258,34 @@ class Tracker:
         self._sender = _Sender(client, run_id, interval, max_batch, retry_delays)
         self._names: set[str] = set()
         self._finished = False
+        self._system: Any = None
+
+    def watch_system(self, uri: str, interval: float, resume: bool) -> None:
+        """MLflow's system metrics (`system/cpu_utilization_percentage`, memory, disk, network;
+        `system/gpu_*` where NVML is installed) of this node every `interval` seconds, in a
+        thread of MLflow's own, until `finish`. `resume`: go on from the run's last sample."""
+        if interval <= 0:
+            return
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        self._system = SystemMetricsMonitor(self.run_id, sampling_interval=interval,
+                                            resume_logging=resume, tracking_uri=uri)
+        self._system.start()
+
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any],
+                    context: str = "training") -> None:
+        """The run's dataset as an MLflow input (the UI's Datasets column): its name, a
+        digest of what it holds, where it is, and a profile (tokens, documents, tokenizer)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local",
+                          source=json.dumps({"uri": source}),
+                          profile=json.dumps(profile, sort_keys=True))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            dataset, tags=[InputTag("mlflow.data.context", context)])])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue values for `step`; they are sent by the background thread."""
@@ -292,6 +321,8 @@ class Tracker:
         if self._finished:
             return
         self._finished = True
+        if self._system is not None:
+            self._system.finish()
         try:
             self._sender.flush(close=True)
         finally:
@@ -312,6 +343,9 @@ class NullTracker:
     run_id: str | None = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def watch_system(self, uri: str, interval: float, resume: bool) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any],
+                    context: str = "training") -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def flush(self) -> None: ...
@@ -426,12 +460,16 @@ def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict
     try:
         if resume_run_id:
             run = _resumable_run(client, resume_run_id, config.track.experiment, uri)
-            return Tracker(client, _continue_run(client, run, params, tags, resume_step, changes))
-        experiment_id = experiment_id_of(client, config.track.experiment, uri)
-        name = config.track.run_name or (
-            f"r{config.model.recurrences}-d{config.model.d_model}-{params['config_hash']}")
-        run = client.create_run(experiment_id, run_name=name, tags=tags)
-        log_batch(client, run.info.run_id, params=params)
-        return Tracker(client, run.info.run_id)
+            run_id = _continue_run(client, run, params, tags, resume_step, changes)
+        else:
+            experiment_id = experiment_id_of(client, config.track.experiment, uri)
+            name = config.track.run_name or (
+                f"r{config.model.recurrences}-d{config.model.d_model}-{params['config_hash']}")
+            run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+            log_batch(client, run_id, params=params)
+        tracker = Tracker(client, run_id)
+        tracker.watch_system(uri, config.track.system_metrics_interval,
+                             resume=resume_run_id == run_id)
+        return tracker
     except MlflowException as exc:
         raise MegaloopError(f"MLflow at {uri} refused the run: {exc.message}") from exc

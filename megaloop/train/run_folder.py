@@ -39,6 +39,7 @@ LOCK = "megaloop.lock"
 CHANGES_FREE = frozenset({  # how a run is watched and stored, not what it trains
     "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.peak_flops", "train.compile", "data.workers", "data.verify", "track.enabled",
+    "track.system_metrics_interval",
     "model.activation_checkpointing", "model.attention"})
 CHANGES_ON_PURPOSE = frozenset({  # what is trained from here on: --accept-changes
     "train.tokens", "train.steps", "train.budget_flops", "train.lr", "train.min_lr",

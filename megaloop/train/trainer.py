@@ -139,7 +139,8 @@ class Trainer:
         self.geometry = batch_geometry(config, self.world_size)
         self.total_steps = total_steps(config, self.geometry)
         self.accounting = account(config.model)
-        shards = open_run_data(config, self.rank, barrier=engine.barrier, progress=self.progress)
+        shards = self.shards = open_run_data(config, self.rank, barrier=engine.barrier,
+                                             progress=self.progress)
         seq, micro = config.model.max_seq_len, self.geometry.micro_batch
         self.train_data = TrainLoader(shards, seq, micro, rank=self.rank,
                                       world_size=self.world_size, seed=config.train.seed)
@@ -218,10 +219,29 @@ class Trainer:
                                "megaloop.peak_flops_source": self.peak_source,
                                "megaloop.host_allocator": self.engine.host_allocator,
                                "megaloop.device": self.engine.device_name(),
-                               "megaloop.matmul_precision": self.engine.matmul_precision})
+                               "megaloop.matmul_precision": self.engine.matmul_precision,
+                               "megaloop.checkpoint_dir": str(self.folder.path.resolve())})
+        self.log_dataset()
         self.tracker.log_text(json.dumps(self.engine.ds_config, indent=2), "ds_config.json")
         self.tracker.log_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
                               "run_config.yaml")
+
+    def log_dataset(self) -> None:
+        """The shards as the run's MLflow input: the manifest's digest, the tokenizer's hash,
+        the tokens and documents per split, what a step reads."""
+        from megaloop.atomic import file_digest
+
+        manifest = self.shards.manifest
+        splits = {name: {"tokens": info["tokens"], "documents": info["documents"]}
+                  for name, info in manifest["splits"].items()}
+        profile = {"splits": splits, "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+                   "vocab_size": manifest["tokenizer"]["vocab_size"],
+                   "packing": manifest.get("packing", {}).get("mode", "stream"),
+                   "corpus": manifest.get("corpus", {}).get("spec"),
+                   "tokens_per_step": self.geometry.tokens_per_step}
+        digest = file_digest(self.shards.folder / "manifest.json")["sha256"]
+        self.tracker.log_dataset(self.shards.folder.name, digest,
+                                 str(self.shards.folder.resolve()), profile)
 
     def unfinished_run(self) -> str | None:
         """The MLflow run of an earlier attempt at this config that died before its first
