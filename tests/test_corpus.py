@@ -261,3 +261,21 @@ def test_hf_spec_without_files_or_name():
 def test_hf_json_with_no_matching_files(tmp_path):
     pytest.importorskip("datasets")
     assert "cannot read Hugging Face corpus" in refusal(f"hf:json:{tmp_path}/none-*.jsonl")
+
+
+def test_the_expected_document_count_is_known_before_a_pass(source_folder, tmp_path):
+    """What `data prepare`'s progress bar counts to (and its ETA from): a file per .txt, a
+    line per JSON record, a row per Parquet row; gzip gives no total."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(source_folder.glob("*.txt"))[:3]:
+        (folder / path.name).write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    texts = paragraphs(source_folder)
+    write_jsonl(folder / "b.jsonl", [{"text": text} for text in texts])
+    write_parquet(folder / "c.parquet", {"text": source_lines(source_folder)})
+    corpus = open_corpus(str(folder))
+    assert corpus.expected_documents() == len(documents(folder))
+    write_jsonl(folder / "d.jsonl.gz", [{"text": "x"}])
+    assert open_corpus(str(folder)).expected_documents() is None
+    stdlib = open_corpus("stdlib")
+    assert 0.95 < len(documents("stdlib")) / stdlib.expected_documents() <= 1

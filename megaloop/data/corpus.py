@@ -86,6 +86,11 @@ class Corpus(ABC):
         return {"kind": self.kind, "spec": self.spec, "text_field": self.text_field,
                 **self._details(), **self._content}
 
+    def expected_documents(self) -> int | None:
+        """About how many documents a pass yields (empty ones are skipped), known without
+        reading the texts; None where only a pass can tell. For progress and its ETA."""
+        return None
+
     @abstractmethod
     def _texts(self) -> Iterator[str]:
         """The raw documents in order, empty ones included."""
@@ -114,6 +119,9 @@ class StdlibCorpus(Corpus):
         return [path for path in _walk(self.root, skip=lambda name: name in STDLIB_EXCLUDED_DIRS)
                 if path.suffix == ".py"]
 
+    def expected_documents(self) -> int | None:
+        return len(self.files())
+
     def _texts(self) -> Iterator[str]:
         for path in self.files():
             try:
@@ -137,6 +145,26 @@ class FileCorpus(Corpus):
         super().__init__(spec, text_field)
         self.root = Path(spec).expanduser()
         self.paths = _local_files(self.root)
+
+    def expected_documents(self) -> int | None:
+        """A text file is one document, a JSON-lines file one per line (a fast count of its
+        newlines), a Parquet file one per row (from its metadata); gzip would need a pass."""
+        total = 0
+        for path in self.paths:
+            suffix = _suffix(path)
+            if suffix == ".txt":
+                total += 1
+            elif suffix == ".jsonl":
+                with open(path, "rb") as handle:
+                    total += sum(chunk.count(b"\n") for chunk in iter(
+                        lambda: handle.read(1 << 24), b""))
+            elif suffix == ".parquet":
+                import pyarrow.parquet as pq
+
+                total += pq.ParquetFile(path).metadata.num_rows
+            else:
+                return None
+        return total
 
     def _texts(self) -> Iterator[str]:
         for path in self.paths:

@@ -343,7 +343,9 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, out: str | Path, *, val_fracti
                     (out / state["file"]).unlink(missing_ok=True)
 
     documents = _skip(corpus.documents(), skip)
-    bar = tqdm(desc=f"encoding {corpus.spec}", unit="doc", initial=skip, disable=not progress)
+    expected = corpus.expected_documents() if progress else None
+    bar = tqdm(desc=f"encoding {corpus.spec}", unit="doc", initial=skip, disable=not progress,
+               total=expected)  # a total gives the bar its ETA
     index = skip
     for ids, n_bytes in encode_documents(documents, tokenizer, workers, bos=packed):
         buffers["val" if is_validation(index, val_fraction) else "train"].add(ids, n_bytes)
@@ -351,6 +353,7 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, out: str | Path, *, val_fracti
         bar.update()
         if buffers["train"].tokens >= part_tokens:
             flush(index)
+    bar.total = bar.n  # the pass is done: the estimate counted empty or unreadable files too
     bar.close()
     for split in SPLITS:
         buffers[split].finish()

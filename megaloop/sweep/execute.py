@@ -98,8 +98,8 @@ def run_inprocess(runs: list[PlannedRun], progress: bool, outcome: SweepOutcome,
 
     *_, created = engine.join_process_group()  # one process group for all the runs
     try:
-        bar = tqdm(runs, desc="sweep", unit="run", disable=not progress)
-        for index, run in enumerate(bar):
+        bar = compute_bar(runs, progress)
+        for index, run in enumerate(runs):
             if stop.requested:  # between runs: none was in progress
                 outcome.left = [r.name for r in runs[index:]]
                 break
@@ -109,8 +109,18 @@ def run_inprocess(runs: list[PlannedRun], progress: bool, outcome: SweepOutcome,
                 outcome.left = [r.name for r in runs[index + 1:]]
                 break
             outcome.trained.append(run.name)
+            bar.update(run.compute)
+        bar.close()
     finally:
         engine.leave_process_group(created)
+
+
+def compute_bar(runs: list[PlannedRun], progress: bool) -> tqdm:
+    """The sweep's progress in training FLOPs, not runs: a run at 10x the budget takes about
+    10x as long, and the ETA says so."""
+    return tqdm(total=sum(run.compute for run in runs), desc=f"sweep ({len(runs)} runs)",
+                unit="FLOP", unit_scale=True, disable=not progress,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} FLOPs [{elapsed}<{remaining}]")
 
 
 def die_with_parent(parent: int):
@@ -132,9 +142,8 @@ def die_with_parent(parent: int):
 def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: bool,
               outcome: SweepOutcome, stop: StopRequest) -> None:
     paths = write_run_configs(experiment, runs)
-    bar = tqdm(list(zip(runs, paths, strict=True)), desc="sweep", unit="run",
-               disable=not progress)
-    for index, (run, path) in enumerate(bar):
+    bar = compute_bar(runs, progress)
+    for index, (run, path) in enumerate(zip(runs, paths, strict=True)):
         if stop.requested:
             outcome.left = [r.name for r in runs[index:]]
             return
@@ -152,6 +161,8 @@ def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: boo
             raise MegaloopError(f"Run {run.name} failed (exit {code}); fix the cause and run the "
                                 "sweep again: finished runs are skipped, this one resumes.")
         outcome.trained.append(run.name)
+        bar.update(run.compute)
+    bar.close()
 
 
 def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inprocess",
