@@ -413,7 +413,7 @@ def test_slurm_resources_from_the_spec_and_the_cli(tmp_path, monkeypatch):
     ({"extra": ["--qos=high; rm -rf ~"]}, [], "not one sbatch option"),
     ({}, ["--partition", "gpu\n#SBATCH --wrap=id"], "not a SLURM name"),
     ({}, ["--sbatch", "--comment=a b"], "not one sbatch option"),
-    ({}, ["--cpus-per-task", "0"], "at least 1 CPU"),
+    ({"cpus_per_task": 0}, [], "at least 1 CPU"),
     ("8 gpus", [], "must be a mapping"),
 ])
 def test_bad_slurm_resources_are_refused(tmp_path, monkeypatch, capsys, slurm, cli, message):
@@ -442,6 +442,29 @@ def test_local_executor_runs_each_run_on_two_ranks(tmp_path, stdlib_shards):
     for (run,) in runs.values():
         assert run.data.params["world_size"] == "2"
         assert run.data.tags["megaloop.status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_local_sweep_stopped_by_sigterm_passes_it_on_and_says_what_is_left(tmp_path,
+                                                                            stdlib_shards):
+    """SIGTERM to the sweep alone (as a job scheduler sends it): the run in its launch.sh
+    child saves and stops, the next run never starts, and the summary says so (exit 3)."""
+    spec = tiny_sweep(tmp_path, stdlib_shards, runs=2)
+    settings = yaml.safe_load(spec.read_text())
+    settings["budgets"] = {4e13: [2]}  # hundreds of steps: still training when signalled
+    spec.write_text(yaml.safe_dump(settings))
+    sweep = subprocess.Popen(sweep_command(spec, "--executor", "local"), cwd=tmp_path,
+                             env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    folder = tmp_path / "checkpoints" / "r1-d64"
+    wait_for(folder / "step_00000002" / "megaloop_complete.json", sweep)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=300)
+    assert sweep.returncode == 3, err[-3000:]
+    assert "interrupted: r1-d64" in out and "left: 2 run(s): r1-d64, r2-d64" in out
+    (run,) = runs_by_name(tmp_path)["r1-d64"]
+    assert run.data.tags["megaloop.status"] == "killed"  # it saved and stopped
+    assert "r2-d64" not in runs_by_name(tmp_path)
 
 
 @pytest.mark.slow
