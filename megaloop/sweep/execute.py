@@ -104,7 +104,9 @@ def run_inprocess(runs: list[PlannedRun], progress: bool, outcome: SweepOutcome,
                 outcome.left = [r.name for r in runs[index:]]
                 break
             bar.set_postfix_str(run.name)
-            if train(run.config, resume="auto", progress=False).get("stopped"):
+            # the sweep's bar, or (--no-progress) each run's plain lines
+            if train(run.config, resume="auto", progress=False,
+                     lines=not progress).get("stopped"):
                 outcome.interrupted = run.name  # it saved a checkpoint; the sweep stops here
                 outcome.left = [r.name for r in runs[index + 1:]]
                 break

@@ -116,13 +116,16 @@ class ThroughputMeter:
 
 class Trainer:
     def __init__(self, config: RunConfig, engine: Engine, *, progress: bool = True,
+                 lines: bool | None = None,
                  peak: float | None = None, resume: str | None = None,
                  accept_changes: bool = False, trust_checkpoint: bool = False):
         self.config, self.engine = config, engine
         self.rank, self.world_size = engine.rank, engine.world_size
         self.progress = progress and self.rank == 0
-        # no bar (--no-progress, or no terminal to draw it on): a plain line per log interval
-        self.plain_lines = self.rank == 0 and not (progress and sys.stderr.isatty())
+        # a plain line per log interval where no bar is drawn (--no-progress, no terminal);
+        # `lines` decides instead (a sweep whose own bar is showing: none)
+        wanted = not (progress and sys.stderr.isatty()) if lines is None else lines
+        self.plain_lines = self.rank == 0 and wanted
         self.folder = RunFolder(run_folder(config))
         self.resume_from = resume
         self.claim = self.claim_folder(resume, accept_changes)
@@ -438,6 +441,7 @@ def report_stop(rank: int, step: int) -> None:
 
 
 def train(config: RunConfig, *, resume: str | None = None, progress: bool = True,
+          lines: bool | None = None,
           peak: float | None = None, summary_json: str | Path | None = None,
           accept_changes: bool = False, trust_checkpoint: bool = False) -> dict[str, Any]:
     """Train one run to its budget (or until SIGTERM); returns a summary on every rank (rank 0
@@ -447,7 +451,8 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
     trainer = None
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        trainer = Trainer(config, engine, progress=progress, peak=peak, resume=resume,
+        trainer = Trainer(config, engine, progress=progress, lines=lines, peak=peak,
+                          resume=resume,
                           accept_changes=accept_changes, trust_checkpoint=trust_checkpoint)
 
         def request_stop(signum, frame):
