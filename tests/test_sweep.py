@@ -285,6 +285,7 @@ def test_a_sweep_stopped_by_sigterm_says_what_is_left_and_does_not_fit(tmp_path,
     assert "3 runs planned, 0 already finished, 1 trained" in out
     assert "interrupted: r2-d64" in out and "left: 2 run(s): r2-d64, r4-d64" in out
     assert "not fitted" in out and f"continue with: megaloop sweep {spec}" in out
+    assert "megaloop: step " in out  # --no-progress: each run's plain lines, not a bar
     assert "Traceback" not in err and "cannot fit" not in out + err
     before = runs_by_name(tmp_path)
     (first_run,) = before["r1-d64"]
