@@ -17,7 +17,7 @@
 #   summary  all of it, the trainings' throughput and the issue's targets -> summary.json
 # The device returns at most 8 files from $OUT: these five (and log.txt) are all it writes.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 repo=$PWD
 smoke=0
 [ "${1:-}" = --cpu-smoke ] && smoke=1
@@ -117,4 +117,4 @@ for zero in 0 3; do
 done
 stage summary 60 "$python" benchmarks/gpu_session.py summarize --out "$OUT" \
   --train-dir "$work/train"
-say "gpu_session: done $(date -u '+%H:%M:%S UTC'); files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+say "gpu_session: done $(date -u '+%H:%M:%S UTC'); files in $OUT: $(cd "$OUT" && printf '%s ' *)"

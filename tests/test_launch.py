@@ -9,6 +9,8 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tiny import REPO
@@ -363,3 +365,15 @@ def test_real_run_through_deepspeeds_launcher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     objects = json_objects(proc.stdout)
     assert len(objects) == 2 and objects[0] == objects[1]
+
+
+def test_every_shell_script_passes_shellcheck():
+    """launch.sh, the set-up and test scripts, the sbatch example and the GPU session."""
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    assert Path(shellcheck).exists(), "shellcheck is missing: bash scripts/setup.sh installs it"
+    scripts = [REPO / "launch.sh", REPO / ".ci" / "run", REPO / "scripts" / "slurm_example.sbatch",
+               *sorted((REPO / "scripts").glob("*.sh")),
+               *sorted((REPO / "benchmarks").glob("*.sh"))]
+    checked = subprocess.run([shellcheck, "-s", "bash", *map(str, scripts)], capture_output=True,
+                             text=True, timeout=120)
+    assert checked.returncode == 0, checked.stdout[-4000:]
