@@ -394,10 +394,21 @@ def _add_export_parsers(sub: argparse._SubParsersAction,
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from megaloop.track.browse import format_runs, list_runs
+    from megaloop.track.browse import format_runs, list_runs, store_uri
+    from megaloop.track.relocate import relocate_artifacts, stale_locations
 
-    rows = list_runs(args.experiment, args.tracking_uri)
+    uri = store_uri(args.tracking_uri)
+    if args.relocate:
+        changed = relocate_artifacts(uri)
+        print(f"megaloop: {changed} artifact location(s) of {uri} now point beside it",
+              file=sys.stderr)
+    rows = list_runs(args.experiment, uri)
     print(json.dumps(rows, indent=2) if args.json else format_runs(rows))
+    stale = stale_locations(uri)
+    if stale:
+        print(f"megaloop: warning: {stale} experiment(s) of {uri} keep their artifacts in "
+              "another copy of this store (a copied or moved folder); `megaloop runs "
+              "--relocate` points them at the artifacts beside it.", file=sys.stderr)
     return 0
 
 
@@ -416,6 +427,9 @@ def _add_browse_parsers(sub: argparse._SubParsersAction,
     runs.add_argument("--experiment", help="one experiment (default: all)")
     runs.add_argument("--tracking-uri", help=store_help)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.add_argument("--relocate", action="store_true",
+                      help="first point a copied or moved sqlite store's artifact locations "
+                           "at the artifacts folder beside it")
     runs.set_defaults(func=cmd_runs)
     ui = sub.add_parser("ui", parents=[common], help="MLflow's UI over the project's store")
     ui.add_argument("--port", type=whole(1), default=DEFAULT_UI_PORT,

@@ -447,3 +447,30 @@ def test_a_store_that_cannot_be_written_is_a_clear_error(tmp_path):
     with pytest.raises(MegaloopError, match="Cannot open the MLflow store"):
         open_tracker(make_config(f"sqlite:///{blocker}/runs/mlflow.db"), rank=0, world_size=1,
                      derived=DERIVED)
+
+
+def test_a_copied_store_finds_its_artifacts_after_relocate(tmp_path, migrated_store, capsys):
+    """A store folder copied elsewhere (and the original gone) still points into the
+    original's artifacts; `megaloop runs` says so and `--relocate` mends it."""
+    from megaloop.cli import main
+
+    original = tmp_path / "original"
+    original.mkdir()
+    shutil.copy(migrated_store, original / "mlflow.db")
+    uri = f"sqlite:///{original}/mlflow.db"
+    tracker = open_tracker(make_config(uri, system_metrics_interval=0), rank=0, world_size=1,
+                           derived=DERIVED)
+    tracker.log_text("hello", "note.txt")
+    tracker.finish("FINISHED")
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    moved = f"sqlite:///{copy}/mlflow.db"
+    assert main(["runs", "--tracking-uri", moved]) == 0
+    assert "--relocate" in capsys.readouterr().err  # the stale locations are named
+    assert main(["runs", "--tracking-uri", moved, "--relocate"]) == 0
+    err = capsys.readouterr().err
+    assert "2 artifact location(s)" in err and "warning" not in err
+    path = client(moved).download_artifacts(tracker.run_id, "note.txt", str(tmp_path / "got"))
+    assert Path(path).read_text() == "hello"
+    assert str(copy) in client(moved).get_run(tracker.run_id).info.artifact_uri
