@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from megaloop.config import TrackConfig
+from megaloop.display import duration
 from megaloop.errors import MegaloopError
 from megaloop.track.mlflow_tracker import open_client, sqlite_path, tracking_uri
 from megaloop.track.runs import find_runs
@@ -98,13 +99,7 @@ def _count(value: int | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes \
-        else f"{secs}s"
+    return "-" if seconds is None else duration(seconds)
 
 
 def format_runs(rows: list[dict[str, Any]]) -> str:

@@ -30,6 +30,7 @@ from megaloop.cluster import STOP_REPORTS
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
 from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted_tokens
+from megaloop.display import duration
 from megaloop.errors import CheckpointError, ConfigError, TrainingError
 from megaloop.model.accounting import account
 from megaloop.track import open_tracker
@@ -411,16 +412,6 @@ class Trainer:
         if self.plain_lines:
             self.say(progress_line(self.step, self.total_steps, synced, tokens_per_s, mfu,
                                    self.geometry.tokens_per_step))
-
-
-def duration(seconds: float) -> str:
-    """3725 -> '1h02m', 130 -> '2m10s', 7 -> '7s'."""
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def progress_line(step: int, total: int, synced: SyncedStep, tokens_per_s: float, mfu: float,
