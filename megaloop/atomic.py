@@ -96,6 +96,13 @@ def fsync_files(paths: list[Path]) -> None:
             os.close(fd)
 
 
+def file_in_the_way(path: str | Path, itself: bool = False) -> Path | None:
+    """The file that stands where `path` needs a folder: one of its parents (or `path`
+    itself, where a folder was to be made there), or None."""
+    path = Path(path)
+    return next((p for p in [*([path] if itself else []), *path.parents] if p.is_file()), None)
+
+
 def check_output(path: str | Path, option: str, folder: bool) -> None:
     """Refuse, before any work, an output path that cannot be written: a file where its
     folders go, a folder where a file goes (or the reverse), or a place this process cannot
@@ -106,10 +113,11 @@ def check_output(path: str | Path, option: str, folder: bool) -> None:
     if path.exists() and path.is_dir() != folder:
         raise MegaloopError(f"{option} {path} is a {'file' if folder else 'folder'}, not a "
                             f"{'folder' if folder else 'file'}: choose another path.")
-    existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor))
-    if existing != path and not existing.is_dir():
-        raise MegaloopError(f"{option} {path}: {existing} is a file, not a folder. Choose a "
+    blocking = file_in_the_way(path)
+    if blocking is not None:
+        raise MegaloopError(f"{option} {path}: {blocking} is a file, not a folder. Choose a "
                             "path whose folders are folders, or move that file away.")
+    existing = next(p for p in [path, *path.parents] if p.exists() or p == Path(p.anchor))
     if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
         raise MegaloopError(f"{option} {path}: {existing} cannot be written by this user; "
                             "choose a folder you can write.")

@@ -530,13 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
 def explain_os_error(exc: OSError) -> str:
     """What went wrong with which path, and the fix, for an error the file system raised."""
     import errno
-    from pathlib import Path
+
+    from megaloop.atomic import file_in_the_way
 
     name = exc.filename or "a file"
-    path = Path(str(name))
     as_folder = exc.errno in (errno.EEXIST, errno.ENOTDIR)  # a folder was to be made there
-    blocking = next((parent for parent in [path, *path.parents]
-                     if (parent != path or as_folder) and parent.is_file()), None)
+    blocking = file_in_the_way(str(name), itself=as_folder)
     if blocking is not None:
         return (f"cannot write {name}: {blocking} is a file, not a folder. Choose a path "
                 "whose folders are folders, or move that file away.")

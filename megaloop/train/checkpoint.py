@@ -147,8 +147,9 @@ class Checkpoints:
         self.keep, self.engine, self.trust, self.reshard = keep, engine, trust, reshard
         self.rank, self.world_size = engine.rank, engine.world_size
 
-    def _rank_file(self, tag: str, rank: int) -> Path:
-        return self.folder / tag / f"megaloop_rank{rank:05d}.pt"
+    @staticmethod
+    def _rank_file(checkpoint: Path, rank: int) -> Path:
+        return checkpoint / f"megaloop_rank{rank:05d}.pt"
 
     # ---- saving -----------------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class Checkpoints:
         if failure is None:
             payload = {"rng": rng_state(self.engine), "step": step}
             try:
-                rank_file = self._rank_file(tag, self.rank)
+                rank_file = self._rank_file(folder, self.rank)
                 written[str(rank_file)] = atomic_write_hashed(
                     rank_file, lambda handle: torch.save(payload, handle))
             except Exception as exc:
@@ -323,15 +324,14 @@ class Checkpoints:
     def _load_verified(self, path: Path) -> dict[str, Any]:
         from megaloop.train.engine import load_checkpoint_file
 
-        saved_by = read_marker(path).get("world_size") if (path / MARKER).exists() else None
-        resharding = saved_by is not None and saved_by != self.world_size
+        marker = read_marker(path) if (path / MARKER).exists() else None
+        saved_by = (marker or {}).get("world_size") or self.world_size
         try:
-            if resharding:
-                client = self._load_resharded(path)
+            if saved_by != self.world_size:
+                client = self._load_resharded(path, marker)
             else:
                 client = self.engine.load_checkpoint(path.parent, path.name)
-            rank = self.rank % saved_by if resharding else self.rank
-            payload = load_checkpoint_file(path / f"megaloop_rank{rank:05d}.pt",
+            payload = load_checkpoint_file(self._rank_file(path, self.rank % saved_by),
                                            trust=self.trust)
         except CheckpointError:
             raise
@@ -346,11 +346,11 @@ class Checkpoints:
         set_rng_state(self.engine, payload["rng"])
         return client["megaloop"]
 
-    def _load_resharded(self, path: Path) -> dict[str, Any] | None:
-        """Load verified checkpoint `path`, saved by another number of ranks, through its
-        universal checkpoint; ZeRO stage 0 (no shards: every rank's optimizer state whole in
-        the model file) loads as it is."""
-        if not any(name.endswith("optim_states.pt") for name in read_marker(path)["files"]):
+    def _load_resharded(self, path: Path, marker: dict[str, Any]) -> dict[str, Any] | None:
+        """Load verified checkpoint `path` (its `marker`), saved by another number of ranks,
+        through its universal checkpoint; ZeRO stage 0 (no shards: every rank's optimizer
+        state whole in the model file) loads as it is."""
+        if not any(name.endswith("optim_states.pt") for name in marker["files"]):
             return self.engine.load_checkpoint(path.parent, path.name)
         from megaloop.train.engine import universal_checkpoint
 

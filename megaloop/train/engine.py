@@ -553,11 +553,14 @@ class Engine:
         it, None where DeepSpeed found no engine state. A damaged file raises (any error).
         `universal`: `folder/tag/` is a universal checkpoint (`universal_checkpoint`), saved by
         another number of ranks."""
-        if not universal:
+        def load() -> dict[str, Any] | None:
             loaded, client = self._ds.load_checkpoint(str(folder), tag=tag,
                                                       load_optimizer_states=True,
                                                       load_lr_scheduler_states=False)
             return client if loaded is not None else None
+
+        if not universal:
+            return load()
         # DeepSpeed's universal loader gives every group the first saved group's settings
         # (betas, weight decay): megaloop's groups keep their own.
         settings = [{k: v for k, v in group.items() if k != "params"}
@@ -565,9 +568,7 @@ class Engine:
         self._ds._config.load_universal_checkpoint = True
         try:
             with loads_without_code(self.trust_checkpoints):
-                loaded, client = self._ds.load_checkpoint(str(folder), tag=tag,
-                                                          load_optimizer_states=True,
-                                                          load_lr_scheduler_states=False)
+                client = load()
         finally:
             self._ds._config.load_universal_checkpoint = False
         for group, kept in zip(self._ds.optimizer.param_groups, settings, strict=True):
@@ -578,7 +579,7 @@ class Engine:
         for state in inner.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
-        return client if loaded is not None else None
+        return client
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole fp32 weights on the CPU, as `megaloop export` writes them. Every rank calls

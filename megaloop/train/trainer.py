@@ -357,8 +357,9 @@ class Trainer:
             self.pending.append(result)
             self.step += 1
             tokens = self.geometry.tokens_per_step
-            meter.add(tokens, tokens * self.flops_per_token(result.recurrences))
-            self.flops_seen += tokens * self.flops_per_token(result.recurrences)
+            flops = tokens * self.flops_per_token(result.recurrences)
+            meter.add(tokens, flops)
+            self.flops_seen += flops
             bar.update()
             log_due = self.step % train.log_interval == 0 or self.step == self.total_steps
             eval_due = self.step % train.eval_interval == 0 and self.step < self.total_steps
