@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from megaloop.errors import MegaloopError
 HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*|\[[0-9A-Fa-f:.]+\]")  # name, IPv4 or [IPv6]
 HOSTFILE_FORM = "'HOSTNAME slots=N' with N a positive integer ('#' starts a comment)"
 STOP_REPORTS = "MEGALOOP_STOP_REPORTS"  # a folder where each rank stopped by SIGTERM reports
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (`lo` on Linux), or None."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
 
 class LaunchError(MegaloopError):

@@ -17,13 +17,13 @@ How it runs:
 1. One process on one node (no --nproc above 1, no --nnodes, --hostfile or SLURM):
    `python -m megaloop.cli COMMAND CONFIG ...`, a plain process without a launcher (no RANK or
    WORLD_SIZE in its environment: world size 1).
-2. Local ranks, `--nproc N`: torchrun (`torch.distributed.run`, the venv's torch, run in the
-   launcher's process: on SIGTERM it exits 0 once every rank has saved, without torchrun's
-   traceback)
-   with `--standalone`, which picks a free port; with --master-addr or --master-port a static
-   rendezvous at that address (127.0.0.1 and 29500 by default) instead. Several nodes, one
+2. Local ranks, `--nproc N`: megaloop starts and watches them itself (local_ranks.py): they
+   meet on a file store and talk over the loopback, so nothing listens beyond 127.0.0.1, and
+   on SIGTERM the node exits 0 once every rank has saved. With --master-addr or --master-port,
+   torchrun (`torch.distributed.run`, run in the launcher's process, with the same SIGTERM
+   rule) at that static address instead (127.0.0.1 and 29500 by default). Several nodes, one
    launch.sh on each: `--nnodes N --node-rank I --master-addr A [--master-port P]` (P defaults
-   to 29500), a static rendezvous at A:P.
+   to 29500), torchrun's static rendezvous at A:P, whose store listens on node 0's network.
 3. A hostfile (`--hostfile FILE`, lines `HOSTNAME slots=N`, `#` comments, blank lines): one
    launch.sh on the first node starts every rank through DeepSpeed's launcher (pdsh and
    passwordless ssh to the other hosts; a shared file system with the repo at the same path).
@@ -52,7 +52,10 @@ Environment of the ranks. Without CUDA the launcher sets DS_ACCELERATOR=cpu (Dee
 unless it is set. With several ranks on a node it sets OMP_NUM_THREADS to the node's cores
 divided by its ranks (at least 1) unless it is set. torchrun and DeepSpeed's launcher both give
 each rank RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (torchrun also
-LOCAL_WORLD_SIZE, DeepSpeed LOCAL_SIZE); a plain process (mode 1) has none of them.
+LOCAL_WORLD_SIZE, DeepSpeed LOCAL_SIZE); a plain process (mode 1) has none of them. Local
+ranks (mode 2 without an address) get RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and the
+file store in MEGALOOP_RENDEZVOUS, with GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME on the
+loopback unless set; no MASTER_ADDR.
 """
 
 from __future__ import annotations
@@ -80,14 +83,13 @@ from megaloop.cluster import (
     parse_hostfile,
     slurm_placement,
 )
+from megaloop.local_ranks import SIGTERM_GRACE_S
 
 PROG = "launch.sh"
 DEFAULT_PORT = 29500
-# How long torchrun waits for its ranks after passing SIGTERM on, before it kills them: its own
-# 30 s can cut the last checkpoint of a large model short. The SLURM scripts signal 120 s ahead.
-SIGTERM_GRACE_S = 120
 RANK_ARGV = "--rank-argv"  # hidden entry of every rank started by DeepSpeed's launcher
 TORCHRUN = "--torchrun"  # hidden entry: torchrun in this process (`run_torchrun`)
+LOCAL_RANKS = "--local-ranks"  # hidden entry: one node's ranks, started by local_ranks.py
 COMMAND = re.compile(r"[a-z][a-z0-9_-]*")
 SHELL_SAFE = re.compile(r"[\w@%+=:,./-]+")  # what DeepSpeed's pdsh runner leaves unquoted
 
@@ -224,6 +226,10 @@ def plan(args: argparse.Namespace, megaloop_argv: list[str], *,
     if nnodes == 1 and nproc == 1:
         notes.append("one process, world size 1")
         return Launch([python, "-m", "megaloop.cli", *megaloop_argv], env, notes)
+    if nnodes == 1 and addr is None and port is None:
+        notes.append(f"{nproc} local ranks on a file store, sockets on the loopback only")
+        return Launch([python, "-m", "megaloop.launch", LOCAL_RANKS, str(nproc),
+                       "-m", "megaloop.cli", *megaloop_argv], env, notes)
     if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in environ:
         env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(SIGTERM_GRACE_S)
     argv = [python, "-m", "megaloop.launch", TORCHRUN, "--nproc-per-node", str(nproc)]
@@ -232,13 +238,10 @@ def plan(args: argparse.Namespace, megaloop_argv: list[str], *,
             raise LaunchError(f"--nnodes {nnodes} needs --master-addr: the address of node 0, "
                               "the same on every node")
         argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank)]
-    elif addr is None and port is None:
-        argv += ["--standalone"]
-    if nnodes > 1 or addr is not None or port is not None:
-        addr, port = addr or "127.0.0.1", port or DEFAULT_PORT
-        _check_host(addr, "--master-addr")
-        argv += ["--master-addr", addr, "--master-port", str(port)]
-        notes.append(f"master {addr}:{port}")
+    addr, port = addr or "127.0.0.1", port or DEFAULT_PORT
+    _check_host(addr, "--master-addr")
+    argv += ["--master-addr", addr, "--master-port", str(port)]
+    notes.append(f"master {addr}:{port}")
     notes.append(f"torchrun: {nnodes} node(s) x {nproc} ranks = world size {nnodes * nproc}")
     return Launch([*argv, "-m", "megaloop.cli", *megaloop_argv], env, notes)
 
@@ -356,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_rank(argv[1])
     if argv[:1] == [TORCHRUN]:
         return run_torchrun(argv[1:])
+    if argv[:1] == [LOCAL_RANKS] and len(argv) > 2 and argv[1].isdigit():
+        from megaloop import local_ranks
+
+        return local_ranks.run(int(argv[1]), [sys.executable, *argv[2:]])
     try:
         args, megaloop_argv = parse(argv)
         launch = plan(args, megaloop_argv)

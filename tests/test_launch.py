@@ -1,5 +1,5 @@
 """launch.sh: each mode's command (dry runs of the real script), the errors, real runs of
-`megaloop params` as one process, as two torchrun ranks and through DeepSpeed's launcher."""
+`megaloop params` as one process, as two local ranks and through DeepSpeed's launcher."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from megaloop.cluster import LaunchError, expand_hostlist, parse_hostfile
 LAUNCH = str(REPO / "launch.sh")
 CONFIG = "configs/runs/tiny.yaml"
 TORCHRUN = ["-m", "megaloop.launch", "--torchrun"]
+LOCAL_RANKS = ["-m", "megaloop.launch", "--local-ranks"]
 CLI = ["-m", "megaloop.cli"]
 
 
@@ -76,13 +77,12 @@ def test_one_process_runs_megaloop_without_a_launcher():
     assert "world size 1" in notes[-1]
 
 
-def test_local_ranks_run_through_torchrun():
-    env, argv, _ = dry("train", CONFIG, "--nproc", "2", "--set", "model.recurrences=4")
-    assert argv == [*TORCHRUN, "--nproc-per-node", "2", "--standalone",
-                    *CLI, "train", CONFIG, "--set", "model.recurrences=4"]
+def test_local_ranks_are_started_by_megaloop():
+    env, argv, notes = dry("train", CONFIG, "--nproc", "2", "--set", "model.recurrences=4")
+    assert argv == [*LOCAL_RANKS, "2", *CLI, "train", CONFIG, "--set", "model.recurrences=4"]
     assert env == {"DS_ACCELERATOR": "cpu",
-                   "OMP_NUM_THREADS": str(max(1, launch.cpu_cores() // 2)),
-                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(launch.SIGTERM_GRACE_S)}
+                   "OMP_NUM_THREADS": str(max(1, launch.cpu_cores() // 2))}
+    assert "loopback only" in notes[-1]
 
 
 def test_unknown_options_pass_through_in_order():
@@ -91,7 +91,7 @@ def test_unknown_options_pass_through_in_order():
 
 
 def test_the_environment_a_user_set_is_kept():
-    launched = plan("train", CONFIG, "--nproc", "4",
+    launched = plan("train", CONFIG, "--nproc", "4", "--master-port", "29555",
                     environ={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3",
                              "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"})
     assert launched.env == {}
@@ -168,8 +168,8 @@ def test_slurm_numbers_and_overrides():
     assert plan("train", CONFIG, environ=step, devices=4).argv[6:12] == [
         "--nnodes", "2", "--node-rank", "1", "--master-addr", "gpu-a2"]
     one_node = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "gpu-a1"}
-    assert plan("train", CONFIG, environ=one_node, devices=2).argv[4:7] == [
-        "--nproc-per-node", "2", "--standalone"]
+    assert plan("train", CONFIG, environ=one_node, devices=2).argv[1:6] == [
+        *LOCAL_RANKS, "2", "-m"]
     assert plan("train", CONFIG, environ=one_node).argv[1:3] == CLI  # CPU: one process
     assert plan("train", CONFIG, "--nnodes", "1", "--allow-cpu",
                 environ=job).argv[1:3] == CLI  # SLURM ignored
@@ -187,7 +187,7 @@ def test_gpus_asked_for_and_none_visible_is_refused_unless_on_purpose():
     on_purpose = plan("train", CONFIG, "--nproc", "2", "--allow-cpu", environ=job)
     assert on_purpose.env["DS_ACCELERATOR"] == "cpu"
     chosen = plan("train", CONFIG, "--nproc", "2", environ={**job, "DS_ACCELERATOR": "cpu"})
-    assert "--nproc-per-node" in chosen.argv
+    assert "--local-ranks" in chosen.argv
     assert plan("train", CONFIG, "--nproc", "2", environ={"CUDA_VISIBLE_DEVICES": ""}).argv
 
 

@@ -50,9 +50,8 @@ def overrides(shards: Path, workdir: Path, **values) -> list[str]:
 def train_command(shards: Path, workdir: Path, *extra: str, nproc: int = 1, **values) -> list[str]:
     megaloop = [sys.executable, "-m", "megaloop.cli", "train", str(TINY_RUN), "--no-progress"]
     if nproc > 1:
-        megaloop = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={nproc}", "-m", "megaloop.cli", "train", str(TINY_RUN),
-                    "--no-progress"]
+        megaloop = [sys.executable, "-m", "megaloop.launch", "--local-ranks", str(nproc),
+                    "-m", "megaloop.cli", "train", str(TINY_RUN), "--no-progress"]
     return [*megaloop, *overrides(shards, workdir, **values), *extra]
 
 

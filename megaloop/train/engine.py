@@ -30,7 +30,6 @@ import contextlib
 import os
 import pickle
 import shutil
-import socket
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,8 +40,10 @@ import torch
 import torch.distributed as dist
 
 from megaloop.atomic import atomic_write_hashed
+from megaloop.cluster import loopback_interface
 from megaloop.config import RunConfig
 from megaloop.errors import CheckpointError, ConfigError
+from megaloop.local_ranks import RENDEZVOUS
 from megaloop.model.looped import LoopedLM
 from megaloop.train.ds_config import (
     autocast_enabled,
@@ -90,7 +91,7 @@ _store_folder: str | None = None  # the file store of this process's group of on
 def gloo_on_loopback() -> Iterator[None]:
     """Gloo's socket on the loopback interface: where the hostname resolves to a network
     address, gloo would listen there, though a group of one talks to no one."""
-    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    loopback = loopback_interface()
     before = os.environ.get("GLOO_SOCKET_IFNAME")
     if loopback is not None and before is None:
         os.environ["GLOO_SOCKET_IFNAME"] = loopback
@@ -113,7 +114,12 @@ def join_process_group() -> tuple[int, int, bool]:
     created = not dist.is_initialized()
     if created:
         backend = accelerator().communication_backend_name()
-        if "RANK" in os.environ:  # a launcher's ranks: the env:// rendezvous it set up
+        if RENDEZVOUS in os.environ:  # the local ranks of launch.sh: a file store, no socket
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                       verbose=False, rank=int(os.environ["RANK"]),
+                                       world_size=int(os.environ["WORLD_SIZE"]),
+                                       init_method=os.environ[RENDEZVOUS])
+        elif "RANK" in os.environ:  # torchrun's ranks: the env:// rendezvous it set up
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        verbose=False)
         else:
@@ -139,8 +145,8 @@ def refuse_ranks_without_a_rendezvous(environ: Mapping[str, str]) -> None:
         if environ.get(name, "1").strip() not in ("", "0", "1"):
             raise ConfigError(f"{name}={environ[name]} but RANK is unset: these processes were "
                               "started without a rendezvous and would each train alone. Start "
-                              "them with launch.sh (torchrun sets RANK, LOCAL_RANK and "
-                              "MASTER_ADDR), or unset " + name + " for one process.")
+                              "them with launch.sh (it sets RANK, LOCAL_RANK and the "
+                              "rendezvous), or unset " + name + " for one process.")
 
 
 def leave_process_group(created: bool) -> None:
