@@ -67,7 +67,7 @@ def machine() -> dict:
 
 def load(args: argparse.Namespace) -> tuple[LoopedLM, int]:
     if args.checkpoint:
-        from megaloop.train.export import load_model
+        from megaloop.export.weights import load_model
 
         model, loaded = load_model(args.checkpoint)
         return model, loaded.config.train.micro_batch

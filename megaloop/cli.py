@@ -356,7 +356,7 @@ def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
 
 def cmd_export(args: argparse.Namespace) -> int:
     from megaloop.atomic import check_output
-    from megaloop.train.export import export_safetensors
+    from megaloop.export.weights import export_safetensors
 
     check_output(args.out, "--out", folder=False)
     result = export_safetensors(args.checkpoint, args.out)
@@ -367,12 +367,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from megaloop.atomic import check_output
-    from megaloop.train.hf_export import export_hf
+    from megaloop.export.hf import export_hf
 
     check_output(args.out, "--out", folder=True)
-    result = export_hf(args.checkpoint, args.out, tokenizer_path=args.tokenizer)
-    print(f"exported {result['checkpoint']} as LlamaForCausalLM ({result['layers']} layers) "
-          f"with its tokenizer to {result['out']}")
+    result = export_hf(args.checkpoint, args.out, tokenizer_path=args.tokenizer,
+                       format=args.format)
+    print(f"exported {result['checkpoint']} as {result['architecture']} ({result['layers']} "
+          f"layers deep) with its tokenizer to {result['out']}")
+    if result["architecture"] == "MegaloopForCausalLM":
+        print("load it with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); "
+              "recurrences=R chooses the depth")
     return 0
 
 
@@ -385,11 +389,17 @@ def _add_export_parsers(sub: argparse._SubParsersAction,
     export.add_argument("--out", required=True, help="the .safetensors file to write")
     export.set_defaults(func=cmd_export)
     hf = sub.add_parser("export-hf", parents=[common],
-                        help="a Hugging Face LlamaForCausalLM folder with the tokenizer")
+                        help="a Hugging Face transformers folder with the tokenizer "
+                             "(LlamaForCausalLM or MegaloopForCausalLM)")
     hf.add_argument("--checkpoint", required=True,
                     help="a checkpoint folder, run folder or megaloop .safetensors file")
     hf.add_argument("--out", required=True, help="the folder to write")
     hf.add_argument("--tokenizer", help="sentencepiece model (default: the run's)")
+    hf.add_argument("--format", choices=["auto", "llama", "megaloop"], default="auto",
+                    help="llama: LlamaForCausalLM (r = 1 or a passthrough loop, unrolled); "
+                         "megaloop: MegaloopForCausalLM with its modeling code, any variant, r "
+                         "chosen at run time; auto (default): llama where Llama can express "
+                         "the model, else megaloop")
     hf.set_defaults(func=cmd_export_hf)
 
 

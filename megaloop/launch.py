@@ -66,7 +66,6 @@ import json
 import os
 import re
 import shlex
-import signal
 import socket
 import sys
 import typing
@@ -83,7 +82,7 @@ from megaloop.cluster import (
     parse_hostfile,
     slurm_placement,
 )
-from megaloop.local_ranks import SIGTERM_GRACE_S
+from megaloop.local_ranks import SIGTERM_GRACE_S, report_stop
 
 PROG = "launch.sh"
 DEFAULT_PORT = 29500
@@ -337,15 +336,7 @@ def run_torchrun(torchrun_argv: list[str]) -> int:
         torchrun_main(torchrun_argv)
         return 0
     except SignalException as exc:
-        stopped = len(list(reports.glob("rank*.json")))
-        name = signal.Signals(exc.sigval).name
-        if stopped == nproc:
-            print(f"{PROG}: stopped by {name}: every rank saved its checkpoint (resume with "
-                  "--resume auto)", file=sys.stderr)
-            return 0
-        print(f"{PROG}: stopped by {name}: {stopped} of {nproc} ranks saved a checkpoint and "
-              "stopped; resume with --resume auto from the last complete one", file=sys.stderr)
-        return 128 + int(exc.sigval)
+        return report_stop(int(exc.sigval), len(list(reports.glob("rank*.json"))), nproc)
     except ChildFailedError as exc:  # a rank failed: its error is above, torchrun's table here
         print(exc.format_msg(), file=sys.stderr)
         return 1

@@ -115,6 +115,19 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def report_stop(signum: int, stopped: int, nproc: int) -> int:
+    """One line on a stop by `signum` and the node's exit status: 0 when all `nproc` ranks
+    reported their save (`stopped` of them did), else 128 + the signal."""
+    name = signal.Signals(signum).name
+    if stopped == nproc:
+        print(f"{PROG}: stopped by {name}: every rank saved its checkpoint (resume with "
+              "--resume auto)", file=sys.stderr)
+        return 0
+    print(f"{PROG}: stopped by {name}: {stopped} of {nproc} ranks saved a checkpoint and "
+          "stopped; resume with --resume auto from the last complete one", file=sys.stderr)
+    return 128 + signum
+
+
 def run(nproc: int, command: list[str]) -> int:
     """Run `command` as `nproc` local ranks to the end; returns the exit status for the node."""
     ranks = LocalRanks(nproc, command)
@@ -133,15 +146,7 @@ def run(nproc: int, command: list[str]) -> int:
             failed = ranks.first_failure()
             return 0 if failed is None else exit_status(failed[1])
         ranks.wait_all(SIGTERM_GRACE_S)
-        name = signal.Signals(ranks.signals[0]).name
-        stopped = ranks.stopped_reports()
-        if stopped == nproc:
-            print(f"{PROG}: stopped by {name}: every rank saved its checkpoint (resume with "
-                  "--resume auto)", file=sys.stderr)
-            return 0
-        print(f"{PROG}: stopped by {name}: {stopped} of {nproc} ranks saved a checkpoint and "
-              "stopped; resume with --resume auto from the last complete one", file=sys.stderr)
-        return 128 + ranks.signals[0]
+        return report_stop(ranks.signals[0], ranks.stopped_reports(), nproc)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -1,6 +1,7 @@
-"""`megaloop export-hf`: the folder loads in `transformers` as LlamaForCausalLM with a tokenizer
-that encodes like sentencepiece, and gives the loss `megaloop eval` gives; models Llama cannot
-express are refused, naming the feature."""
+"""`megaloop export-hf` as Llama: the folder loads in `transformers` as LlamaForCausalLM with a
+tokenizer that encodes like sentencepiece, and gives the loss `megaloop eval` gives; a model Llama
+cannot express is refused as Llama naming every feature, and written as the megaloop model by
+default (tests/test_hf_model.py tests that one). The declared BOS is the documents' start."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from megaloop.cli import main
 from megaloop.data.loader import ValLoader
 from megaloop.data.shards import TokenShards
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from megaloop.export.llama import llama_lacks
+from megaloop.export.weights import LoadedCheckpoint, write_export
 from megaloop.model import LoopedLM
-from megaloop.train.export import LoadedCheckpoint, write_export
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,18 +71,55 @@ def test_llama_export_gives_the_loss_of_megaloop_eval(tmp_path, capsys, stdlib_s
     assert tokenizer.eos_token_id == 2 and tokenizer.decode(tokenizer.encode(text)) == text
 
 
+def test_a_model_llama_cannot_express_is_refused_as_llama_naming_every_feature(tmp_path,
+                                                                              capsys):
+    checkpoint, out = exported(tmp_path, "model.recurrences=2", "model.injection=linear",
+                               "model.mlp=relu2", "model.qk_norm=true",
+                               "model.logit_softcap=15"), tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(checkpoint), "--out", str(out),
+                 "--format", "llama"]) == 2
+    err = capsys.readouterr().err
+    for feature in ("the relu2 MLP", "QK-norm", "the logit soft-cap", "linear input injection",
+                    "the RMSNorm after every recurrence"):
+        assert feature in err, feature
+    assert "--format megaloop" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("overrides, feature", [
     (["model.recurrences=3", "model.injection=passthrough", "model.hyper=hyperloop"],
      "hyper-connections (model.hyper = hyperloop)"),
     (["model.hyper=mhc"], "hyper-connections (model.hyper = mhc)"),
-    (["model.recurrences=2", "model.injection=linear"], "linear input injection"),
-    (["model.mlp=relu2"], "the relu2 MLP"),
-    (["model.qk_norm=true"], "QK-norm"),
-    (["model.logit_softcap=15"], "the logit soft-cap"),
+    (["model.recurrences=2", "model.injection=additive"], "additive input injection"),
+    (["model.embedding_norm=true"], "the RMSNorm after the embedding"),
+    (["model.recurrences=3", "model.injection=passthrough", "model.recurrence_norm=every"],
+     "the RMSNorm after every recurrence"),
+    (["model.recurrences=2", "model.recurrence_sampling=poisson_lognormal",
+      "model.injection=additive"], "sampled recurrences"),
 ])
-def test_models_llama_cannot_express_are_refused(tmp_path, capsys, overrides, feature):
-    checkpoint, out = exported(tmp_path, *overrides), tmp_path / "hf"
-    assert main(["export-hf", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert f"Llama lacks {feature}" in err and "Traceback" not in err
-    assert not out.exists()
+def test_what_llama_lacks(overrides, feature):
+    lacking = llama_lacks(config.load(None, [*SMALL, *overrides]).model)
+    assert any(feature in line for line in lacking), lacking
+    assert llama_lacks(config.load(None, SMALL).model) == []
+
+
+def test_auto_writes_the_megaloop_model_where_llama_cannot(tmp_path, capsys):
+    checkpoint, out = exported(tmp_path, "model.mlp=relu2"), tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert "as MegaloopForCausalLM" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model_type"] == "megaloop" and saved["mlp"] == "relu2"
+    assert (out / "modeling_megaloop.py").is_file()
+
+
+def test_the_declared_bos_is_the_token_the_documents_followed(tmp_path):
+    """Stream-packed documents follow EOS: the export's BOS (what lm-eval puts first) is EOS,
+    not sentencepiece's unused <s>; bos_best_fit rows start with BOS, which stays."""
+    for packing, want in (("stream", "</s>"), ("bos_best_fit", "<s>")):
+        checkpoint = exported(tmp_path, f"data.packing={packing}")
+        out = tmp_path / f"hf-{packing}"
+        assert main(["export-hf", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+        assert tokenizer.bos_token == want
+        assert json.loads((out / "config.json").read_text())["bos_token_id"] == \
+            tokenizer.bos_token_id

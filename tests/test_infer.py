@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny import free_port
 from training import assert_ok, child_env, history, run_training, stop_group
 
 from megaloop import config
 from megaloop.cli import main
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+from megaloop.export.weights import LoadedCheckpoint, load_checkpoint, write_export
 from megaloop.model import LoopedLM
-from megaloop.train.export import LoadedCheckpoint, load_checkpoint, write_export
 
 TEXT = Path(json.__file__).parent / "decoder.py"  # real source, ~10 kB
 
@@ -184,12 +184,6 @@ def test_runs_lists_the_tracked_runs(trained, capsys):
     assert code == 2 and "no experiment 'x'" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -198,7 +192,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_ui_answers_and_its_api_lists_the_runs_megaloop_prints(trained, capsys):
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "megaloop.cli", "ui", "--port", str(port),
                            "--tracking-uri", trained.uri], cwd=trained.workdir, env=child_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

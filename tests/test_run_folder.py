@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import free_port
 from training import (
     all_runs,
     assert_ok,
@@ -342,15 +343,18 @@ def test_the_world_size_changes_on_purpose_and_locked_keys_cannot_change(tmp_pat
 
 
 @pytest.mark.slow
-def test_sigterm_on_two_ranks_exits_0_once_both_saved(stdlib_shards, tmp_path):
+@pytest.mark.parametrize("rendezvous", ["local", "torchrun"])
+def test_sigterm_on_two_ranks_exits_0_once_both_saved(stdlib_shards, tmp_path, rendezvous):
     """SIGTERM to the whole job (as SLURM sends it): the launcher passes it on, both ranks save
-    and stop, and launch.sh exits 0 with one line, no traceback."""
+    and stop, and launch.sh exits 0 with one line, no traceback: megaloop's local ranks, and
+    torchrun's (a static address, as on several nodes)."""
     from training import REPO, TINY_RUN, child_env, overrides
 
     values = {"track.run_name": RUN, "train.steps": 400, "train.checkpoint_interval": 2,
               "train.keep_checkpoints": 50, "train.micro_batch": 2}
-    command = [str(REPO / "launch.sh"), "train", str(TINY_RUN), "--nproc", "2", "--no-progress",
-               *overrides(stdlib_shards, tmp_path, **values)]
+    address = [] if rendezvous == "local" else ["--master-port", str(free_port())]
+    command = [str(REPO / "launch.sh"), "train", str(TINY_RUN), "--nproc", "2", *address,
+               "--no-progress", *overrides(stdlib_shards, tmp_path, **values)]
     process = subprocess.Popen(command, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for(run_dir(tmp_path) / tag_of(2) / MARKER, process)

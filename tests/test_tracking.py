@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tiny import REPO
+from tiny import REPO, free_port
 from training import stop_group
 
 from megaloop import config as cfg
@@ -343,12 +343,6 @@ def test_errors_of_the_sending_thread_are_reported(store):
 # --- a real tracking server over the same store -----------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())
@@ -364,7 +358,7 @@ def _post(url: str, body: dict) -> dict:
 @pytest.fixture
 def server(store, tmp_path):
     """`mlflow server` (uvicorn, one worker) over the test's sqlite store; its base URL."""
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "server.log").open("w")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(

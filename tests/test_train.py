@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import RUN_CONFIGS
+from tiny import RUN_CONFIGS, free_port
 from training import (
     assert_ok,
     assert_same_losses,
@@ -277,7 +277,7 @@ def test_two_nodes_on_loopback_train_together(stdlib_shards, tmp_path):
     """launch.sh --nnodes 2 --node-rank 0|1 --master-addr 127.0.0.1: one process per node."""
     from training import REPO, TINY_RUN, child_env, overrides
 
-    port = str(_free_port())
+    port = str(free_port())
     args = overrides(stdlib_shards, tmp_path, **{"train.steps": 4, "train.micro_batch": 2,
                                                  "train.global_batch": 4})
     nodes = [subprocess.Popen(
@@ -292,14 +292,6 @@ def test_two_nodes_on_loopback_train_together(stdlib_shards, tmp_path):
     assert run.data.params["world_size"] == "2"
     assert run.data.tags["megaloop.status"] == "finished"
     assert sorted(history(tmp_path)) == [1, 2, 3, 4]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,10 @@ def shellcheck(*args: str, script: str | None = None) -> subprocess.CompletedPro
     assert Path(binary).exists(), "shellcheck is missing: bash scripts/setup.sh installs it"
     return subprocess.run([binary, "-s", "bash", *(args or ["-"])], input=script,
                           capture_output=True, text=True, timeout=120)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

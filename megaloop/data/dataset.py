@@ -21,6 +21,13 @@ def tokenizer_path(config: RunConfig) -> Path:
     return Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_TOKENIZER
 
 
+def document_start_id(config: RunConfig, tokenizer: Tokenizer) -> int:
+    """The token every document of the run's data follows: BOS in `bos_best_fit` rows, else the
+    EOS that ends the document before it (stream packing). Evaluation, generation and the
+    exported BOS put it before a text, so that its first token is predicted as in training."""
+    return tokenizer.bos_id if config.data.packing == "bos_best_fit" else tokenizer.eos_id
+
+
 def cache_folder(config: RunConfig, tokenizer: Tokenizer) -> Path:
     """Where a corpus is prepared: one folder per (corpus, text field, tokenizer, split,
     packing: its T and buffer)."""

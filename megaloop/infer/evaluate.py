@@ -83,7 +83,11 @@ def shard_set(folder: str | Path, seq_len: int, batch_size: int, max_batches: in
                    shards.bytes_per_token("val"))
 
 
-def text_set(path: str | Path, tokenizer: Tokenizer, seq_len: int, batch_size: int) -> EvalSet:
+def text_set(path: str | Path, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+             start_id: int | None = None) -> EvalSet:
+    """The text as one document: after `start_id` (the token the run's documents follow, see
+    data/dataset.py's document_start_id; default EOS) and followed by EOS, in windows of
+    seq_len predictions; every token and the EOS are scored."""
     path = Path(path)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1.")
@@ -96,7 +100,8 @@ def text_set(path: str | Path, tokenizer: Tokenizer, seq_len: int, batch_size: i
     ids = tokenizer.encode(text)
     if not ids:
         raise DataError(f"{path} has no tokens (it is empty); give a text to evaluate.")
-    stream = np.asarray([tokenizer.eos_id, *ids, tokenizer.eos_id], dtype=np.int64)
+    start_id = tokenizer.eos_id if start_id is None else start_id
+    stream = np.asarray([start_id, *ids, tokenizer.eos_id], dtype=np.int64)
     windows = [stream[start:start + seq_len + 1] for start in range(0, len(stream) - 1, seq_len)]
     full = [w for w in windows if len(w) == seq_len + 1]
     batches = [_rows(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
@@ -150,10 +155,10 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
     Defaults come from the checkpoint's config: batch size train.micro_batch; on shards the
     trainer's last validation: train.eval_tokens, else train.eval_batches x (ranks that
     trained it) batches."""
-    from megaloop.data.dataset import tokenizer_path
+    from megaloop.data.dataset import document_start_id, tokenizer_path
     from megaloop.data.tokenizer import check_vocab
+    from megaloop.export.weights import load_model
     from megaloop.train.engine import default_device
-    from megaloop.train.export import load_model
 
     if (text is None) == (shards is None):
         raise ConfigError("Evaluate on one of --text FILE or --shards DIR.")
@@ -173,7 +178,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
     else:
         encoder = Tokenizer.load(tokenizer or tokenizer_path(config))
         check_vocab(encoder, config.model.vocab_size)
-        data = text_set(text, encoder, seq_len, batch_size)
+        data = text_set(text, encoder, seq_len, batch_size, document_start_id(config, encoder))
     results = evaluate(model, data, r_values, progress=progress)
     return {"checkpoint": str(loaded.path), "step": loaded.step,
             "trained_recurrences": config.model.recurrences, "data": data.description,

@@ -54,17 +54,18 @@ def sample_next(logits: torch.Tensor, sampling: Sampling,
 
 @torch.no_grad()
 def generate(model: LoopedLM, prompt: list[int], sampling: Sampling, *, eos_id: int | None,
-             use_cache: bool = True) -> dict:
-    """New token ids after `prompt` (ids, without the leading EOS, which is added here);
-    returns {"tokens", "seconds", "tokens_per_s"}."""
+             use_cache: bool = True, start_id: int | None = None) -> dict:
+    """New token ids after `prompt` (ids, without the token a document starts after, which is
+    added here: `start_id`, else `eos_id`); returns {"tokens", "seconds", "tokens_per_s"}."""
     sampling.validate()
     r = model.check_recurrences(sampling.recurrences)
-    context = ([eos_id] if eos_id is not None else []) + list(prompt)
+    start_id = eos_id if start_id is None else start_id
+    context = ([start_id] if start_id is not None else []) + list(prompt)
     if not context:
         raise DataError("The prompt has no tokens; give a non-empty --prompt.")
     limit = model.cfg.max_seq_len
     if len(context) + sampling.max_new_tokens - 1 > limit:  # the last token is not read back
-        raise ConfigError(f"The prompt ({len(context)} tokens with the leading EOS) and "
+        raise ConfigError(f"The prompt ({len(context)} tokens with the leading start token) and "
                           f"--max-new-tokens {sampling.max_new_tokens} exceed model.max_seq_len "
                           f"= {limit}; shorten the prompt or ask for at most "
                           f"{max(limit - len(context) + 1, 0)} new tokens.")
@@ -93,10 +94,10 @@ def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,
                   tokenizer: str | Path | None = None, device: str | None = None,
                   use_cache: bool = True) -> dict:
     """`megaloop generate`: load the checkpoint and its tokenizer, sample a continuation."""
-    from megaloop.data.dataset import tokenizer_path
+    from megaloop.data.dataset import document_start_id, tokenizer_path
     from megaloop.data.tokenizer import Tokenizer, check_vocab
+    from megaloop.export.weights import load_model
     from megaloop.train.engine import default_device
-    from megaloop.train.export import load_model
 
     sampling.validate()
     model, loaded = load_model(checkpoint, device or default_device())
@@ -105,7 +106,8 @@ def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,
     ids = encoder.encode(prompt)
     if not ids:
         raise DataError("The prompt has no tokens; give a non-empty --prompt.")
-    out = generate(model, ids, sampling, eos_id=encoder.eos_id, use_cache=use_cache)
+    out = generate(model, ids, sampling, eos_id=encoder.eos_id, use_cache=use_cache,
+                   start_id=document_start_id(loaded.config, encoder))
     text_ids = [t for t in out["tokens"] if t != encoder.eos_id]
     return {"checkpoint": str(loaded.path), "prompt": prompt, "text": encoder.decode(text_ids),
             "prompt_tokens": ids, **out, "recurrences": model.check_recurrences(
