@@ -3,16 +3,22 @@ real standard-library source as .txt documents and a small tokenizer trained on 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from tiny import make_config, make_model, stdlib_documents
+# transformers copies a model's remote code here (read when it is first imported): a folder of
+# the test session, not the user's ~/.cache
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="megaloop-hf-modules-"))
 
-from megaloop.config import ModelConfig
-from megaloop.data.corpus import open_corpus
-from megaloop.data.tokenizer import Tokenizer, train_tokenizer
-from megaloop.model import LoopedLM
+import pytest  # noqa: E402
+from tiny import make_config, make_model, stdlib_documents  # noqa: E402
+
+from megaloop.config import ModelConfig  # noqa: E402
+from megaloop.data.corpus import open_corpus  # noqa: E402
+from megaloop.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from megaloop.model import LoopedLM  # noqa: E402
 
 # Real source for corpus and tokenizer tests: code, docstrings, a little non-ASCII text.
 SOURCE_MODULES = ["textwrap.py", "string.py", "json/encoder.py", "argparse.py", "dataclasses.py",

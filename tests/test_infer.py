@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from tiny import free_port
@@ -84,7 +85,7 @@ def test_eval_at_other_recurrences_and_on_a_text(trained, capsys):
     assert len({round(row["loss"], 6) for row in summary["results"]}) == 3
 
     text = eval_json(capsys, "--checkpoint", step4, "--text", TEXT)
-    tokens = len(Tokenizer.load(DEFAULT_TOKENIZER).encode(TEXT.read_text())) + 1  # + EOS
+    tokens = len(Tokenizer.load(DEFAULT_TOKENIZER).encode(TEXT.read_text()))  # each once
     (row,) = text["results"]
     assert text["tokens"] == tokens
     assert row["bpb"] == pytest.approx(row["loss"] / math.log(2) * tokens
@@ -243,3 +244,17 @@ def test_a_zero3_two_rank_checkpoint_evaluates_in_one_process(stdlib_shards, tmp
     again = eval_json(capsys, "--checkpoint", out, "--shards", stdlib_shards)
     assert again["results"][0]["loss"] == summary["results"][0]["loss"]
 
+
+@pytest.mark.parametrize("length", [2, 3, 5, 9, 10, 11, 17])
+def test_rolling_windows_predict_every_token_once_with_whole_contexts(length):
+    """`eval --text` rows (lm-eval's rolling windows): each token after the first is a target
+    exactly once, after the token before it; every row but a lone short one is seq_len long."""
+    from megaloop.infer.evaluate import rolling_windows
+
+    stream = np.arange(100, 100 + length)
+    rows = rolling_windows(stream, 4)
+    scored = [int(t) for _, targets in rows for t in targets if t >= 0]
+    assert scored == list(range(101, 100 + length))
+    for inputs, targets in rows:
+        assert len(inputs) == len(targets) == (4 if length > 4 else length - 1)
+        assert all(t < 0 or t == i + 1 for i, t in zip(inputs, targets, strict=True))

@@ -111,3 +111,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def export_tiny(tmp_path: Path, name: str, overrides: dict) -> tuple[LoopedLM, Path, Path]:
+    """A perturbed tiny model (TINY + `overrides`, the default tokenizer's vocab) written as a
+    `megaloop export` file and as `megaloop export-hf --format megaloop`:
+    (model in eval mode, the .safetensors file, the transformers folder)."""
+    from megaloop.export.hf import export_hf
+    from megaloop.export.weights import LoadedCheckpoint, write_export
+
+    values = {**TINY, "vocab_size": 4096, **overrides}
+    run = config.load(None, overrides_for(values))
+    torch.manual_seed(0)
+    model = LoopedLM(run.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    source = tmp_path / f"{name}.safetensors"
+    write_export(LoadedCheckpoint(run, model.state_dict(), Path(name), 0, 1), source)
+    folder = tmp_path / name
+    export_hf(source, folder, format="megaloop")
+    return model.eval(), source, folder

@@ -8,9 +8,10 @@ ranks that trained it) they cover exactly the windows the trainer's last evaluat
 the loss is the run's final `val/loss`. Bits per byte use the split's bytes per token, as the
 trainer's `val/bpb` does.
 
-A text file is read as one document: its tokens follow an EOS and end with one, as documents do
-in the shards. Every token of the text and the closing EOS is predicted once; the stream is cut
-into windows of `seq_len + 1` tokens that overlap by one token (the last may be shorter).
+A text file is read as one document: its tokens follow the token the run's documents follow
+(EOS in stream packing, BOS in bos_best_fit rows). Every token of the text is predicted once, in
+rows of seq_len predictions; the last row reaches back for a whole context (lm-eval's rolling
+log-likelihood, so its bits per byte equal lm-eval's `bits_per_byte` on the exported model).
 Bits per byte = loss / ln 2 * tokens / UTF-8 bytes of the text.
 
 The loss is the token-weighted mean of the per-batch mean losses (on shards every batch has the
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megaloop.data.loader import ValLoader, eval_windows, predicted_tokens
+from megaloop.data.loader import PADDING, ValLoader, eval_windows, predicted_tokens
 from megaloop.data.shards import TokenShards
 from megaloop.data.tokenizer import Tokenizer
 from megaloop.errors import ConfigError, DataError
@@ -101,20 +102,33 @@ def text_set(path: str | Path, tokenizer: Tokenizer, seq_len: int, batch_size: i
     if not ids:
         raise DataError(f"{path} has no tokens (it is empty); give a text to evaluate.")
     start_id = tokenizer.eos_id if start_id is None else start_id
-    stream = np.asarray([start_id, *ids, tokenizer.eos_id], dtype=np.int64)
-    windows = [stream[start:start + seq_len + 1] for start in range(0, len(stream) - 1, seq_len)]
-    full = [w for w in windows if len(w) == seq_len + 1]
-    batches = [_rows(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
-    batches += [_rows([w]) for w in windows if len(w) < seq_len + 1]
-    predicted = len(stream) - 1
+    stream = np.asarray([start_id, *ids], dtype=np.int64)
+    rows = rolling_windows(stream, seq_len)
+    batches = [_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     n_bytes = len(text.encode("utf-8"))
-    return EvalSet(f"text {path}: {len(ids):,} tokens + EOS, {n_bytes:,} bytes", batches,
-                   len(batches), predicted, n_bytes / predicted)
+    return EvalSet(f"text {path}: {len(ids):,} tokens, {n_bytes:,} bytes", batches,
+                   len(batches), len(ids), n_bytes / len(ids))
 
 
-def _rows(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.from_numpy(np.stack(windows))
-    return rows[:, :-1], rows[:, 1:]
+def rolling_windows(stream: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inputs, targets) rows that predict every token of `stream` after its first once:
+    disjoint runs of seq_len targets, each after the tokens before it. The last row reaches back
+    for a whole context and marks the targets already scored with PADDING; a stream shorter than
+    a row is one short row. These are lm-eval's rolling log-likelihood windows."""
+    rows = []
+    for start in range(0, len(stream) - 1, seq_len):
+        targets = stream[start + 1:start + seq_len + 1]
+        inputs = stream[start:start + len(targets)]
+        if len(targets) < seq_len and len(stream) > seq_len:
+            inputs, targets = stream[-seq_len - 1:-1], stream[-seq_len:].copy()
+            targets[:seq_len - (len(stream) - 1 - start)] = PADDING  # scored by an earlier row
+        rows.append((inputs, targets))
+    return rows
+
+
+def _rows(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.from_numpy(np.stack([inputs for inputs, _ in rows])),
+            torch.from_numpy(np.stack([targets for _, targets in rows])))
 
 
 @torch.no_grad()

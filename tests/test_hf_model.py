@@ -1,0 +1,161 @@
+"""`megaloop export-hf --format megaloop`: every model variant loads in transformers as
+MegaloopForCausalLM (trust_remote_code) in a fresh process where megaloop cannot be imported,
+and gives the training model's logits (fp32, 1e-5) at the trained r and at another r, and its
+greedy tokens through `generate` with the KV cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import VARIANTS, export_tiny
+
+from megaloop.cli import main
+from megaloop.export.remote_code import ALLOWED_IMPORTS, check_standalone, modeling_source
+from megaloop.infer.generate import Sampling, generate
+
+transformers = pytest.importorskip("transformers")
+
+# every variant of tiny.py, and those the loop options add, on the default tokenizer's vocab
+HF_VARIANTS = {
+    **VARIANTS,
+    "truncated_bptt": {"recurrences": 4, "injection": "linear", "bptt_k": 2},
+    "sampled_r": {"recurrences": 3, "injection": "additive",
+                  "recurrence_sampling": "poisson_lognormal"},
+    "tied_head": {"recurrences": 2, "injection": "linear", "tie_embeddings": True},
+}
+PROMPT = [5, 9, 11, 3, 200]
+NEW_TOKENS = 12
+FIXED_R = {"hyperloop", "lanes"}  # parameters for exactly the trained r
+
+# Runs in a fresh interpreter: megaloop is made unimportable before anything is loaded.
+LOADER = r"""
+import json, sys
+sys.modules["megaloop"] = None
+import torch, transformers
+cases = json.loads(sys.argv[1])
+out = {}
+for name, case in cases.items():
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        case["folder"], trust_remote_code=True).eval()
+    ref = torch.load(case["reference"])
+    seen = []
+    forward = model.forward
+    def recording(*args, **kwargs):
+        seen.append(int(kwargs["input_ids"].shape[1]))
+        return forward(*args, **kwargs)
+    with torch.no_grad():
+        logits = model(ref["tokens"]).logits
+        result = {"type": type(model).__name__,
+                  "error": (logits - ref["logits"]).abs().max().item()}
+        if "logits_other_r" in ref:
+            other = model(ref["tokens"], recurrences=ref["other_r"]).logits
+            result["error_other_r"] = (other - ref["logits_other_r"]).abs().max().item()
+        model.forward = recording
+        prompt = torch.tensor([ref["prompt"]])
+        tokens = model.generate(prompt, max_new_tokens=ref["new_tokens"], do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+        result["greedy"] = tokens[0, prompt.shape[1]:].tolist()
+        result["fed"] = seen
+    out[name] = result
+print("RESULTS " + json.dumps(out))
+"""
+
+
+def fresh_env(tmp_path: Path) -> dict[str, str]:
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def export_variant(tmp_path: Path, name: str, overrides: dict) -> dict:
+    """The variant exported as MegaloopForCausalLM, with its reference outputs."""
+    model, _, folder = export_tiny(tmp_path, name, overrides)
+    tokens = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(1))
+    reference = {"tokens": tokens, "prompt": PROMPT, "new_tokens": NEW_TOKENS}
+    with torch.no_grad():
+        reference["logits"] = model(tokens)
+        if name not in FIXED_R:
+            reference["other_r"] = model.cfg.recurrences + 2
+            reference["logits_other_r"] = model(tokens, recurrences=model.cfg.recurrences + 2)
+    torch.save(reference, tmp_path / f"{name}.pt")
+    greedy = generate(model, PROMPT, Sampling(max_new_tokens=NEW_TOKENS, temperature=0),
+                      eos_id=None)["tokens"]
+    return {"folder": str(folder), "reference": str(tmp_path / f"{name}.pt"), "greedy": greedy}
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """Every variant exported, then loaded and run by transformers in one fresh process."""
+    tmp_path = tmp_path_factory.mktemp("hf-model")
+    cases = {name: export_variant(tmp_path, name, overrides)
+             for name, overrides in HF_VARIANTS.items()}
+    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases)], cwd=tmp_path,
+                          env=fresh_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))
+    return cases, json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("name", list(HF_VARIANTS))
+def test_every_variant_runs_in_transformers_as_it_trained(loaded, name):
+    cases, results = loaded
+    result = results[name]
+    assert result["type"] == "MegaloopForCausalLM"
+    assert result["error"] < 1e-5
+    if name not in FIXED_R:
+        assert result["error_other_r"] < 1e-5
+    assert result["greedy"] == cases[name]["greedy"]
+    # generate fed the prompt once, then one new token per step: the cache was used
+    assert result["fed"] == [len(PROMPT)] + [1] * (NEW_TOKENS - 1)
+
+
+def test_the_modeling_file_needs_only_torch_and_transformers():
+    source = modeling_source()
+    check_standalone(source, "modeling_megaloop.py")
+    assert "megaloop." not in "".join(line for line in source.splitlines()
+                                      if line.startswith(("import", "from")))
+    with pytest.raises(RuntimeError, match="would import numpy"):
+        check_standalone("import numpy\n", "x.py")
+    assert "numpy" not in ALLOWED_IMPORTS
+
+
+def test_recurrences_is_a_config_field_and_a_forward_argument(tmp_path):
+    case = export_variant(tmp_path, "linear_r3", VARIANTS["linear_r3"])
+    reference = torch.load(case["reference"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        case["folder"], trust_remote_code=True, recurrences=reference["other_r"]).eval()
+    assert model.config.recurrences == 5 and model.config.trained_recurrences == 3
+    with torch.no_grad():
+        assert torch.allclose(model(reference["tokens"]).logits, reference["logits_other_r"],
+                              atol=1e-5)
+        assert torch.allclose(model(reference["tokens"], recurrences=3).logits,
+                              reference["logits"], atol=1e-5)
+
+
+def test_a_fixed_r_variant_refuses_another_r_and_padding_is_refused(tmp_path):
+    case = export_variant(tmp_path, "hyperloop", VARIANTS["hyperloop"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        case["folder"], trust_remote_code=True).eval()
+    tokens = torch.tensor([PROMPT])
+    with torch.no_grad(), pytest.raises(ValueError, match="exactly 3 recurrences"):
+        model(tokens, recurrences=4)
+    with torch.no_grad(), pytest.raises(ValueError, match="padding"):
+        model(tokens, attention_mask=torch.tensor([[0, 1, 1, 1, 1]]))
+
+
+def test_the_cli_says_how_to_load_it(tmp_path, capsys):
+    case = export_variant(tmp_path, "lanes", VARIANTS["lanes"])
+    out = tmp_path / "again"
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "lanes.safetensors"),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "as MegaloopForCausalLM" in printed and "trust_remote_code=True" in printed
+    assert (out / "modeling_megaloop.py").read_text() == \
+        (Path(case["folder"]) / "modeling_megaloop.py").read_text()
