@@ -301,7 +301,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, seed=args.seed, recurrences=args.recurrences,
-                        stop_at_eos=not args.no_stop)
+                        stop_at_eos=not args.no_stop, kv_budget=args.kv_budget,
+                        early_exit=args.early_exit, exit_threshold=args.exit_threshold)
     result = generate_text(args.checkpoint, args.prompt, sampling, tokenizer=args.tokenizer,
                            device=args.device, use_cache=not args.no_cache)
     if args.json:
@@ -309,8 +310,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(result["prompt"] + result["text"])
         print(f"megaloop: {len(result['tokens'])} tokens at {result['tokens_per_s']:.1f} "
-              f"tokens/s (r = {result['recurrences']}, cache {'on' if result['cache'] else 'off'})",
-              file=sys.stderr)
+              f"tokens/s (r = {result['recurrences']}, cache {'on' if result['cache'] else 'off'}"
+              + (f", {result['recurrences_per_token']:.2f} recurrences per token"
+                 if "recurrences_per_token" in result else "") + ")", file=sys.stderr)
     return 0
 
 
@@ -348,6 +350,13 @@ def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     gen.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence for every token (no KV cache)")
     gen.add_argument("--no-stop", action="store_true", help="do not stop at end-of-sequence")
+    gen.add_argument("--kv-budget", type=whole(1),
+                     help="keep the keys of the last K recurrences only (default: all)")
+    gen.add_argument("--early-exit", choices=["latent", "kl"],
+                     help="stop a token's recurrences once its state (latent) or next-token "
+                          "distribution (kl) changes by less than --exit-threshold")
+    gen.add_argument("--exit-threshold", type=finite, default=0.0,
+                     help="relative state change (latent) or KL in nats (kl); default 0: never")
     gen.add_argument("--tokenizer", help="sentencepiece model (default: the run's)")
     gen.add_argument("--device", help="cpu, cuda, ... (default: cuda if present)")
     gen.add_argument("--json", action="store_true", help="print JSON (ids, speed) instead")

@@ -159,3 +159,33 @@ def test_the_cli_says_how_to_load_it(tmp_path, capsys):
     assert "as MegaloopForCausalLM" in printed and "trust_remote_code=True" in printed
     assert (out / "modeling_megaloop.py").read_text() == \
         (Path(case["folder"]) / "modeling_megaloop.py").read_text()
+
+
+@pytest.mark.parametrize("settings", [{"kv_budget": 1},
+                                      {"early_exit": "latent", "exit_threshold": 1e9},
+                                      {"early_exit": "kl", "exit_threshold": 1e9}],
+                         ids=["kv_budget", "latent", "kl"])
+def test_test_time_compute_reaches_generate_as_arguments_and_as_config(tmp_path, settings):
+    model, _, folder = export_tiny(tmp_path, "linear_r4", {"recurrences": 4,
+                                                           "injection": "linear"})
+    greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
+    full = generate(model, PROMPT, Sampling(**greedy), eos_id=None)
+    ours = generate(model, PROMPT, Sampling(**greedy, **settings), eos_id=None)
+    if "early_exit" in settings:
+        assert ours["recurrences_per_token"] < 4
+    hf_settings = {("early_exit_threshold" if key == "exit_threshold" else key): value
+                   for key, value in settings.items()}
+    prompt = torch.tensor([PROMPT])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    configured = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, trust_remote_code=True, **hf_settings)
+    with torch.no_grad():
+        as_arguments = hf.eval().generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0, **hf_settings)
+        as_config = configured.eval().generate(prompt, max_new_tokens=NEW_TOKENS,
+                                               do_sample=False, eos_token_id=None, pad_token_id=0)
+        plain = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    assert as_arguments[0, len(PROMPT):].tolist() == ours["tokens"]
+    assert as_config[0, len(PROMPT):].tolist() == ours["tokens"]
+    assert plain[0, len(PROMPT):].tolist() == full["tokens"]

@@ -10,6 +10,7 @@ from tiny import VARIANTS, make_model, random_tokens
 from megaloop.errors import ConfigError
 from megaloop.infer.generate import Sampling, generate
 from megaloop.model.blocks import sdpa_attention
+from megaloop.model.early_exit import EarlyExit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,3 +89,104 @@ def test_attention_over_cached_keys_is_causal_from_the_last_key():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     torch.testing.assert_close(sdpa_attention(q[:, :, -1:], k, v), want[:, :, -1:], atol=1e-6,
                                rtol=0)
+
+
+# ---- test-time compute: KV budget and early exit ----------------------------------------------
+
+LOOPED = ["linear_r3", "additive_r3", "passthrough_r3", "hyperloop", "lanes", "mhc_looped"]
+
+
+@pytest.mark.parametrize("variant", LOOPED)
+def test_a_kv_budget_keeps_the_prompt_exact_and_fewer_slots(variant):
+    model = make_model(perturb=0.05, **VARIANTS[variant]).eval()
+    tokens = random_tokens(batch=2, seq=12)
+    r = model.cfg.recurrences
+    with torch.no_grad():
+        full = model(tokens)
+        whole, budget = model.new_cache(), model.new_cache(kv_budget=1)
+        torch.testing.assert_close(model(tokens[:, :8], cache=budget), full[:, :8], atol=1e-5,
+                                   rtol=0)
+        model(tokens[:, :8], cache=whole)
+        assert len(budget.slots) == len(whole.slots) - (r - 1) * len(model.loop)
+        same = model.new_cache(kv_budget=r)  # a budget of r is no budget
+        model(tokens[:, :8], cache=same)
+        for step in range(8, 12):
+            token = tokens[:, step:step + 1]
+            torch.testing.assert_close(model(token, cache=same), model(token, cache=whole),
+                                       atol=1e-6, rtol=0)
+            approximate = model(token, cache=budget)
+            assert torch.isfinite(approximate).all()
+        assert (approximate - full[:, 11:]).abs().max() > 1e-6  # older keys of another depth
+
+
+def decode(model, tokens, prompt_len, **cache_settings):
+    """Logits of each single-token step after a prompt, and the cache."""
+    cache = model.new_cache(**cache_settings)
+    with torch.no_grad():
+        model(tokens[:, :prompt_len], cache=cache)
+        steps = [model(tokens[:, i:i + 1], cache=cache) for i in range(prompt_len,
+                                                                        tokens.shape[1])]
+    return torch.cat(steps, dim=1), cache
+
+
+@pytest.mark.parametrize("criterion", ["latent", "kl"])
+@pytest.mark.parametrize("variant", LOOPED)
+def test_early_exit_at_threshold_0_is_the_full_recurrence(variant, criterion):
+    model = make_model(perturb=0.05, **VARIANTS[variant]).eval()
+    tokens = random_tokens(batch=2, seq=12)
+    full, _ = decode(model, tokens, 6)
+    never, cache = decode(model, tokens, 6, early_exit=EarlyExit(criterion, 0.0))
+    torch.testing.assert_close(never, full, atol=1e-5, rtol=0)
+    assert all(used.tolist() == [model.cfg.recurrences] * 2 for used in cache.recurrences_used)
+
+
+@pytest.mark.parametrize("criterion, earliest", [("latent", 1), ("kl", 2)])
+def test_an_exited_token_costs_fewer_recurrences_and_leaves_its_last_keys(criterion, earliest):
+    model = make_model(perturb=0.05, recurrences=4, injection="linear").eval()
+    tokens = random_tokens(batch=1, seq=10)
+    _, cache = decode(model, tokens, 6, early_exit=EarlyExit(criterion, float("inf")))
+    assert [used.tolist() for used in cache.recurrences_used] == [[earliest]] * 4
+    first, loop = len(model.prelude), len(model.loop)
+    for layer in range(loop):  # the skipped recurrences' slots hold the last one's keys
+        last = cache.slots[first + loop * (earliest - 1) + layer][0][:, :, 6:10]
+        for skipped in range(earliest, 4):
+            assert torch.equal(cache.slots[first + loop * skipped + layer][0][:, :, 6:10], last)
+
+
+@pytest.mark.parametrize("criterion", ["latent", "kl"])
+@pytest.mark.parametrize("variant", ["linear_r3", "hyperloop", "lanes"])
+def test_rows_that_exit_at_different_recurrences_equal_each_row_alone(variant, criterion):
+    """Exit times differ between rows (a threshold between their changes): the batch gives each
+    row what decoding it alone gives, so the rows left iterating see only their own keys."""
+    model = make_model(perturb=0.3, **VARIANTS[variant]).eval()
+    tokens = random_tokens(batch=3, seq=10)
+    rules = [EarlyExit(criterion, float(threshold)) for threshold in torch.logspace(-4, 1, 16)]
+    mixed = False
+    for rule in rules:
+        batched, cache = decode(model, tokens, 5, early_exit=rule)
+        used = torch.stack(cache.recurrences_used)
+        mixed |= len(set(used.flatten().tolist())) > 1
+        for row in range(3):
+            alone, alone_cache = decode(model, tokens[row:row + 1], 5, early_exit=rule)
+            torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-4, rtol=1e-5)
+            assert torch.equal(torch.stack(alone_cache.recurrences_used)[:, 0], used[:, row])
+    assert mixed, "no threshold made the rows exit at different times"
+
+
+def test_generate_reports_recurrences_per_token_and_refuses_settings_without_a_cache():
+    model = make_model(perturb=0.05, recurrences=4, injection="linear").eval()
+    greedy = Sampling(max_new_tokens=6, temperature=0)
+    full = generate(model, [4, 5, 6], greedy, eos_id=None)
+    exiting = generate(model, [4, 5, 6], Sampling(max_new_tokens=6, temperature=0,
+                                                  early_exit="latent", exit_threshold=1e9),
+                       eos_id=None)
+    assert exiting["recurrences_per_token"] == pytest.approx((4 + 5 * 1) / 6)
+    never = generate(model, [4, 5, 6], Sampling(max_new_tokens=6, temperature=0,
+                                                early_exit="kl", exit_threshold=0.0),
+                     eos_id=None)
+    assert never["tokens"] == full["tokens"] and never["recurrences_per_token"] == 4
+    with pytest.raises(ConfigError, match="drop --no-cache"):
+        generate(model, [4], Sampling(max_new_tokens=4, kv_budget=1), eos_id=None,
+                 use_cache=False)
+    with pytest.raises(ConfigError, match="choose one of latent, kl"):
+        generate(model, [4], Sampling(early_exit="entropy"), eos_id=None)

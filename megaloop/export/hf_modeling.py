@@ -6,7 +6,10 @@ the model that runs in transformers is the model that trained, line for line, an
 torch and transformers. Weights are LoopedLM's under `model.`.
 
 The KV cache is the model's own (`KVCache`: one slot per layer and recurrence), passed as
-`past_key_values`; `generate` keeps it between steps and feeds only the new tokens. A plain
+`cache` (`past_key_values` before transformers 5); `generate` keeps it between steps and feeds
+only the new tokens. Its test-time settings (config or generate arguments): `kv_budget`,
+`early_exit` and `early_exit_threshold` (configuration_megaloop.py); the recurrences each
+decoded token used are in `cache.recurrences_used`. A plain
 forward keeps no cache unless `use_cache=True` (lm-eval's scoring passes need none). Batches must
 not hold padding: the model has no attention mask (left-padded batched generation is refused).
 """
@@ -23,6 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from megaloop.config import ModelConfig
 from megaloop.export.hf_configuration import MegaloopConfig
 from megaloop.model.blocks import KVCache, Rotary
+from megaloop.model.early_exit import EarlyExit
 from megaloop.model.looped import LoopedLM
 
 # transformers 5 names the cache `cache`, 4.x `past_key_values`
@@ -70,16 +74,19 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, labels: torch.Tensor | None = None,
                 use_cache: bool | None = None, recurrences: int | None = None,
-                past_key_values: KVCache | None = None, **kwargs) -> CausalLMOutputWithPast:
+                past_key_values: KVCache | None = None, kv_budget: int | None = None,
+                early_exit: str | None = None, early_exit_threshold: float | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """Logits (B, T, V) in fp32; with `labels`, the mean next-token loss (-100 ignored).
         `recurrences`: the r of this pass (default config.recurrences). The cache comes as
-        `cache` (transformers 5) or `past_key_values` (4.x)."""
+        `cache` (transformers 5) or `past_key_values` (4.x); a new one takes `kv_budget`,
+        `early_exit` and `early_exit_threshold` (default: the config's)."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("MegaloopForCausalLM has no attention mask: this batch holds "
                              "padding. Give sequences of one length (or batch size 1).")
         cache = cache if cache is not None else past_key_values
         if cache is None and use_cache:
-            cache = self.model.new_cache()
+            cache = self.new_cache(kv_budget, early_exit, early_exit_threshold)
         r = self.config.recurrences if recurrences is None else recurrences
         logits = self.model(input_ids, recurrences=r, cache=cache)
         loss = None
@@ -88,6 +95,16 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits,
                                       **{CACHE_NAME: cache if use_cache else None})
+
+    def new_cache(self, kv_budget: int | None = None, early_exit: str | None = None,
+                  threshold: float | None = None) -> KVCache:
+        """An empty cache with these test-time settings, else the config's."""
+        config = self.config
+        kv_budget = config.kv_budget if kv_budget is None else kv_budget
+        criterion = config.early_exit if early_exit is None else early_exit
+        threshold = config.early_exit_threshold if threshold is None else threshold
+        rule = None if criterion == "none" else EarlyExit(criterion, threshold)
+        return self.model.new_cache(kv_budget, rule)
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor,
                                       attention_mask: torch.Tensor | None = None,
@@ -98,4 +115,5 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
             input_ids = input_ids[:, cache.length:]
         return {"input_ids": input_ids, CACHE_NAME: cache, "attention_mask": attention_mask,
                 "use_cache": kwargs.get("use_cache", True),
-                "recurrences": kwargs.get("recurrences")}
+                **{key: kwargs.get(key) for key in ("recurrences", "kv_budget", "early_exit",
+                                                     "early_exit_threshold")}}

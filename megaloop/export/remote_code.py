@@ -2,11 +2,12 @@
 from the model that trained.
 
 `modeling_megaloop.py` is config.py's ModelConfig, then model/blocks.py, hyper.py, loops.py,
-looped.py and export/hf_modeling.py, one after another, each without its docstring and its
-megaloop imports; their other imports are gathered at the top (only those a kept line uses), and
-ConfigError becomes a ValueError of the file's own. `configuration_megaloop.py` is
-export/hf_configuration.py as it is. Both import only the standard library, torch and
-transformers (flash-attn where installed), which `check_standalone` verifies.
+early_exit.py, looped.py and export/hf_modeling.py, one after another, each without its
+docstring and its megaloop imports; their other imports are gathered at the top (only those a
+kept line uses), and ConfigError becomes a ValueError of the file's own.
+`configuration_megaloop.py` is export/hf_configuration.py as it is. Both import only the
+standard library, torch and transformers (flash-attn where installed), which
+`check_standalone` verifies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MODELING_PARTS: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("megaloop.model.blocks", None),
     ("megaloop.model.hyper", None),
     ("megaloop.model.loops", None),
+    ("megaloop.model.early_exit", None),
     ("megaloop.model.looped", None),
     ("megaloop.export.hf_modeling", None),
 )

@@ -2,6 +2,10 @@
 or without it (the whole sequence again for every token). Both give the same tokens.
 
 Deterministic under a seed: one torch.Generator draws every sample. Temperature 0 is greedy.
+Test-time compute (Sampling): `kv_budget` keeps the keys of the last k recurrences only, and
+`early_exit` stops each new token's recurrences once its state (latent) or its next-token
+distribution (kl) changes by less than `exit_threshold`; the result then reports the mean
+recurrences per token.
 The prompt follows an EOS, as a document does in the training stream; sampling stops at the
 first EOS or after `max_new_tokens`.
 """
@@ -15,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megaloop.errors import ConfigError, DataError
+from megaloop.model.early_exit import EarlyExit
 from megaloop.model.looped import LoopedLM
 
 
@@ -26,6 +31,9 @@ class Sampling:
     seed: int = 0
     recurrences: int | None = None  # None: the trained r
     stop_at_eos: bool = True
+    kv_budget: int | None = None  # keep the last k recurrences' keys (None: all; KVCache)
+    early_exit: str | None = None  # latent or kl: per-token exit (model/early_exit.py)
+    exit_threshold: float = 0.0
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -37,6 +45,14 @@ class Sampling:
         if self.recurrences is not None and self.recurrences < 1:
             raise ConfigError(f"--recurrences {self.recurrences} is below 1; a model runs its "
                               "loop at least once.")
+        if self.kv_budget is not None and self.kv_budget < 1:
+            raise ConfigError(f"--kv-budget {self.kv_budget} must be >= 1.")
+        self.exit_rule()
+
+    def exit_rule(self) -> EarlyExit | None:
+        if self.early_exit is None:
+            return None
+        return EarlyExit(self.early_exit, self.exit_threshold)
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling,
@@ -73,7 +89,9 @@ def generate(model: LoopedLM, prompt: list[int], sampling: Sampling, *, eos_id: 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     sequence = torch.tensor([context], dtype=torch.long, device=device)
-    cache = model.new_cache() if use_cache else None
+    if not use_cache and (sampling.kv_budget is not None or sampling.early_exit is not None):
+        raise ConfigError("--kv-budget and --early-exit act on the KV cache: drop --no-cache.")
+    cache = model.new_cache(sampling.kv_budget, sampling.exit_rule()) if use_cache else None
     step_input = sequence
     new: list[int] = []
     start = time.perf_counter()
@@ -86,8 +104,13 @@ def generate(model: LoopedLM, prompt: list[int], sampling: Sampling, *, eos_id: 
         sequence = torch.cat([sequence, token], dim=1)
         step_input = token
     seconds = time.perf_counter() - start
-    return {"tokens": new, "seconds": seconds,
-            "tokens_per_s": len(new) / seconds if seconds > 0 else None}
+    out = {"tokens": new, "seconds": seconds,
+           "tokens_per_s": len(new) / seconds if seconds > 0 else None}
+    if cache is not None and cache.early_exit is not None:
+        # the first token comes from the prompt's pass, which runs every recurrence
+        used = [r] + [int(step[0]) for step in cache.recurrences_used]
+        out["recurrences_per_token"] = sum(used[:len(new)]) / len(new)
+    return out
 
 
 def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,

@@ -126,18 +126,31 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of the positions seen so far, for incremental decoding.
 
-    Every attention call of a forward pass takes the next slot in call order, so a looped model
-    holds one slot per (stack, layer, recurrence): the loop's layers run r times, at r different
-    depths, and each run attends to the keys of its own depth. A cache is tied to the number of
-    recurrences it was filled with. Slots are buffers of `max_len` positions, allocated on first
-    use and written in place."""
+    A looped model holds one slot per (stack, layer, recurrence): the loop's layers run r times,
+    at r different depths, and each run attends to the keys of its own depth. The model says
+    which slot an attention call fills (`seek`; then each call takes the next one): prelude
+    layers first, then the loop's, then the coda's. With a `kv_budget` k the loop keeps k
+    recurrences' slots and recurrence i uses slot i mod k (the iso-depth paper's code): a prompt
+    is still exact, and a new token reads the older positions' keys of the last recurrence
+    congruent to i. A cache is tied to the number of recurrences it was filled with.
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    `rows` (None: all) names the rows of the batch an attention call computes, so that a row can
+    stop iterating while the others go on (early exit, model/early_exit.py); `copy_slots` then
+    gives its skipped recurrences' slots the keys of its last one. Slots are buffers of
+    `max_len` positions, allocated on first use and written in place."""
+
+    def __init__(self, max_len: int, kv_budget: int | None = None, early_exit=None):
+        if kv_budget is not None and kv_budget < 1:
+            raise ConfigError(f"kv_budget = {kv_budget} must be >= 1 (None keeps every "
+                              "recurrence's keys).")
+        self.max_len, self.kv_budget, self.early_exit = max_len, kv_budget, early_exit
         self.length = 0  # positions cached
         self.recurrences: int | None = None
-        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.rows: torch.Tensor | None = None
+        self.recurrences_used: list[torch.Tensor] = []  # per decoded token, per row (early exit)
         self._cursor = 0
+        self._new = 0  # positions of the pass in progress
 
     def begin(self, seq_len: int, recurrences: int) -> int:
         """Start a forward pass over `seq_len` new positions; returns the first one's index."""
@@ -147,28 +160,49 @@ class KVCache:
         if self.length + seq_len > self.max_len:
             raise ConfigError(f"{self.length} cached + {seq_len} new positions exceed the cache "
                               f"length {self.max_len} (model.max_seq_len).")
-        self.recurrences, self._cursor = recurrences, 0
+        self.recurrences, self._cursor, self._new, self.rows = recurrences, 0, seq_len, None
         return self.length
 
+    def loop_slots(self, recurrences: int) -> int:
+        """How many recurrences keep slots of their own: the budget, at most r."""
+        return recurrences if self.kv_budget is None else min(self.kv_budget, recurrences)
+
+    def seek(self, slot: int) -> None:
+        """The next attention call fills slot `slot`."""
+        self._cursor = slot
+
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new keys and values (B, H, T, D) of the next attention call; return all
-        of its keys and values so far."""
-        if self._cursor == len(self.slots):
-            if self.length:
-                raise RuntimeError("KV cache: more attention calls than in the first pass")
+        """Write the new keys and values (B, H, T, D) of this attention call into its slot;
+        return all of the slot's keys and values so far (of `rows` only, when set)."""
+        if self._cursor not in self.slots:
+            if self.length or self.rows is not None:
+                raise RuntimeError(f"KV cache: slot {self._cursor} was not filled by the first "
+                                   "pass")
             shape = (*k.shape[:2], self.max_len, k.shape[-1])
-            self.slots.append((k.new_empty(shape), v.new_empty(shape)))
+            self.slots[self._cursor] = (k.new_empty(shape), v.new_empty(shape))
         keys, values = self.slots[self._cursor]
         self._cursor += 1
         end = self.length + k.shape[2]
-        keys[:, :, self.length:end] = k
-        values[:, :, self.length:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        if self.rows is None:
+            keys[:, :, self.length:end] = k
+            values[:, :, self.length:end] = v
+            return keys[:, :, :end], values[:, :, :end]
+        keys[self.rows, :, self.length:end] = k
+        values[self.rows, :, self.length:end] = v
+        return keys[self.rows, :, :end], values[self.rows, :, :end]
+
+    def copy_slots(self, rows: torch.Tensor, source: int, targets: list[int]) -> None:
+        """The new positions of `rows` in slots `targets` take those of slot `source`."""
+        new = slice(self.length, self.length + self._new)
+        keys, values = self.slots[source]
+        for target in targets:
+            target_keys, target_values = self.slots[target]
+            target_keys[rows, :, new] = keys[rows, :, new]
+            target_values[rows, :, new] = values[rows, :, new]
 
     def end(self, seq_len: int) -> None:
-        if self._cursor != len(self.slots):
-            raise RuntimeError("KV cache: fewer attention calls than in the first pass")
         self.length += seq_len
+        self.rows = None
 
 
 class Attention(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 from megaloop.config import ModelConfig
 from megaloop.errors import ConfigError
 from megaloop.model.blocks import MLP, Attention, Block, KVCache, RMSNorm, Rotary
+from megaloop.model.early_exit import EarlyExit, decode_with_early_exit
 from megaloop.model.hyper import DynamicGates, Hyperloop, Lanes, MHCBlock, expand_streams
 from megaloop.model.loops import Additive, Body, LinearInjection, LoopVariant, Passthrough
 
@@ -163,22 +164,34 @@ class LoopedLM(nn.Module):
         if self.cfg.hyper == "mhc":
             x = expand_streams(x, self.cfg.hyper_streams)
         x = self._run_stack(self.prelude, x, rope, cache)
-        x = self._run_loop(x, rope, r, cache)
-        x = self._run_stack(self.coda, x, rope, cache)
-        if self.cfg.hyper == "mhc":
-            x = x.mean(dim=-2)
+        exits = (cache is not None and cache.early_exit is not None and seq_len == 1 and r > 1
+                 and bool(self.loop) and not torch.is_grad_enabled())
+        if exits:
+            logits = decode_with_early_exit(self, x, rope, r, cache)
+        else:
+            logits = self.output(self._run_loop(x, rope, r, cache), rope, r, cache)
         if cache is not None:
             cache.end(seq_len)
-        logits = self._logits(self.final_norm(x))
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for incremental decoding of up to model.max_seq_len positions."""
-        return KVCache(self.cfg.max_seq_len)
+    def new_cache(self, kv_budget: int | None = None,
+                  early_exit: EarlyExit | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding of up to model.max_seq_len positions;
+        `kv_budget`: keep the last k recurrences' keys (KVCache); `early_exit`: stop each
+        decoded token's recurrences by this rule (model/early_exit.py)."""
+        return KVCache(self.cfg.max_seq_len, kv_budget, early_exit)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+    def output(self, x: torch.Tensor, rope, r: int, cache: KVCache | None = None
+               ) -> torch.Tensor:
+        """The logits of the loop's output `x`: coda, final norm, LM head."""
+        if cache is not None:
+            cache.seek(len(self.prelude) + len(self.loop) * cache.loop_slots(r))
+        x = self._run_stack(self.coda, x, rope, cache)
+        if self.cfg.hyper == "mhc":
+            x = x.mean(dim=-2)
+        x = self.final_norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, weight).float()  # soft-cap and loss in fp32, also under autocast
         cap = self.cfg.logit_softcap
@@ -231,17 +244,22 @@ class LoopedLM(nn.Module):
             return e
         k = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
         grad_on = torch.is_grad_enabled()
-        variant = self.loop_variant()
+        variant, body = self.loop_variant(), self.loop_body(rope, cache)
+        state = variant.start(e)
+        for i in range(r):
+            if cache is not None:  # recurrence i's slots: i mod the budget
+                cache.seek(len(self.prelude) + len(self.loop) * (i % cache.loop_slots(r)))
+            with torch.set_grad_enabled(grad_on and i >= r - k):
+                state = self.run_recurrence(variant, state, i, body, cache=cache)
+        return variant.finish(state)
 
+    def loop_body(self, rope, cache: KVCache | None = None) -> Body:
+        """body(u): the loop's layers once on u, then the recurrence norm where there is one."""
         def body(u: torch.Tensor) -> torch.Tensor:
             out = self._run_stack(self.loop, u, rope, cache)
             return self.loop_norm(out) if self.loop_norm is not None else out
 
-        state = variant.start(e)
-        for i in range(r):
-            with torch.set_grad_enabled(grad_on and i >= r - k):
-                state = self.run_recurrence(variant, state, i, body, cache=cache)
-        return variant.finish(state)
+        return body
 
 
 def build(cfg: ModelConfig, device: str | torch.device | None = None,
