@@ -7,6 +7,11 @@ Measures, on the quickstart model (configs/runs/tiny.yaml: d 128, 1 -> 2 x 2 -> 
     recurrences; both produce the same tokens (checked);
   * evaluation tokens/s (forward + loss over batches of train.micro_batch x 256 tokens) at the
     same r values.
+  * test-time compute (`--text FILE`, best with a trained `--checkpoint`): per-token early exit
+    (latent and KL criteria at several thresholds) and KV budgets against full recurrence, at
+    the trained r: decoding tokens/s, mean recurrences per token, and the loss of the text's
+    tokens decoded one at a time through the cache (teacher forcing after a prompt), so the
+    loss against full recurrence is what the saving costs.
 Each figure is the median over `--repeats` runs; runs during which other processes used more than
 `--contention` CPU seconds per second are reported as contended (the machine may be shared).
 
@@ -52,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads (default 1: decoding a small model is latency-bound)")
     p.add_argument("--contention", type=float, default=0.3,
                    help="other processes' CPU s per s above which a run counts as contended")
+    p.add_argument("--text", help="a text for the test-time compute rows (early exit, KV "
+                                  "budget)")
+    p.add_argument("--decode-tokens", type=int, default=192,
+                   help="tokens of --text decoded one at a time (default 192)")
+    p.add_argument("--latent", default="0.01,0.03,0.1,0.3",
+                   help="thresholds of the latent criterion")
+    p.add_argument("--kl", default="0.0001,0.001,0.01,0.1", help="thresholds of the KL criterion")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat")
     p.add_argument("--out", default=str(OUT_DIR / "generate_speed.json"))
     args = p.parse_args(argv)
@@ -119,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "speedup": plain_s / cached_s,
                      "eval_tokens_per_s": data.tokens / eval_s,
                      "contended_runs": busy_a + busy_b + busy_c})
+    test_time = test_time_rows(model, args) if args.text else []
     report = {"date": datetime.date.today().isoformat(), "machine": machine(),
               "command": "PYTHONPATH=. python benchmarks/generate_speed.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
@@ -130,12 +143,64 @@ def main(argv: list[str] | None = None) -> dict:
                              "sampling": "temperature 1, top-k 50, seed 0"},
               "eval": {"batches": args.eval_batches, "batch": micro_batch,
                        "seq_len": cfg.max_seq_len, "tokens": data.tokens},
-              "repeats": args.repeats, "rows": rows}
+              "repeats": args.repeats, "rows": rows, "test_time": test_time}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     return report
+
+
+def decode_text(model: LoopedLM, tokens: torch.Tensor, prompt: int, **cache_settings
+                ) -> tuple[float, float, float, int]:
+    """(loss in nats, mean recurrences per token, decoding tokens/s, cache bytes) of `tokens`
+    (1, T) fed one at a time through a cache with these settings after `prompt` tokens."""
+    cache = model.new_cache(**cache_settings)
+    with torch.no_grad():
+        logits = [model(tokens[:, :prompt], cache=cache)[:, -1:]]
+        start = time.perf_counter()
+        for i in range(prompt, tokens.shape[1] - 1):
+            logits.append(model(tokens[:, i:i + 1], cache=cache))
+        elapsed = time.perf_counter() - start
+    logits = torch.cat(logits, dim=1)
+    loss = torch.nn.functional.cross_entropy(logits[0].float(), tokens[0, prompt:]).item()
+    used = [float(u.float().mean()) for u in cache.recurrences_used]
+    mean_used = statistics.mean(used) if used else float(model.cfg.recurrences)
+    size = sum(t.numel() * t.element_size() for pair in cache.slots.values() for t in pair)
+    return loss, mean_used, (tokens.shape[1] - 1 - prompt) / elapsed, size
+
+
+def test_time_rows(model: LoopedLM, args: argparse.Namespace) -> list[dict]:
+    """Early exit and KV budgets against full recurrence on the tokens of --text."""
+    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+    from megaloop.model.early_exit import EarlyExit
+
+    ids = Tokenizer.load(DEFAULT_TOKENIZER).encode(Path(args.text).read_text())
+    length = min(len(ids), args.prompt_tokens + args.decode_tokens, model.cfg.max_seq_len)
+    tokens = torch.tensor([[2, *ids[:length - 1]]])  # after EOS, as the run's documents
+    settings = [("full recurrence", {})]
+    settings += [(f"latent < {t}", {"early_exit": EarlyExit("latent", float(t))})
+                 for t in args.latent.split(",")]
+    settings += [(f"kl < {t}", {"early_exit": EarlyExit("kl", float(t))})
+                 for t in args.kl.split(",")]
+    settings += [(f"kv budget {k}", {"kv_budget": k})
+                 for k in range(1, model.cfg.recurrences)]
+    runs: dict[str, list] = {name: [] for name, _ in settings}
+    for _ in range(args.repeats):  # rounds over every setting: drift touches all alike
+        for name, cache_settings in settings:
+            runs[name].append(decode_text(model, tokens, args.prompt_tokens, **cache_settings))
+    full_loss, full_speed = runs["full recurrence"][0][0], statistics.median(
+        run[2] for run in runs["full recurrence"])
+    rows = []
+    for name, _ in settings:
+        loss, used = runs[name][0][0], runs[name][0][1]
+        speed = statistics.median(run[2] for run in runs[name])
+        rows.append({"setting": name, "loss": loss, "loss_vs_full": loss - full_loss,
+                     "cache_share": runs[name][0][3] / runs["full recurrence"][0][3],
+                     "recurrences_per_token": used, "tokens_per_s": speed,
+                     "speed_vs_full": speed / full_speed,
+                     "decoded_tokens": tokens.shape[1] - 1 - args.prompt_tokens})
+    return rows
 
 
 def table(report: dict) -> str:
@@ -146,6 +211,14 @@ def table(report: dict) -> str:
         lines.append(f"| {row['recurrences']}{trained} | {row['cache_tokens_per_s']:.1f} | "
                      f"{row['no_cache_tokens_per_s']:.1f} | {row['speedup']:.1f}x | "
                      f"{row['eval_tokens_per_s']:.0f} |")
+    if report["test_time"]:
+        lines += ["", "| setting | recurrences per token | decode tok/s | vs full | KV cache "
+                  "vs full | loss | loss - full |", "|---|---|---|---|---|---|---|"]
+        for row in report["test_time"]:
+            lines.append(f"| {row['setting']} | {row['recurrences_per_token']:.2f} | "
+                         f"{row['tokens_per_s']:.1f} | {row['speed_vs_full']:.2f}x | "
+                         f"{row['cache_share']:.2f} | {row['loss']:.4f} | "
+                         f"{row['loss_vs_full']:+.4f} |")
     return "\n".join(lines)
 
 

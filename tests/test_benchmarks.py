@@ -177,3 +177,22 @@ def test_packing_speed_compares_the_packers_on_the_same_rows(tmp_path):
     result = benchmark_json(tmp_path, "packing_speed.py", "--docs", "3000", "--scan-docs", "500")
     assert result["rows"] > 0 and result["scan_over_bisect"] > 0
     assert result["stream_batch_s"] > 0 and result["packed_batch_s"] > 0
+
+
+def test_generate_speed_measures_early_exit_and_kv_budgets(tmp_path):
+    out = tmp_path / "generate_speed.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/generate_speed.py", "--quick", "--recurrences", "3",
+         "--config", "configs/runs/tiny.yaml", "--text", str(Path(json.__file__)),
+         "--decode-tokens", "24", "--latent", "0,1e9", "--kl", "1e9", "--out", str(out)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["setting"]: row for row in json.loads(out.read_text())["test_time"]}
+    assert set(rows) == {"full recurrence", "latent < 0", "latent < 1e9",
+                         "kl < 1e9", "kv budget 1"}
+    assert rows["latent < 0"]["loss_vs_full"] == pytest.approx(0, abs=1e-5)
+    assert rows["latent < 0"]["recurrences_per_token"] == 2  # tiny.yaml's r
+    assert rows["latent < 1e9"]["recurrences_per_token"] == 1
+    assert rows["kl < 1e9"]["recurrences_per_token"] == 2  # KL compares two
+    assert "| kv budget 1 |" in done.stdout

@@ -158,7 +158,7 @@ def test_an_exited_token_costs_fewer_recurrences_and_leaves_its_last_keys(criter
 def test_rows_that_exit_at_different_recurrences_equal_each_row_alone(variant, criterion):
     """Exit times differ between rows (a threshold between their changes): the batch gives each
     row what decoding it alone gives, so the rows left iterating see only their own keys."""
-    model = make_model(perturb=0.3, **VARIANTS[variant]).eval()
+    model = make_model(perturb=0.3, **{**VARIANTS[variant], "recurrences": 6}).eval()
     tokens = random_tokens(batch=3, seq=10)
     rules = [EarlyExit(criterion, float(threshold)) for threshold in torch.logspace(-4, 1, 16)]
     mixed = False

@@ -62,18 +62,23 @@ def decode_with_early_exit(model: nn.Module, e: torch.Tensor, rope, r: int,
     recurrences by `cache.early_exit` (see the module docstring)."""
     rule, variant = cache.early_exit, model.loop_variant()
     batch, device = e.shape[0], e.device
-    state = _clone(variant.start(e))
+    state = variant.start(e)
     active = torch.arange(batch, device=device)
     used = torch.full((batch,), r, dtype=torch.long)
-    previous = variant.finish(state).clone() if rule.criterion == "latent" else None
+    previous = variant.finish(state) if rule.criterion == "latent" else None
     logits = log_p = None
     slots, first, width = cache.loop_slots(r), len(model.prelude), len(model.loop)
+    body = model.loop_body(rope, cache)
     for i in range(r):
-        cache.rows = None if len(active) == batch else active
+        every = len(active) == batch  # then no row is taken out or put back
+        cache.rows = None if every else active
         cache.seek(first + width * (i % slots))
-        part = model.run_recurrence(variant, _take(state, active), i,
-                                    model.loop_body(rope, cache), cache=cache)
-        _put(state, active, part)
+        part = model.run_recurrence(variant, state if every else _take(state, active), i, body,
+                                    cache=cache)
+        if every:
+            state = part
+        else:
+            _put(state, active, part)
         x = variant.finish(part)
         if rule.criterion == "kl":
             cache.rows = None if len(active) == batch else active
@@ -88,9 +93,13 @@ def decode_with_early_exit(model: nn.Module, e: torch.Tensor, rope, r: int,
                 done = kl.amax(dim=-1) < rule.threshold
             logits[active], log_p[active] = out, new_log_p
         else:
-            change = (x - previous[active]).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30)
+            before = previous if every else previous[active]
+            change = (x - before).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30)
             done = change.flatten(1).amax(dim=-1) < rule.threshold
-            previous[active] = x
+            if every:
+                previous = x
+            else:
+                previous[active] = x
         if i == r - 1:
             break
         if bool(done.any()):
@@ -100,6 +109,9 @@ def decode_with_early_exit(model: nn.Module, e: torch.Tensor, rope, r: int,
                 for layer in range(width):
                     cache.copy_slots(exited, first + width * (i % slots) + layer,
                                      [first + width * c + layer for c in range(i + 1, slots)])
+            if len(active) == batch:  # from here on rows are written back in place
+                state = _clone(state)
+                previous = None if previous is None else previous.clone()
             active = active[~done]
             if not len(active):
                 break
