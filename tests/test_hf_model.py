@@ -39,7 +39,7 @@ import json, sys
 sys.modules["megaloop"] = None
 import torch, transformers
 cases = json.loads(sys.argv[1])
-out = {}
+out = {"transformers": transformers.__version__}
 for name, case in cases.items():
     model = transformers.AutoModelForCausalLM.from_pretrained(
         case["folder"], trust_remote_code=True).eval()
@@ -67,10 +67,14 @@ print("RESULTS " + json.dumps(out))
 """
 
 
-def fresh_env(tmp_path: Path) -> dict[str, str]:
+def fresh_env(tmp_path: Path, transformers_path: str | None = None) -> dict[str, str]:
+    """The environment of the fresh process; `transformers_path`: a folder holding another
+    transformers release (pip install --target), found before the venv's."""
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
+    if transformers_path:
+        env["PYTHONPATH"] = transformers_path
     return env
 
 
@@ -90,22 +94,26 @@ def export_variant(tmp_path: Path, name: str, overrides: dict) -> dict:
     return {"folder": str(folder), "reference": str(tmp_path / f"{name}.pt"), "greedy": greedy}
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    """Every variant exported, then loaded and run by transformers in one fresh process."""
-    tmp_path = tmp_path_factory.mktemp("hf-model")
+def load_in_fresh_process(tmp_path: Path, transformers_path: str | None = None
+                          ) -> tuple[dict, dict]:
+    """Every variant exported, then loaded and run by transformers in one fresh process:
+    (the cases with megaloop's greedy tokens, what transformers gave)."""
     cases = {name: export_variant(tmp_path, name, overrides)
              for name, overrides in HF_VARIANTS.items()}
     done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases)], cwd=tmp_path,
-                          env=fresh_env(tmp_path), capture_output=True, text=True, timeout=600)
+                          env=fresh_env(tmp_path, transformers_path), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))
     return cases, json.loads(line[len("RESULTS "):])
 
 
-@pytest.mark.parametrize("name", list(HF_VARIANTS))
-def test_every_variant_runs_in_transformers_as_it_trained(loaded, name):
-    cases, results = loaded
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    return load_in_fresh_process(tmp_path_factory.mktemp("hf-model"))
+
+
+def check_variant(cases: dict, results: dict, name: str) -> None:
     result = results[name]
     assert result["type"] == "MegaloopForCausalLM"
     assert result["error"] < 1e-5
@@ -114,6 +122,11 @@ def test_every_variant_runs_in_transformers_as_it_trained(loaded, name):
     assert result["greedy"] == cases[name]["greedy"]
     # generate fed the prompt once, then one new token per step: the cache was used
     assert result["fed"] == [len(PROMPT)] + [1] * (NEW_TOKENS - 1)
+
+
+@pytest.mark.parametrize("name", list(HF_VARIANTS))
+def test_every_variant_runs_in_transformers_as_it_trained(loaded, name):
+    check_variant(*loaded, name)
 
 
 def test_the_modeling_file_needs_only_torch_and_transformers():
@@ -189,3 +202,19 @@ def test_test_time_compute_reaches_generate_as_arguments_and_as_config(tmp_path,
     assert as_arguments[0, len(PROMPT):].tolist() == ours["tokens"]
     assert as_config[0, len(PROMPT):].tolist() == ours["tokens"]
     assert plain[0, len(PROMPT):].tolist() == full["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("release", ["4.45.2", "4.57.6", "5.0.0"])
+def test_other_transformers_releases_run_every_variant(tmp_path, release):
+    """The declared range (pyproject: transformers>=4.45,<6), beyond the suite's own release:
+    each is installed from PyPI into a folder of its own and found before the venv's."""
+    target = tmp_path / f"transformers-{release}"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target",
+                           str(target), f"transformers=={release}"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases, results = load_in_fresh_process(tmp_path, str(target))
+    assert results["transformers"] == release
+    for name in HF_VARIANTS:
+        check_variant(cases, results, name)
