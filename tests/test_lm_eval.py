@@ -66,8 +66,12 @@ def test_lm_eval_runs_on_an_exported_looped_model(tmp_path, capsys):
     text = Path(json.__file__).read_text()[:5000]
     (tmp_path / "doc.txt").write_text(text)
     tasks, out, r = task_folder(tmp_path, text), tmp_path / "results", 4
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "OMP_NUM_THREADS": "1"}
+    # an in-process test's group of one leaves LOCAL_RANK set, which accelerate would take for
+    # a launcher's rank
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"))
     done = subprocess.run([LM_EVAL, "--model", "hf", "--model_args",
                            f"pretrained={folder},trust_remote_code=True,recurrences={r}",
                            "--tasks", "megaloop_rolling,megaloop_mc", "--include_path",
