@@ -77,15 +77,15 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
-def load(args: argparse.Namespace) -> tuple[LoopedLM, int]:
+def load(args: argparse.Namespace) -> tuple[LoopedLM, config.RunConfig]:
     if args.checkpoint:
         from megaloop.export.weights import load_model
 
         model, loaded = load_model(args.checkpoint)
-        return model, loaded.config.train.micro_batch
+        return model, loaded.config
     run = config.load(args.config)
     torch.manual_seed(0)
-    return LoopedLM(run.model).eval(), run.train.micro_batch
+    return LoopedLM(run.model).eval(), run
 
 
 def timed(fn, args: argparse.Namespace) -> tuple[float, list, int]:
@@ -106,7 +106,8 @@ def timed(fn, args: argparse.Namespace) -> tuple[float, list, int]:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, micro_batch = load(args)
+    model, run = load(args)
+    micro_batch = run.train.micro_batch
     cfg = model.cfg
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt_tokens,), generator=generator).tolist()
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "speedup": plain_s / cached_s,
                      "eval_tokens_per_s": data.tokens / eval_s,
                      "contended_runs": busy_a + busy_b + busy_c})
-    test_time = test_time_rows(model, args) if args.text else []
+    test_time = test_time_rows(model, run, args) if args.text else []
     report = {"date": datetime.date.today().isoformat(), "machine": machine(),
               "command": "PYTHONPATH=. python benchmarks/generate_speed.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
@@ -161,6 +162,8 @@ def decode_text(model: LoopedLM, tokens: torch.Tensor, prompt: int, **cache_sett
         start = time.perf_counter()
         for i in range(prompt, tokens.shape[1] - 1):
             logits.append(model(tokens[:, i:i + 1], cache=cache))
+        if tokens.is_cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     logits = torch.cat(logits, dim=1)
     loss = torch.nn.functional.cross_entropy(logits[0].float(), tokens[0, prompt:]).item()
@@ -170,14 +173,20 @@ def decode_text(model: LoopedLM, tokens: torch.Tensor, prompt: int, **cache_sett
     return loss, mean_used, (tokens.shape[1] - 1 - prompt) / elapsed, size
 
 
-def test_time_rows(model: LoopedLM, args: argparse.Namespace) -> list[dict]:
+def test_time_rows(model: LoopedLM, run: config.RunConfig,
+                   args: argparse.Namespace) -> list[dict]:
     """Early exit and KV budgets against full recurrence on the tokens of --text."""
-    from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
+    from megaloop.data.dataset import document_start_id, tokenizer_path
+    from megaloop.data.tokenizer import Tokenizer
     from megaloop.model.early_exit import EarlyExit
 
-    ids = Tokenizer.load(DEFAULT_TOKENIZER).encode(Path(args.text).read_text())
-    length = min(len(ids), args.prompt_tokens + args.decode_tokens, model.cfg.max_seq_len)
-    tokens = torch.tensor([[2, *ids[:length - 1]]])  # after EOS, as the run's documents
+    tokenizer = Tokenizer.load(tokenizer_path(run))
+    ids = tokenizer.encode(Path(args.text).read_text())
+    length = min(len(ids) + 1, args.prompt_tokens + args.decode_tokens, model.cfg.max_seq_len)
+    if length < args.prompt_tokens + 2:
+        raise SystemExit(f"{args.text} has {len(ids)} tokens: it needs more than "
+                         f"--prompt-tokens {args.prompt_tokens} + 1")
+    tokens = torch.tensor([[document_start_id(run, tokenizer), *ids[:length - 1]]])
     settings = [("full recurrence", {})]
     settings += [(f"latent < {t}", {"early_exit": EarlyExit("latent", float(t))})
                  for t in args.latent.split(",")]

@@ -10,7 +10,7 @@ import sys
 import traceback
 from typing import Any
 
-from megaloop.errors import MegaloopError
+from megaloop.errors import ConfigError, MegaloopError
 
 
 def whole(least: int):
@@ -299,10 +299,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from megaloop.infer.generate import Sampling, generate_text
 
+    if (args.early_exit is None) != (args.exit_threshold is None):
+        raise ConfigError("--early-exit and --exit-threshold go together: name the criterion "
+                          "(latent or kl) and the threshold, e.g. --early-exit latent "
+                          "--exit-threshold 0.1.")
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_k=args.top_k, seed=args.seed, recurrences=args.recurrences,
                         stop_at_eos=not args.no_stop, kv_budget=args.kv_budget,
-                        early_exit=args.early_exit, exit_threshold=args.exit_threshold)
+                        early_exit=args.early_exit, exit_threshold=args.exit_threshold or 0.0)
     result = generate_text(args.checkpoint, args.prompt, sampling, tokenizer=args.tokenizer,
                            device=args.device, use_cache=not args.no_cache)
     if args.json:
@@ -355,8 +359,9 @@ def _add_infer_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     gen.add_argument("--early-exit", choices=["latent", "kl"],
                      help="stop a token's recurrences once its state (latent) or next-token "
                           "distribution (kl) changes by less than --exit-threshold")
-    gen.add_argument("--exit-threshold", type=finite, default=0.0,
-                     help="relative state change (latent) or KL in nats (kl); default 0: never")
+    gen.add_argument("--exit-threshold", type=finite,
+                     help="with --early-exit: the relative state change (latent) or KL in nats "
+                          "(kl) below which a token stops, e.g. 0.1 or 1e-3")
     gen.add_argument("--tokenizer", help="sentencepiece model (default: the run's)")
     gen.add_argument("--device", help="cpu, cuda, ... (default: cuda if present)")
     gen.add_argument("--json", action="store_true", help="print JSON (ids, speed) instead")

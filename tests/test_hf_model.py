@@ -43,7 +43,7 @@ out = {"transformers": transformers.__version__}
 for name, case in cases.items():
     model = transformers.AutoModelForCausalLM.from_pretrained(
         case["folder"], trust_remote_code=True).eval()
-    ref = torch.load(case["reference"])
+    ref = torch.load(case["reference"], weights_only=True)
     seen = []
     forward = model.forward
     def recording(*args, **kwargs):
@@ -141,7 +141,7 @@ def test_the_modeling_file_needs_only_torch_and_transformers():
 
 def test_recurrences_is_a_config_field_and_a_forward_argument(tmp_path):
     case = export_variant(tmp_path, "linear_r3", VARIANTS["linear_r3"])
-    reference = torch.load(case["reference"])
+    reference = torch.load(case["reference"], weights_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         case["folder"], trust_remote_code=True, recurrences=reference["other_r"]).eval()
     assert model.config.recurrences == 5 and model.config.trained_recurrences == 3
@@ -199,6 +199,7 @@ def test_test_time_compute_reaches_generate_as_arguments_and_as_config(tmp_path,
                                                do_sample=False, eos_token_id=None, pad_token_id=0)
         plain = hf.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False,
                             eos_token_id=None, pad_token_id=0)
+    assert ours["tokens"] != full["tokens"]  # the setting changed what was generated
     assert as_arguments[0, len(PROMPT):].tolist() == ours["tokens"]
     assert as_config[0, len(PROMPT):].tolist() == ours["tokens"]
     assert plain[0, len(PROMPT):].tolist() == full["tokens"]
@@ -218,3 +219,23 @@ def test_other_transformers_releases_run_every_variant(tmp_path, release):
     assert results["transformers"] == release
     for name in HF_VARIANTS:
         check_variant(cases, results, name)
+
+
+def test_beam_search_a_fresh_model_and_a_mistyped_argument(tmp_path):
+    _, _, folder = export_tiny(tmp_path, "linear_r3", {**VARIANTS["linear_r3"],
+                                                       "attention": "sdpa"})
+    assert json.loads((folder / "config.json").read_text())["attention"] == "auto"
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder,
+                                                              trust_remote_code=True).eval()
+    prompt = torch.tensor([PROMPT])
+    with torch.no_grad():
+        beams = [model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, use_cache=cached)
+                 for cached in (True, False)]
+        assert beams[0].tolist() == beams[1].tolist()  # the cache reordered with the beams
+        with pytest.raises(TypeError, match="got recurrence"):
+            model(prompt, recurrence=8)
+    fresh = type(model)(model.config)  # megaloop's own initialisation, not torch.empty
+    embedding = fresh.model.embed.weight
+    assert torch.isfinite(embedding).all() and embedding.std().item() == pytest.approx(0.02,
+                                                                                     rel=0.1)

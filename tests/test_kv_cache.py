@@ -190,3 +190,13 @@ def test_generate_reports_recurrences_per_token_and_refuses_settings_without_a_c
                  use_cache=False)
     with pytest.raises(ConfigError, match="choose one of latent, kl"):
         generate(model, [4], Sampling(early_exit="entropy"), eos_id=None)
+
+
+def test_a_one_token_prompt_runs_every_recurrence_and_r_1_reports_one_per_token():
+    model = make_model(perturb=0.05, recurrences=4, injection="linear").eval()
+    eager = Sampling(max_new_tokens=5, temperature=0, early_exit="latent", exit_threshold=1e9)
+    started = generate(model, [7], eager, eos_id=None)  # the prompt is one token, no start one
+    assert started["recurrences_per_token"] == pytest.approx((4 + 4 * 1) / 5)
+    shallow = Sampling(max_new_tokens=5, temperature=0, recurrences=1, early_exit="kl",
+                       exit_threshold=1e9)
+    assert generate(model, [7, 8], shallow, eos_id=None)["recurrences_per_token"] == 1

@@ -17,7 +17,7 @@ from megaloop.data.dataset import document_start_id
 from megaloop.data.dataset import tokenizer_path as run_tokenizer
 from megaloop.data.hf_tokenizer import write_tokenizer
 from megaloop.data.tokenizer import Tokenizer, check_vocab
-from megaloop.errors import CheckpointError
+from megaloop.errors import CheckpointError, MegaloopError
 from megaloop.export.llama import layer_sources, llama_config, llama_lacks, llama_weights
 from megaloop.export.remote_code import (
     CONFIGURATION_FILE,
@@ -46,6 +46,7 @@ def _check_out(out: Path) -> None:
 
 
 FORMATS = ("auto", "llama", "megaloop")
+TRAINING_ONLY = ("activation_checkpointing",)  # ModelConfig fields a forward pass never reads
 
 
 def export_hf(checkpoint: str | Path, out: str | Path, tokenizer_path: str | Path | None = None,
@@ -66,7 +67,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer_path: str | Pat
                               + "; ".join(lacking) + ". Use --format megaloop (or auto), which "
                               "writes the megaloop model for transformers.")
     as_llama = format == "llama" or (format == "auto" and not lacking)
-    model = build_model(loaded)
+    model = build_model(loaded)  # refuses weights that do not fit their config, before writing
     tokenizer = Tokenizer.load(tokenizer_path or run_tokenizer(loaded.config))
     check_vocab(tokenizer, cfg.vocab_size)
     start_id = document_start_id(loaded.config, tokenizer)
@@ -104,11 +105,17 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer_path: str | Pat
 
 
 def megaloop_config(cfg: ModelConfig, start_id: int, eos_id: int) -> dict[str, Any]:
-    """config.json of MegaloopForCausalLM: ModelConfig's fields, the trained r, auto_map."""
-    from megaloop.export.hf_configuration import MegaloopConfig
-
+    """config.json of MegaloopForCausalLM: ModelConfig's fields, the trained r, auto_map. The
+    attention kernel is `auto` (flash-attn where installed, else SDPA: the same attention), so
+    that a model trained with flash-attn loads without it; training-only fields are left out."""
+    try:
+        from megaloop.export.hf_configuration import MegaloopConfig
+    except ImportError as exc:
+        raise MegaloopError(f"export-hf needs transformers ({exc}); install megaloop[hf] "
+                            "(or `pip install 'transformers>=4.45,<6'`).") from None
     fields = {key: value for key, value in dataclasses.asdict(cfg).items()
-              if key != "recurrences"}
+              if key not in ("recurrences", *TRAINING_ONLY)}
+    fields["attention"] = "auto"
     config = MegaloopConfig(trained_recurrences=cfg.recurrences, **fields,
                             num_hidden_layers=cfg.effective_depth, bos_token_id=start_id,
                             eos_token_id=eos_id, architectures=["MegaloopForCausalLM"],

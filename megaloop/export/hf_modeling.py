@@ -1,7 +1,8 @@
 """`MegaloopForCausalLM`: the megaloop model (model/looped.py) as a transformers causal LM.
 
 An export writes it as `modeling_megaloop.py` after the model's own source (export/remote_code.py
-joins model/blocks.py, hyper.py, loops.py, looped.py, config.py's ModelConfig and this file), so
+joins config.py's ModelConfig, model/blocks.py, hyper.py, loops.py, early_exit.py, looped.py and
+this file), so
 the model that runs in transformers is the model that trained, line for line, and imports only
 torch and transformers. Weights are LoopedLM's under `model.`.
 
@@ -34,6 +35,11 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ \
     else "past_key_values"
 
 
+# what transformers' generate and pipelines pass that this model has no use for
+PASSED_OVER = {"return_dict", "cache_position", "position_ids", "output_attentions",
+               "output_hidden_states", "logits_to_keep", "num_logits_to_keep", "token_type_ids"}
+
+
 def model_config(config: MegaloopConfig) -> ModelConfig:
     """megaloop's ModelConfig of a MegaloopConfig (the fields it lacks take their defaults)."""
     names = [entry.name for entry in dataclasses.fields(ModelConfig)]
@@ -51,12 +57,16 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MegaloopConfig):
         super().__init__(config)
-        self.model = LoopedLM(model_config(config))
+        # weights drawn by _init_weights only where transformers asks (not before a load)
+        self.model = LoopedLM(model_config(config), init_weights=False)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
+        """megaloop's initialisation of `module`, for weights no checkpoint gives."""
         if isinstance(module, Rotary):  # non-persistent tables: made again, never loaded
             module.reset()
+        elif self.model.initialises(module):
+            self.model.init_module(module)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -81,6 +91,11 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
         `recurrences`: the r of this pass (default config.recurrences). The cache comes as
         `cache` (transformers 5) or `past_key_values` (4.x); a new one takes `kv_budget`,
         `early_exit` and `early_exit_threshold` (default: the config's)."""
+        unknown = sorted(set(kwargs) - PASSED_OVER)
+        if unknown:
+            raise TypeError(f"MegaloopForCausalLM.forward got {', '.join(unknown)}: it takes "
+                            "input_ids, attention_mask (no padding), cache, labels, use_cache, "
+                            "recurrences, kv_budget, early_exit, early_exit_threshold")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("MegaloopForCausalLM has no attention mask: this batch holds "
                              "padding. Give sequences of one length (or batch size 1).")
@@ -105,6 +120,12 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
         threshold = config.early_exit_threshold if threshold is None else threshold
         rule = None if criterion == "none" else EarlyExit(criterion, threshold)
         return self.model.new_cache(kv_budget, rule)
+
+    @staticmethod
+    def _reorder_cache(cache: KVCache, beam_idx: torch.Tensor) -> KVCache:
+        """Beam search's reordering of the rows (transformers 4.x and 5 both call it)."""
+        cache.reorder_cache(beam_idx)
+        return cache
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor,
                                       attention_mask: torch.Tensor | None = None,

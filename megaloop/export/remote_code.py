@@ -13,7 +13,7 @@ standard library, torch and transformers (flash-attn where installed), which
 from __future__ import annotations
 
 import ast
-import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from megaloop.version import describe
@@ -54,8 +54,10 @@ class _Part:
 
 
 def _module_source(name: str) -> str:
-    module = importlib.import_module(name)
-    with open(module.__file__, encoding="utf-8") as file:
+    """The source of module `name`, read without running it (hf_modeling imports transformers,
+    which an exporting machine may lack until the export says so)."""
+    spec = importlib.util.find_spec(name)
+    with open(spec.origin, encoding="utf-8") as file:
         return file.read()
 
 
@@ -135,14 +137,28 @@ def modeling_source() -> str:
                     raise RuntimeError(f"{symbol} is defined in both {defined[symbol]} and "
                                        f"{name}: rename one, they share modeling_megaloop.py")
                 defined[symbol] = name
+    _check_megaloop_imports(parts, set(defined) | {"ConfigError", "MegaloopConfig"})
     body = []
     for (name, _), part in zip(MODELING_PARTS, parts, strict=True):
         body.append(f"\n\n# ---- from {name} " + "-" * max(0, 80 - len(name) - 13) + "\n")
         body += [text.rstrip("\n").lstrip("\n") + "\n\n\n" for _, text in part.code]
     relative = f"from .{CONFIGURATION_FILE[:-3]} import MegaloopConfig\n"
-    return (HEADER.format(what="", version=describe()) + "\nfrom __future__ import "
-            "annotations\n\n" + "\n".join(imports) + "\n\n" + relative
-            + ERRORS + "".join(body).rstrip("\n") + "\n")
+    source = (HEADER.format(what="", version=describe()) + "\nfrom __future__ import "
+              "annotations\n\n" + "\n".join(imports) + "\n\n" + relative
+              + ERRORS + "".join(body).rstrip("\n") + "\n")
+    compile(source, MODELING_FILE, "exec")  # a SyntaxError here is megaloop's bug, not the user's
+    return source
+
+
+def _check_megaloop_imports(parts: list[_Part], defined: set[str]) -> None:
+    """Every name a part imports from megaloop must be defined in the joined file: a dropped
+    import of anything else would fail only when its line runs, on a user's machine."""
+    for node in (node for part in parts for node in part.imports):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megaloop"):
+            missing = [a.name for a in node.names if (a.asname or a.name) not in defined]
+            if missing:
+                raise RuntimeError(f"modeling_megaloop.py would lack {', '.join(missing)} "
+                                   f"(from {node.module}): add its module to MODELING_PARTS")
 
 
 def _import_order(line: str) -> tuple[int, str, str]:

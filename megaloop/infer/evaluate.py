@@ -86,9 +86,9 @@ def shard_set(folder: str | Path, seq_len: int, batch_size: int, max_batches: in
 
 def text_set(path: str | Path, tokenizer: Tokenizer, seq_len: int, batch_size: int,
              start_id: int | None = None) -> EvalSet:
-    """The text as one document: after `start_id` (the token the run's documents follow, see
-    data/dataset.py's document_start_id; default EOS) and followed by EOS, in windows of
-    seq_len predictions; every token and the EOS are scored."""
+    """The text as one document after `start_id` (the token the run's documents follow, see
+    data/dataset.py's document_start_id; default EOS), in lm-eval's rolling windows of seq_len
+    predictions; every token of the text is scored once."""
     path = Path(path)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size} must be >= 1.")

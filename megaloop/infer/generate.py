@@ -6,8 +6,8 @@ Test-time compute (Sampling): `kv_budget` keeps the keys of the last k recurrenc
 `early_exit` stops each new token's recurrences once its state (latent) or its next-token
 distribution (kl) changes by less than `exit_threshold`; the result then reports the mean
 recurrences per token.
-The prompt follows an EOS, as a document does in the training stream; sampling stops at the
-first EOS or after `max_new_tokens`.
+The prompt follows the token the run's documents follow (EOS in stream packing), as in training;
+sampling stops at the first EOS or after `max_new_tokens`.
 """
 
 from __future__ import annotations

@@ -204,6 +204,12 @@ class KVCache:
         self.length += seq_len
         self.rows = None
 
+    def reorder_cache(self, order: torch.Tensor) -> None:
+        """Rows in a new order, some repeated (beam search keeps the best beams)."""
+        order = order.to(next(iter(self.slots.values()))[0].device) if self.slots else order
+        self.slots = {slot: (keys.index_select(0, order), values.index_select(0, order))
+                      for slot, (keys, values) in self.slots.items()}
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

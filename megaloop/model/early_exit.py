@@ -4,13 +4,16 @@ recurrences than hard ones.
 
 Criteria, checked after each recurrence i (the threshold is `EarlyExit.threshold`):
 - latent: |x_i - x_(i-1)| / |x_i| below it, where x_i is the loop's output after recurrence i
-  (the coda's input) and x_(-1) the loop's input;
+  (the coda's input) and x_(-1) what the loop variant gives before any recurrence (the prelude's
+  output for passthrough, zeros for additive injection);
 - kl: KL(p_i || p_(i-1)) in nats below it, where p_i is the model's next-token distribution
   from x_i (the coda runs after every recurrence; the earliest exit is after two).
 
 A row of the batch that exits is left alone: the later recurrences compute only the rows still
 going (the cache's `rows`), and the exited row's slots of the recurrences it skipped take the
-keys and values of its last one, so that later tokens attending to it read its final state. It
+keys and values of its last one, so that later tokens attending to it read its final state
+(under a KV budget k only the slots no recurrence it ran has written: k slots hold its last k
+recurrences' keys). It
 acts on single-token steps of a cached decode only; a prompt runs every recurrence. The
 recurrences each row used are appended to the cache's `recurrences_used`.
 """

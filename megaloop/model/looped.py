@@ -83,16 +83,17 @@ class LoopedLM(nn.Module):
         `gather(params)` is a context manager that makes sharded parameters whole while they are
         written (ZeRO-3's GatheredParameters, see train/engine.py); None for a plain model."""
         for module in self.modules():
-            if self._initialises(module):
+            if self.initialises(module):
                 with gather(list(module.parameters())) if gather else contextlib.nullcontext():
-                    self._init_module(module)
+                    self.init_module(module)
 
-    def _initialises(self, module: nn.Module) -> bool:
+    def initialises(self, module: nn.Module) -> bool:
+        """Whether `module` is one that init_module initialises."""
         return (isinstance(module, (Attention, MLP, DynamicGates))
                 or any(module is m for m in (self.embed, self.lm_head, self.injection)))
 
     @torch.no_grad()
-    def _init_module(self, module: nn.Module) -> None:
+    def init_module(self, module: nn.Module) -> None:
         """`model.init`, module by module; linear injection [I | 0] in both. Drawn from the CPU
         generator whatever the device, so the seed gives the same weights to a model made on
         the CPU and moved (ZeRO 0-2) and to one made on the GPU under zero.Init (ZeRO-3).
@@ -164,12 +165,14 @@ class LoopedLM(nn.Module):
         if self.cfg.hyper == "mhc":
             x = expand_streams(x, self.cfg.hyper_streams)
         x = self._run_stack(self.prelude, x, rope, cache)
-        exits = (cache is not None and cache.early_exit is not None and seq_len == 1 and r > 1
-                 and bool(self.loop) and not torch.is_grad_enabled())
-        if exits:
+        decoding = (cache is not None and cache.early_exit is not None and seq_len == 1
+                    and start > 0)  # a prompt (even of one token) runs every recurrence
+        if decoding and r > 1 and self.loop and not torch.is_grad_enabled():
             logits = decode_with_early_exit(self, x, rope, r, cache)
         else:
             logits = self.output(self._run_loop(x, rope, r, cache), rope, r, cache)
+            if decoding:  # nothing to exit from (r = 1, no loop): every row ran all r
+                cache.recurrences_used.append(torch.full((x.shape[0],), r))
         if cache is not None:
             cache.end(seq_len)
         if targets is None:
