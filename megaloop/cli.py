@@ -161,8 +161,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from megaloop import config
+    from megaloop.device import default_device
     from megaloop.train.ds_config import render_ds_config
-    from megaloop.train.engine import default_device
 
     run = config.load(args.config, args.overrides)
     rendered = render_ds_config(run, args.world_size, pin_memory=default_device().type == "cuda")

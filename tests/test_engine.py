@@ -419,12 +419,17 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_only_the_engine_talks_to_deepspeed_and_the_device():
+    """The Engine alone imports DeepSpeed and torch.distributed; device.py asks DeepSpeed's
+    accelerator which device to use, and nothing else."""
     package = REPO / "megaloop"
-    engine = package / "train" / "engine.py"
+    engine, device = package / "train" / "engine.py", package / "device.py"
+    assert {m for m in imported_modules(device) if m.startswith("deepspeed")} == \
+        {"deepspeed.accelerator"}
+    assert "torch.cuda" not in device.read_text()
     for path in package.rglob("*.py"):
         text = path.read_text()
         modules = imported_modules(path)
-        if path != engine:
+        if path not in (engine, device):
             assert not any(m == "deepspeed" or m.startswith("deepspeed.") for m in modules), path
             assert "torch.distributed" not in modules and "import torch.distributed" not in text, \
                 path

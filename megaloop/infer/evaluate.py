@@ -171,8 +171,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
     trained it) batches."""
     from megaloop.data.dataset import document_start_id, tokenizer_path
     from megaloop.data.tokenizer import check_vocab
+    from megaloop.device import default_device
     from megaloop.export.weights import load_model
-    from megaloop.train.engine import default_device
 
     if (text is None) == (shards is None):
         raise ConfigError("Evaluate on one of --text FILE or --shards DIR.")

@@ -119,8 +119,8 @@ def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,
     """`megaloop generate`: load the checkpoint and its tokenizer, sample a continuation."""
     from megaloop.data.dataset import document_start_id, tokenizer_path
     from megaloop.data.tokenizer import Tokenizer, check_vocab
+    from megaloop.device import default_device
     from megaloop.export.weights import load_model
-    from megaloop.train.engine import default_device
 
     sampling.validate()
     model, loaded = load_model(checkpoint, device or default_device())

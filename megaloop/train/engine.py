@@ -6,8 +6,9 @@ a checkpoint, the consolidated weights, the device and the few reductions the lo
 of them imports DeepSpeed or asks `torch.cuda` (cluster.py counts devices for the launcher).
 
 The device and the collective backend come from one place, DeepSpeed's accelerator
-(`DS_ACCELERATOR`, else what DeepSpeed detects): `DS_ACCELERATOR=cpu` means the CPU and gloo
-everywhere, also on a machine with GPUs.
+(`DS_ACCELERATOR`, else what DeepSpeed detects; megaloop/device.py, which inference also asks for
+its default device): `DS_ACCELERATOR=cpu` means the CPU and gloo everywhere, also on a machine
+with GPUs.
 
 Precision (`train.precision`):
 - fp32: fp32 throughout; on CUDA, matmuls and convolutions may use TF32.
@@ -42,6 +43,7 @@ import torch.distributed as dist
 from megaloop.atomic import atomic_write_hashed
 from megaloop.cluster import loopback_interface
 from megaloop.config import RunConfig
+from megaloop.device import accelerator, default_device, local_rank, synchronize
 from megaloop.errors import CheckpointError, ConfigError
 from megaloop.local_ranks import RENDEZVOUS
 from megaloop.model.looped import LoopedLM
@@ -58,31 +60,7 @@ from megaloop.train.muonh import MuonH, matrix_shape
 from megaloop.train.optim import adamw, adamw_settings, muonh, role_groups
 from megaloop.train.parallelize import apply_ac, apply_compile
 
-# ---- the accelerator and the process group ---------------------------------------------------
-
-def accelerator() -> Any:
-    """DeepSpeed's accelerator (its import logs to stdout, which belongs to our output)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.accelerator import get_accelerator
-
-        return get_accelerator()
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def default_device() -> torch.device:
-    """This process's device as DeepSpeed's accelerator names it: `cuda:<local rank>` or `cpu`.
-    Evaluation and generation run there too."""
-    return torch.device(accelerator().device_name(local_rank()))
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
-    if device.type != "cpu":
-        accelerator().synchronize()
-
+# ---- the process group ------------------------------------------------------------------------
 
 _store_folder: str | None = None  # the file store of this process's group of one
 
