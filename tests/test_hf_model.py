@@ -16,6 +16,7 @@ import torch
 from tiny import VARIANTS, export_tiny
 
 from megaloop.cli import main
+from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
 from megaloop.export.remote_code import ALLOWED_IMPORTS, check_standalone, modeling_source
 from megaloop.infer.generate import Sampling, generate
 
@@ -172,6 +173,11 @@ def test_the_cli_says_how_to_load_it(tmp_path, capsys):
     assert "as MegaloopForCausalLM" in printed and "trust_remote_code=True" in printed
     assert (out / "modeling_megaloop.py").read_text() == \
         (Path(case["folder"]) / "modeling_megaloop.py").read_text()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    text = Path(json.__file__).read_text()[:3000]
+    assert tokenizer.encode(text, add_special_tokens=False) == \
+        Tokenizer.load(DEFAULT_TOKENIZER).encode(text)
+    assert tokenizer.bos_token == "</s>"  # stream-packed documents follow EOS
 
 
 @pytest.mark.parametrize("settings", [{"kv_budget": 1},
