@@ -131,7 +131,7 @@ def baseline(name: str, objective, args_list, starts_list, bounds, stride: int,
 
 def joint(args) -> dict:
     runs = simulate(noise=0.004, seed=0)
-    data = fitter.law_data(runs)
+    data = runs.law_data()
     out: dict = {"runs": len(runs), "restarts": 500, "bootstrap": 200}
     print("joint fit: 116 runs, 500 starts, 200 bootstrap resamples", flush=True)
     with Timer() as timer:
@@ -186,7 +186,7 @@ def chinchilla(args) -> dict | None:
     keep = loss < np.sort(loss)[-5]
     runs = Runs(n[keep], np.zeros(keep.sum()), np.ones(keep.sum()),
                 flops[keep] / (6 * n[keep]), loss[keep])
-    data = fitter.law_data(runs)
+    data = runs.law_data()
     print(f"chinchilla: {len(runs)} runs, Hoffmann's 4,500-start grid", flush=True)
     with Timer() as timer:
         summary = fitter.fit(runs, restarts=0, bootstrap=0).to_json()

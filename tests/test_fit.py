@@ -453,3 +453,18 @@ def test_experiment_without_finished_runs(tmp_path, sweep_store):
         run_fit(experiment="sweep", tracking=uri, filters=["batch"])
     with pytest.raises(FitError, match="--filter selects MLflow runs"):
         run_fit(runs_csv="x.csv", filters=["batch=a"])
+
+
+def test_the_fit_room_imports_in_one_direction():
+    """law <- inputs <- readout <- fitter <- command: no module imports one that imports it,
+    not even lazily inside a function."""
+    import ast
+
+    order = ["law", "inputs", "readout", "fitter", "command"]
+    folder = Path(__file__).resolve().parents[1] / "megaloop" / "fit"
+    for position, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("megaloop.fit.")}
+        assert not imported & set(order[position:]), (name, imported)

@@ -41,13 +41,13 @@ from megaloop.fit.inputs import Runs
 from megaloop.fit.law import (
     BOX,
     HUBER_DELTA,
-    NATURAL,
     PARAMS,
     LawData,
     Objective,
     batch_objective,
     predict_log_loss,
 )
+from megaloop.fit.readout import result_json
 
 POLISH = 8  # distinct minima of the batched pass polished by scipy's L-BFGS-B
 PER_R_STARTS = 100  # random starts of each per-r fit (plus the joint fits' minima)
@@ -239,16 +239,10 @@ class FitResult:
 
     def predicted_loss(self, theta=None) -> np.ndarray:
         return np.exp(predict_log_loss(self.fit.theta if theta is None else theta,
-                                       law_data(self.runs)))
+                                       self.runs.law_data()))
 
     def to_json(self) -> dict:
-        from megaloop.fit.readout import result_json
-
         return result_json(self)
-
-
-def law_data(runs: Runs) -> LawData:
-    return LawData.from_arrays(runs.n_once, runs.n_rec, runs.recurrences, runs.tokens, runs.loss)
 
 
 def _check_size(runs: Runs, n_free: int, what: str) -> None:
@@ -267,7 +261,7 @@ def fit(runs: Runs, *, fix_phi: float | None = None, restarts: int = 500, bootst
     Chinchilla fit per r."""
     if restarts < 0 or bootstrap < 0:
         raise FitError(f"restarts ({restarts}) and bootstrap ({bootstrap}) must be >= 0.")
-    data = law_data(runs)
+    data = runs.law_data()
     warnings: list[str] = []
     identifiable = data.phi_identifiable
     if identifiable:
@@ -330,15 +324,3 @@ def fit(runs: Runs, *, fix_phi: float | None = None, restarts: int = 500, bootst
     return FitResult(runs=runs, law=law, fit=main, comparison=comparison, per_r=per_r_fits,
                      bootstrap=thetas, bootstrap_unit=unit, settings=settings,
                      warnings=warnings)
-
-
-def intervals(thetas: np.ndarray, level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile intervals of E, A, B, alpha, beta, phi from bootstrap thetas."""
-    ok = thetas[np.all(np.isfinite(thetas), axis=1)]
-    if len(ok) < 2:
-        return {name: None for name in NATURAL}
-    natural = np.column_stack([np.exp(ok[:, 2]), np.exp(ok[:, 0]), np.exp(ok[:, 1]),
-                               ok[:, 3], ok[:, 4], ok[:, 5]])
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(natural, [tail, 100 - tail], axis=0)
-    return {name: [float(lo[i]), float(hi[i])] for i, name in enumerate(NATURAL)}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from megaloop.errors import FitError
+from megaloop.fit.law import LawData
 
 REQUIRED = ("n_once", "n_rec", "recurrences", "tokens", "loss")
 OPTIONAL = ("budget_flops", "flops_per_token")
@@ -51,6 +52,11 @@ class Runs:
 
     def __len__(self) -> int:
         return len(self.loss)
+
+    def law_data(self) -> LawData:
+        """The arrays the law is fitted to."""
+        return LawData.from_arrays(self.n_once, self.n_rec, self.recurrences, self.tokens,
+                                   self.loss)
 
     def subset(self, keep: np.ndarray) -> Runs:
         """The runs where boolean or index array `keep` selects."""

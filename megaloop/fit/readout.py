@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from megaloop.fit.law import LawData, predict_log_loss, to_natural
+from megaloop.fit.law import NATURAL, objective, predict_log_loss, predict_loss, to_natural
 
 LEVEL = 0.95
 
@@ -38,10 +38,7 @@ def r_key(r: float) -> str:
 
 def goodness(runs, theta) -> dict:
     """Objective, R^2 of the loss, RMSE of the loss, and the Gaussian log-residual sums."""
-    from megaloop.fit.law import objective
-
-    data = LawData.from_arrays(runs.n_once, runs.n_rec, runs.recurrences, runs.tokens,
-                               runs.loss)
+    data = runs.law_data()
     log_pred = predict_log_loss(theta, data)
     pred = np.exp(log_pred)
     ss_res = float(np.sum((runs.loss - pred) ** 2))
@@ -159,7 +156,7 @@ def optimal_curve(theta, r: float, family: dict, budgets) -> dict[str, np.ndarra
     rho = family["rho"]
     flops = np.exp(family["c0"] + family["c1"] * log_n)[None, :]
     tokens = budgets[:, None] / flops
-    loss = _loss(theta, n * (1 - rho), n * rho, r, tokens)
+    loss = predict_loss(theta, n * (1 - rho), n * rho, r, tokens)
     best = np.argmin(loss, axis=1)
     # refine around the grid minimum with a parabola in log N
     inner = np.clip(best, 1, len(log_n) - 2)
@@ -171,16 +168,10 @@ def optimal_curve(theta, r: float, family: dict, budgets) -> dict[str, np.ndarra
     log_best = log_n[inner] + np.clip(shift, -1, 1) * step
     n_best = np.exp(log_best)
     d_best = budgets / np.exp(family["c0"] + family["c1"] * log_best)
-    l_best = _loss(theta, n_best * (1 - rho), n_best * rho, r, d_best)
+    l_best = predict_loss(theta, n_best * (1 - rho), n_best * rho, r, d_best)
     edge = (best == 0) | (best == len(log_n) - 1)
     return {"budget_flops": budgets, "n_unique": n_best, "tokens": d_best, "loss": l_best,
             "at_edge": edge}
-
-
-def _loss(theta, n_once, n_rec, r, tokens) -> np.ndarray:
-    a, b, e, alpha, beta, phi = theta
-    n_eff = n_once + r ** phi * n_rec
-    return np.exp(e) + np.exp(a) * n_eff ** -alpha + np.exp(b) * tokens ** -beta
 
 
 def default_budgets(runs) -> np.ndarray:
@@ -234,10 +225,20 @@ def iso_flop_minima(runs) -> list[dict]:
     return out
 
 
+def intervals(thetas: np.ndarray, level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile intervals of E, A, B, alpha, beta, phi from bootstrap thetas."""
+    ok = thetas[np.all(np.isfinite(thetas), axis=1)]
+    if len(ok) < 2:
+        return {name: None for name in NATURAL}
+    natural = np.column_stack([np.exp(ok[:, 2]), np.exp(ok[:, 0]), np.exp(ok[:, 1]),
+                               ok[:, 3], ok[:, 4], ok[:, 5]])
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(natural, [tail, 100 - tail], axis=0)
+    return {name: [float(lo[i]), float(hi[i])] for i, name in enumerate(NATURAL)}
+
+
 def result_json(result) -> dict:
     """The JSON of a fit (DESIGN.md "Fit output" keys first)."""
-    from megaloop.fit.fitter import intervals
-
     natural = to_natural(result.fit.theta)
     g = goodness(result.runs, result.fit.theta)
     ci = intervals(result.bootstrap, LEVEL)
