@@ -468,3 +468,29 @@ def test_the_fit_room_imports_in_one_direction():
                     if isinstance(node, ast.ImportFrom) and node.module
                     and node.module.startswith("megaloop.fit.")}
         assert not imported & set(order[position:]), (name, imported)
+
+
+def test_a_fit_on_its_box_edge_states_no_equivalence_and_lists_its_runs(tmp_path):
+    """The quickstart-like case: E pinned to its box edge. The headline sentence says the fit is
+    not to be trusted instead of a number, and fit.json and the report list every run."""
+    from megaloop.fit.command import write
+    from megaloop.fit.law import BOX
+
+    runs = simulate(PAPER_LAW)
+    result = fit(runs, **QUICK)
+    summary = result.to_json()
+    assert summary["trusted"] and not summary["distrust"]
+    assert "matches a non-looped model" in summary["equivalence"][-1]["sentence"]
+    result.fit.theta[2] = BOX[2][0]  # e = log E on its lower edge
+    pinned = result.to_json()
+    assert not pinned["trusted"] and "e on the edge of its search box" in pinned["distrust"][0]
+    assert all("not to be trusted" in e["sentence"] and "matches" not in e["sentence"]
+               for e in pinned["equivalence"])
+    assert [run["name"] for run in pinned["runs"]] == runs.names
+    report = write(result, pinned, tmp_path).read_text()
+    assert f"## The {len(runs)} runs fitted" in report and runs.names[0] in report
+    assert json.loads((tmp_path / "fit.json").read_text())["runs"][0]["loss"] == \
+        pytest.approx(float(runs.loss[0]))
+    result.fit.theta[2] = np.log(summary["E"])  # inside its box again
+    result.bootstrap = np.full((10, 6), np.nan)  # no resample could be fitted
+    assert result.to_json()["distrust"] == ["only 0 of 10 bootstrap resamples could be fitted"]

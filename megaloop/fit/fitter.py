@@ -41,10 +41,10 @@ from megaloop.fit.inputs import Runs
 from megaloop.fit.law import (
     BOX,
     HUBER_DELTA,
-    PARAMS,
     LawData,
     Objective,
     batch_objective,
+    on_edge,
     predict_log_loss,
 )
 from megaloop.fit.readout import result_json
@@ -56,7 +56,6 @@ BOOTSTRAP_NEAR = 2.0  # those whose objective is within this factor of the best
 SCREEN_OPTIONS = {"max_iter": 300, "ftol": 1e-10, "gtol": 1e-6}  # batched pass (objective/delta)
 POLISH_OPTIONS = {"maxiter": 5000, "ftol": 1e-13, "gtol": 1e-10}  # scipy L-BFGS-B
 BATCH_ELEMENTS = 1_500_000  # (starts x runs) per batched array, to bound memory
-EDGE_TOLERANCE = 1e-6  # of the box width
 
 
 def hoffmann_grid() -> np.ndarray:
@@ -171,15 +170,10 @@ def fit_law(data: LawData, phi: float | None, starts: np.ndarray) -> LawFit:
 
 def edge_warnings(fit: LawFit) -> list[str]:
     """A warning per free parameter that ended on the edge of the box."""
-    out = []
-    for i, name in enumerate(PARAMS[:fit.n_free]):
-        lo, hi = BOX[i]
-        if min(fit.theta[i] - lo, hi - fit.theta[i]) <= EDGE_TOLERANCE * (hi - lo):
-            out.append(f"{name} = {fit.theta[i]:.4g} lies on the edge of the search box "
-                       f"[{lo:g}, {hi:g}]: the optimum may be outside it, or the runs may not "
-                       "constrain this parameter. Add runs that vary it (more sizes, budgets "
-                       "or recurrences) before trusting the fit.")
-    return out
+    return [f"{name} = {value:.4g} lies on the edge of the search box [{lo:g}, {hi:g}]: the "
+            "optimum may be outside it, or the runs may not constrain this parameter. Add runs "
+            "that vary it (more sizes, budgets or recurrences) before trusting the fit."
+            for name, value, (lo, hi) in on_edge(fit.theta, fit.n_free)]
 
 
 def bootstrap_samples(runs: Runs, count: int, seed: int) -> tuple[list[np.ndarray], str]:

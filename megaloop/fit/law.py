@@ -29,6 +29,17 @@ NATURAL = ("E", "A", "B", "alpha", "beta", "phi")  # how a fit is reported
 # The paper's search box (RESEARCH.md section 2), also the bounds of L-BFGS-B.
 BOX = np.array([(-5.0, 35.0), (-5.0, 35.0), (-3.0, 2.0), (0.0, 2.5), (0.0, 2.5), (-3.0, 3.0)])
 HUBER_DELTA = 1e-3
+EDGE_TOLERANCE = 1e-6  # of the box width
+
+
+def on_edge(theta, n_free: int) -> list[tuple[str, float, tuple[float, float]]]:
+    """(name, value, box) of each of the first `n_free` parameters that lies on its box edge."""
+    out = []
+    for i, name in enumerate(PARAMS[:n_free]):
+        lo, hi = BOX[i]
+        if min(theta[i] - lo, hi - theta[i]) <= EDGE_TOLERANCE * (hi - lo):
+            out.append((name, float(theta[i]), (lo, hi)))
+    return out
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ import math
 
 import numpy as np
 
-from megaloop.fit.law import NATURAL, objective, predict_log_loss, predict_loss, to_natural
+from megaloop.fit.law import (
+    NATURAL,
+    objective,
+    on_edge,
+    predict_log_loss,
+    predict_loss,
+    to_natural,
+)
 
 LEVEL = 0.95
 
@@ -110,10 +117,33 @@ def equivalence(theta, n_once: float, n_rec: float, r: float) -> dict:
             "sentence": sentence}
 
 
+BOOTSTRAP_FITTED_AT_LEAST = 0.5  # of the resamples, for an interval to mean something
+
+
+def distrust(result) -> list[str]:
+    """Why the fit's numbers are not to be trusted (empty: no reason found): a parameter on the
+    edge of its search box, or most bootstrap resamples not fitted."""
+    reasons = [f"{name} on the edge of its search box [{lo:g}, {hi:g}]"
+               for name, _, (lo, hi) in on_edge(result.fit.theta, result.fit.n_free)]
+    resamples = len(result.bootstrap)
+    fitted = int(np.all(np.isfinite(result.bootstrap), axis=1).sum()) if resamples else 0
+    if resamples and fitted < BOOTSTRAP_FITTED_AT_LEAST * resamples:
+        reasons.append(f"only {fitted} of {resamples} bootstrap resamples could be fitted")
+    return reasons
+
+
+def untrusted_sentence(reasons: list[str]) -> str:
+    return ("The fit is not to be trusted (" + "; ".join(reasons) + "), so it states no "
+            "equivalence: add runs that constrain the law (more model sizes around each "
+            "budget's minimum, more budgets or recurrences) and fit again.")
+
+
 def equivalence_examples(result) -> list[dict]:
-    """One example per r > 1: the run configuration of median unique size at that r."""
+    """One example per r > 1: the run configuration of median unique size at that r. Where the
+    fit is not to be trusted, each example's sentence says so instead of giving a number."""
     if not result.phi_identifiable:
         return []
+    reasons = distrust(result)
     runs, out = result.runs, []
     for r in sorted(set(runs.recurrences.tolist())):
         configs = sorted({(u, o, c) for u, o, c, rr in zip(runs.n_unique, runs.n_once,
@@ -122,7 +152,10 @@ def equivalence_examples(result) -> list[dict]:
                           if rr == r and c > 0})
         if r > 1 and configs:
             _, n_once, n_rec = configs[(len(configs) - 1) // 2]
-            out.append(equivalence(result.fit.theta, n_once, n_rec, r))
+            example = equivalence(result.fit.theta, n_once, n_rec, r)
+            if reasons:
+                example["sentence"] = untrusted_sentence(reasons)
+            out.append(example)
     return out
 
 
@@ -237,6 +270,17 @@ def intervals(thetas: np.ndarray, level: float = 0.95) -> dict[str, list[float] 
     return {name: [float(lo[i]), float(hi[i])] for i, name in enumerate(NATURAL)}
 
 
+def fitted_runs(runs) -> list[dict]:
+    """Every run that went into the fit: name, MLflow id (where known) and what the law read."""
+    budgets = runs.budget_flops if runs.budget_flops is not None else [None] * len(runs)
+    ids = runs.run_ids or [None] * len(runs)
+    return [{"name": name, "run_id": run_id, "recurrences": r, "n_once": once, "n_rec": rec,
+             "tokens": tokens, "loss": loss, "budget_flops": budget}
+            for name, run_id, r, once, rec, tokens, loss, budget in zip(
+                runs.names, ids, runs.recurrences, runs.n_once, runs.n_rec, runs.tokens,
+                runs.loss, budgets, strict=True)]
+
+
 def result_json(result) -> dict:
     """The JSON of a fit (DESIGN.md "Fit output" keys first)."""
     natural = to_natural(result.fit.theta)
@@ -248,7 +292,7 @@ def result_json(result) -> dict:
            "phi": natural["phi"] if phi_known else None,
            "phi_ci": ci["phi"] if phi_free else None,
            "r2": g["r2"], "objective": g["objective"], "n_runs": len(result.runs),
-           "law": result.law,
+           "law": result.law, "trusted": not distrust(result), "distrust": distrust(result),
            "ci": {k: v for k, v in ci.items() if phi_free or k != "phi"}, "ci_level": LEVEL,
            "rmse": g["rmse"], "rmse_per_r": g["rmse_per_r"],
            "comparison": comparison(result) if phi_known else None,
@@ -263,6 +307,7 @@ def result_json(result) -> dict:
            "bootstrap": {"resamples": len(result.bootstrap),
                          "fitted": int(np.all(np.isfinite(result.bootstrap), axis=1).sum()),
                          "unit": result.bootstrap_unit},
+           "runs": fitted_runs(result.runs),
            "settings": result.settings, "source": result.runs.source,
            "skipped": result.runs.skipped, "warnings": list(result.warnings)}
     return _plain(out)

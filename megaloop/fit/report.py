@@ -258,6 +258,11 @@ def markdown(summary: dict, plots: list[str]) -> str:
                          for m in s["iso_flop_minima"]])
     if s["warnings"]:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in s["warnings"]]
+    lines += ["", f"## The {len(s['runs'])} runs fitted", ""]
+    lines += _table(["run", "MLflow run id", "r", "N once", "N loop", "tokens", "loss"],
+                    [[run["name"], run["run_id"] or "", f"{run['recurrences']:g}",
+                      human(run["n_once"]), human(run["n_rec"]), human(run["tokens"]),
+                      f"{run['loss']:.4f}"] for run in s["runs"]])
     for name in plots:
         lines += ["", f"## {PLOTS[name]}", "", f"![{PLOTS[name]}]({name}.png)"]
     return "\n".join(lines) + "\n"
