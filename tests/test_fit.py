@@ -287,10 +287,11 @@ def test_cli_fit_writes_json_and_report(tmp_path, capsys):
     assert summary["n_runs"] == 116 and len(summary["phi_ci"]) == 2
     for word in ("phi", "95% interval", "R2", "comparison:", "unrolls to"):
         assert word in printed
+    plots = ("loss_vs_n", "residuals", "phi_bootstrap", "frontier")
     assert {p.name for p in report.iterdir()} == {
-        "report.md", "fit.json", "loss_vs_n.png", "residuals.png", "phi_bootstrap.png",
-        "frontier.png"}
+        "report.md", "fit.json", *(f"{name}.{kind}" for name in plots for kind in ("png", "svg"))}
     assert (report / "loss_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (report / "loss_vs_n.svg").read_bytes()[:1000]
     text = (report / "report.md").read_text()
     assert "![Loss against unique parameters](loss_vs_n.png)" in text
     assert "phi free against fixed phi" in text

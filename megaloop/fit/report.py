@@ -79,10 +79,12 @@ def _colours(rs) -> dict[float, tuple]:
     return {r: cmap(0.85 * i / max(len(rs) - 1, 1)) for i, r in enumerate(rs)}
 
 
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+def _save(fig, folder: Path, name: str) -> None:
+    """NAME.png for the report and NAME.svg, vector, for a paper."""
+    for kind, options in (("png", {"dpi": 110}), ("svg", {})):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=kind, bbox_inches="tight", **options)
+        atomic_write_bytes(folder / f"{name}.{kind}", buffer.getvalue())
 
 
 def _plot_loss_vs_n(result, plt, colours) -> object:
@@ -193,7 +195,7 @@ def write_plots(result, summary: dict, out_dir: Path) -> list[str]:
                "frontier": _plot_frontier(result, plt, colours)}
     for name, fig in figures.items():
         if fig is not None:
-            _save(fig, out_dir / f"{name}.png")
+            _save(fig, out_dir, name)
             plt.close(fig)
             made.append(name)
     return made
@@ -269,7 +271,8 @@ def markdown(summary: dict, plots: list[str]) -> str:
 
 
 def write_report(result, summary: dict, out_dir: str | Path) -> Path:
-    """report.md, fit.json and the PNG plots in `out_dir`; returns the Markdown path."""
+    """report.md, fit.json and the plots (PNG and SVG) in `out_dir`; returns the Markdown
+    path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = write_plots(result, summary, out_dir)
