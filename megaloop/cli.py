@@ -471,6 +471,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
         check_output(args.report, "--report", folder=True)
     if args.json:
         check_output(args.json, "--json", folder=False)
+    if args.against is not None:
+        if args.fix_phi is not None or args.report:
+            raise ConfigError("--against compares free phis: drop --fix-phi and --report.")
+        from megaloop.fit.command import run_compare
+
+        compared = run_compare(against=args.against, runs_csv=args.runs,
+                               experiment=args.experiment, filters=args.filters,
+                               tracking=args.tracking_uri, restarts=args.restarts,
+                               bootstrap=args.bootstrap, seed=args.seed, json_out=args.json,
+                               log_to_mlflow=not args.no_log)
+        print(f"phi({compared['a']}) = {compared['phi_a']:.4f}, phi({compared['b']}) = "
+              f"{compared['phi_b']:.4f}")
+        print(compared["verdict"])
+        if compared.get("mlflow_run_id"):
+            print(f"logged as MLflow run {compared['mlflow_run_id']}")
+        return 0
     _, summary = run_fit(runs_csv=args.runs, experiment=args.experiment, filters=args.filters,
                          tracking=args.tracking_uri, fix_phi=args.fix_phi,
                          restarts=args.restarts, bootstrap=args.bootstrap, seed=args.seed,
@@ -506,6 +522,9 @@ def _add_fit_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
                      help="write a Markdown report with PNG plots to DIR")
     fit.add_argument("--no-log", action="store_true",
                      help="with --experiment: do not log the fit as an MLflow run")
+    fit.add_argument("--against", metavar="A",
+                     help="fit A too and report phi - phi(A) with its bootstrap interval (A: a "
+                          "CSV with --runs, an experiment with --experiment)")
     fit.set_defaults(func=cmd_fit)
 
 

@@ -457,11 +457,12 @@ def test_experiment_without_finished_runs(tmp_path, sweep_store):
 
 
 def test_the_fit_room_imports_in_one_direction():
-    """law <- inputs <- readout <- fitter <- command: no module imports one that imports it,
+    """law <- inputs <- readout <- fitter <- compare <- command: no module imports one that
+    imports it,
     not even lazily inside a function."""
     import ast
 
-    order = ["law", "inputs", "readout", "fitter", "command"]
+    order = ["law", "inputs", "readout", "fitter", "compare", "command"]
     folder = Path(__file__).resolve().parents[1] / "megaloop" / "fit"
     for position, name in enumerate(order):
         tree = ast.parse((folder / f"{name}.py").read_text())
@@ -495,3 +496,48 @@ def test_a_fit_on_its_box_edge_states_no_equivalence_and_lists_its_runs(tmp_path
     result.fit.theta[2] = np.log(summary["E"])  # inside its box again
     result.bootstrap = np.full((10, 6), np.nan)  # no resample could be fitted
     assert result.to_json()["distrust"] == ["only 0 of 10 bootstrap resamples could be fitted"]
+
+
+# --- delta phi ------------------------------------------------------------------------------
+
+
+def test_delta_phi_finds_a_difference_and_no_difference(tmp_path, capsys):
+    """Two variants of the paper's law, phi 0.46 and 0.86, with 0.4% noise: delta phi is about
+    0.4 and its interval excludes 0; two noisy draws of one law give an interval holding 0."""
+    plain = write_csv(tmp_path / "a.csv", simulate(noise=0.004, seed=1))
+    better = write_csv(tmp_path / "b.csv", simulate({**PAPER_LAW, "phi": 0.86}, noise=0.004,
+                                                    seed=2))
+    again = write_csv(tmp_path / "c.csv", simulate(noise=0.004, seed=3))
+    settings = ["--restarts", "60", "--bootstrap", "40"]
+    out = tmp_path / "delta.json"
+    assert main(["fit", "--runs", str(better), "--against", str(plain), *settings,
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    found = json.loads(out.read_text())
+    assert found["delta_phi"] == pytest.approx(0.4, abs=0.08)
+    assert found["excludes_zero"] and found["delta_phi_ci"][0] > 0
+    assert "is worth more than one of" in printed and found["resamples"] >= 30
+    assert main(["fit", "--runs", str(again), "--against", str(plain), *settings,
+                 "--json", str(out)]) == 0
+    same = json.loads(out.read_text())
+    lo, hi = same["delta_phi_ci"]
+    assert lo < 0 < hi and not same["excludes_zero"]
+    assert "the interval holds 0" in capsys.readouterr().out
+
+
+def test_delta_phi_from_mlflow_is_logged_as_a_fit_run(tmp_path, sweep_store):
+    from mlflow.tracking import MlflowClient
+
+    from megaloop.fit.command import run_compare
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(sweep_store[0], db)
+    uri = f"sqlite:///{db}"
+    summary = run_compare(against="sweep", experiment="sweep", tracking=uri, restarts=20,
+                          bootstrap=8)
+    run = MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
+    assert run.data.tags["megaloop.kind"] == "fit"
+    assert run.data.tags["megaloop.fit.against"] == "sweep"
+    assert run.data.metrics["delta_phi"] == pytest.approx(summary["delta_phi"])
+    assert run.data.metrics["delta_phi_lo"] <= run.data.metrics["delta_phi_hi"]
+    assert summary["delta_phi"] == pytest.approx(0, abs=1e-6)  # the same runs, fitted twice

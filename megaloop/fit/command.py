@@ -99,3 +99,49 @@ def _log(experiment: str, filters, tracking, summary: dict, folder,
     return log_fit_run(experiment, params=params, metrics=fit_metrics(summary),
                        artifact_dir=folder, tags=tags, tracking=tracking,
                        run_name=f"fit-{summary['law'].replace(', ', '-').replace(' ', '-')}")
+
+
+def run_compare(*, against: str, runs_csv: str | None = None, experiment: str | None = None,
+                filters: list[str] | None = None, tracking: str | None = None,
+                restarts: int = 500, bootstrap: int = 200, seed: int = 0,
+                json_out: str | None = None, log_to_mlflow: bool = True) -> dict:
+    """Δφ of B (`runs_csv` or `experiment`) against A (`against`: a CSV, or an experiment of
+    the same store); from MLflow it is logged as a fit run of B's experiment."""
+    from megaloop.fit.compare import compare
+
+    if (runs_csv is None) == (experiment is None):
+        raise FitError("Give the runs to compare: --runs FILE.csv --against OTHER.csv, or "
+                       "--experiment NAME --against OTHER_EXPERIMENT.")
+    selected = parse_filters(filters)
+    if experiment is not None:
+        runs_b = read_mlflow(experiment, tracking=tracking, filter_tags=selected)
+        runs_a = read_mlflow(against, tracking=tracking, filter_tags=selected)
+    else:
+        runs_b, runs_a = read_csv(runs_csv), read_csv(against)
+    summary = compare(runs_a, runs_b, restarts=restarts, bootstrap=bootstrap, seed=seed,
+                      names=(against, experiment or runs_csv))
+    if experiment is not None and log_to_mlflow:
+        summary["mlflow_run_id"] = _log_compare(experiment, against, tracking, summary)
+    if json_out is not None:
+        atomic_write_json(json_out, summary)
+    return summary
+
+
+def _log_compare(experiment: str, against: str, tracking: str | None, summary: dict) -> str:
+    from megaloop.track.runs import log_fit_run
+
+    lo, hi = summary["delta_phi_ci"]
+    metrics = {"delta_phi": summary["delta_phi"], "delta_phi_lo": lo, "delta_phi_hi": hi,
+               "phi_a": summary["phi_a"], "phi_b": summary["phi_b"],
+               "excludes_zero": float(summary["excludes_zero"])}
+    settings = summary["settings"]
+    with tempfile.TemporaryDirectory(prefix="megaloop-compare-") as folder:
+        atomic_write_json(Path(folder) / "compare.json", summary)
+        return log_fit_run(experiment, params={"fit.against": against,
+                                               "fit.restarts": settings["restarts"],
+                                               "fit.bootstrap": settings["bootstrap"],
+                                               "fit.seed": settings["seed"]},
+                           metrics=metrics, artifact_dir=folder, tracking=tracking,
+                           tags={"megaloop.fit.experiment": experiment,
+                                 "megaloop.fit.against": against},
+                           run_name=f"compare-against-{against}")
