@@ -287,13 +287,14 @@ def test_cli_fit_writes_json_and_report(tmp_path, capsys):
     assert summary["n_runs"] == 116 and len(summary["phi_ci"]) == 2
     for word in ("phi", "95% interval", "R2", "comparison:", "unrolls to"):
         assert word in printed
-    plots = ("loss_vs_n", "residuals", "phi_bootstrap", "frontier")
+    plots = ("loss_vs_n", "n_eff_collapse", "optimal_scaling", "observed_vs_predicted",
+             "residuals", "phi_bootstrap", "frontier")
     assert {p.name for p in report.iterdir()} == {
         "report.md", "fit.json", *(f"{name}.{kind}" for name in plots for kind in ("png", "svg"))}
     assert (report / "loss_vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert b"<svg" in (report / "loss_vs_n.svg").read_bytes()[:1000]
     text = (report / "report.md").read_text()
-    assert "![Loss against unique parameters](loss_vs_n.png)" in text
+    assert "![Iso-FLOP curves: loss against unique parameters](loss_vs_n.png)" in text
     assert "phi free against fixed phi" in text
     assert len(summary["iso_flop_minima"]) == 24 and len(summary["compute_optimal"]) == 24
 
@@ -541,3 +542,16 @@ def test_delta_phi_from_mlflow_is_logged_as_a_fit_run(tmp_path, sweep_store):
     assert run.data.metrics["delta_phi"] == pytest.approx(summary["delta_phi"])
     assert run.data.metrics["delta_phi_lo"] <= run.data.metrics["delta_phi_hi"]
     assert summary["delta_phi"] == pytest.approx(0, abs=1e-6)  # the same runs, fitted twice
+
+
+def test_the_runs_collapse_onto_one_curve_in_n_eff_where_the_law_holds():
+    """Without noise, loss - B/D^beta of every run at every r equals E + A/N_eff^alpha; with the
+    wrong phi the rs fall apart."""
+    from megaloop.fit.readout import collapse
+
+    result = fit(simulate(PAPER_LAW), **QUICK)
+    points = collapse(result)
+    assert np.allclose(points["loss"], points["law"], rtol=1e-6)
+    result.fit.theta[5] = 0.0
+    wrong = collapse(result)
+    assert not np.allclose(wrong["loss"], wrong["law"], rtol=1e-3)

@@ -254,8 +254,19 @@ def iso_flop_minima(runs) -> list[dict]:
             x = -c1 / (2 * c2)
             row.update(n_unique=float(math.exp(x)), loss=float(c0 + c1 * x + c2 * x * x),
                        inside=bool(log_n.min() <= x <= log_n.max()))
+        row["parabola"] = [float(c2), float(c1), float(c0)]  # loss = c2 x^2 + c1 x + c0, x = ln N
         out.append(row)
     return out
+
+
+def collapse(result) -> dict[str, np.ndarray]:
+    """The runs on the law's one curve in N_eff = N_once + r^phi N_rec: `n_eff` and `loss` minus
+    the data term B / D^beta, which the law says is E + A / N_eff^alpha for every r."""
+    a, b, e, alpha, beta, phi = result.fit.theta
+    runs = result.runs
+    n_eff = runs.n_once + runs.recurrences ** phi * runs.n_rec
+    return {"n_eff": n_eff, "loss": runs.loss - np.exp(b) * runs.tokens ** -beta,
+            "law": np.exp(e) + np.exp(a) * n_eff ** -alpha}
 
 
 def intervals(thetas: np.ndarray, level: float = 0.95) -> dict[str, list[float] | None]:

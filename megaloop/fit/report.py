@@ -15,9 +15,13 @@ import numpy as np
 
 from megaloop.atomic import atomic_write_bytes, atomic_write_json
 from megaloop.fit.law import predict_loss
-from megaloop.fit.readout import families, human, optimal_curve
+from megaloop.fit.readout import collapse, families, human, iso_flop_minima, optimal_curve
 
-PLOTS = {"loss_vs_n": "Loss against unique parameters", "residuals": "Residuals by r",
+PLOTS = {"loss_vs_n": "Iso-FLOP curves: loss against unique parameters",
+         "n_eff_collapse": "Loss against effective parameters N_eff = N_once + r^phi N_rec",
+         "optimal_scaling": "Compute-optimal N and D against C",
+         "observed_vs_predicted": "Observed against predicted loss",
+         "residuals": "Residuals by r",
          "phi_bootstrap": "Bootstrap distribution of phi", "frontier": "Loss-compute frontier"}
 
 
@@ -87,27 +91,18 @@ def _save(fig, folder: Path, name: str) -> None:
         atomic_write_bytes(folder / f"{name}.{kind}", buffer.getvalue())
 
 
-def _plot_loss_vs_n(result, plt, colours) -> object:
+def _plot_loss_vs_n(result, plt, colours) -> object | None:
     import matplotlib.ticker
 
     runs, theta = result.runs, result.fit.theta
-    if not runs.budgets_known:
-        fig, ax = plt.subplots(figsize=(6, 5))
-        pred = result.predicted_loss()
-        for r, colour in colours.items():
-            at = runs.recurrences == r
-            ax.scatter(pred[at], runs.loss[at], color=colour, s=18, label=f"r = {r:g}")
-        lo, hi = min(pred.min(), runs.loss.min()), max(pred.max(), runs.loss.max())
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
-        ax.set(xlabel="fitted loss", ylabel="observed loss",
-               title="Observed against fitted loss (budgets unknown)")
-        ax.legend()
-        return fig
+    if not runs.budgets_known:  # no iso-FLOP groups: observed_vs_predicted shows the fit
+        return None
     budgets = np.unique(runs.budget_flops)
     cols = min(3, len(budgets))
     rows = math.ceil(len(budgets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     fams = families(runs)
+    minima = {(m["budget_flops"], m["r"]): m for m in iso_flop_minima(runs)}
     for ax, budget in zip(axes.flat, budgets, strict=False):
         for r, colour in colours.items():
             at = (runs.budget_flops == budget) & (runs.recurrences == r)
@@ -120,6 +115,14 @@ def _plot_loss_vs_n(result, plt, colours) -> object:
             tokens = budget / np.exp(fam["c0"] + fam["c1"] * np.log(grid))
             ax.plot(grid, predict_loss(theta, grid * (1 - fam["rho"]), grid * fam["rho"], r,
                                        tokens), color=colour, lw=1.2)
+            cell = minima.get((float(budget), float(r)))
+            if cell is not None:  # the measured parabola and its minimum
+                sizes = np.geomspace(n.min(), n.max(), 40)
+                ax.plot(sizes, np.polyval(cell["parabola"], np.log(sizes)), color=colour,
+                        lw=1, ls="--")
+                if cell["inside"]:  # a minimum outside the sizes sampled is no measurement
+                    ax.scatter([cell["n_unique"]], [cell["loss"]], color=colour, marker="x",
+                               s=60, zorder=4)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(title=f"C = {budget:.3g} FLOPs", xlabel="unique parameters N_once + N_rec",
@@ -127,8 +130,61 @@ def _plot_loss_vs_n(result, plt, colours) -> object:
     for ax in list(axes.flat)[len(budgets):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle("Loss against unique parameters per budget; lines: the fitted law")
+    fig.suptitle("Loss against unique parameters per budget; solid: the fitted law, dashed: "
+                 "each budget's parabola, x: its minimum where inside the sizes run")
     fig.tight_layout()
+    return fig
+
+
+def _plot_collapse(result, summary, plt, colours) -> object | None:
+    if summary["phi"] is None:
+        return None
+    points = collapse(result)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r, colour in colours.items():
+        at = result.runs.recurrences == r
+        ax.scatter(points["n_eff"][at], points["loss"][at], color=colour, s=18,
+                   label=f"r = {r:g}", zorder=3)
+    order = np.argsort(points["n_eff"])
+    ax.plot(points["n_eff"][order], points["law"][order], color="black", lw=1.2,
+            label="E + A / N_eff^alpha")
+    ax.set_xscale("log")
+    ax.set(xlabel=f"N_eff = N_once + r^phi N_rec (phi = {summary['phi']:.3f})",
+           ylabel="loss - B / D^beta",
+           title="Every r on one curve where the law holds")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _plot_optimal(summary, plt, colours) -> object | None:
+    rows = summary["compute_optimal"]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r, colour in colours.items():
+        mine = [row for row in rows if row["r"] == r]
+        budgets = [row["budget_flops"] for row in mine]
+        axes[0].plot(budgets, [row["n_unique"] for row in mine], color=colour, marker="o",
+                     ms=3, label=f"r = {r:g}")
+        axes[1].plot(budgets, [row["tokens"] for row in mine], color=colour, marker="o", ms=3)
+    for ax, what in zip(axes, ("N_opt (unique parameters)", "D_opt (tokens)"), strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=what)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Compute-optimal model size and data per r (the fitted law)")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_observed(result, plt, colours) -> object:
+    runs, pred = result.runs, result.predicted_loss()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for r, colour in colours.items():
+        at = runs.recurrences == r
+        ax.scatter(pred[at], runs.loss[at], color=colour, s=18, label=f"r = {r:g}")
+    lo, hi = min(pred.min(), runs.loss.min()), max(pred.max(), runs.loss.max())
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    ax.set(xlabel="predicted loss", ylabel="observed loss", title="Observed against predicted")
+    ax.legend(fontsize=8)
     return fig
 
 
@@ -156,10 +212,13 @@ def _plot_phi(result, summary, plt) -> object | None:
     ax.axvline(summary["phi"], color="black", lw=1.5, label=f"fit {summary['phi']:.3f}")
     for bound in summary["phi_ci"] or []:
         ax.axvline(bound, color="black", lw=1, ls="--")
+    for value, colour, meaning in ((0, "#c0392b", "phi = 0: a recurrence adds nothing"),
+                                   (1, "#27ae60", "phi = 1: worth a layer of its own")):
+        ax.axvline(value, color=colour, lw=1.5, ls=":", label=meaning)
     ax.set(xlabel="phi", ylabel="resamples",
            title=f"Bootstrap of phi ({len(phis)} resamples of {result.bootstrap_unit}s); "
                  "dashed: interval")
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper left")
     return fig
 
 
@@ -190,6 +249,9 @@ def write_plots(result, summary: dict, out_dir: Path) -> list[str]:
     colours = _colours(set(result.runs.recurrences.tolist()))
     made = []
     figures = {"loss_vs_n": _plot_loss_vs_n(result, plt, colours),
+               "n_eff_collapse": _plot_collapse(result, summary, plt, colours),
+               "optimal_scaling": _plot_optimal(summary, plt, colours),
+               "observed_vs_predicted": _plot_observed(result, plt, colours),
                "residuals": _plot_residuals(result, plt, colours),
                "phi_bootstrap": _plot_phi(result, summary, plt),
                "frontier": _plot_frontier(result, plt, colours)}
