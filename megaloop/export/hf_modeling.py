@@ -57,16 +57,15 @@ class MegaloopForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MegaloopConfig):
         super().__init__(config)
-        # weights drawn by _init_weights only where transformers asks (not before a load)
-        self.model = LoopedLM(model_config(config), init_weights=False)
+        # megaloop's own initialisation, here and not in _init_weights: transformers releases
+        # differ in which modules they hand to it after loading (5.0 re-initialised loaded
+        # attention and MLP weights); it is drawn once more than needed before a load
+        self.model = LoopedLM(model_config(config))
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
-        """megaloop's initialisation of `module`, for weights no checkpoint gives."""
         if isinstance(module, Rotary):  # non-persistent tables: made again, never loaded
             module.reset()
-        elif self.model.initialises(module):
-            self.model.init_module(module)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

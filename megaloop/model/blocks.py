@@ -187,14 +187,16 @@ class KVCache:
             keys[:, :, self.length:end] = k
             values[:, :, self.length:end] = v
             return keys[:, :, :end], values[:, :, :end]
-        keys[self.rows, :, self.length:end] = k
-        values[self.rows, :, self.length:end] = v
-        return keys[self.rows, :, :end], values[self.rows, :, :end]
+        rows = self.rows.to(keys.device)  # layers may sit on other devices (device_map)
+        keys[rows, :, self.length:end] = k
+        values[rows, :, self.length:end] = v
+        return keys[rows, :, :end], values[rows, :, :end]
 
     def copy_slots(self, rows: torch.Tensor, source: int, targets: list[int]) -> None:
         """The new positions of `rows` in slots `targets` take those of slot `source`."""
         new = slice(self.length, self.length + self._new)
         keys, values = self.slots[source]
+        rows = rows.to(keys.device)
         for target in targets:
             target_keys, target_values = self.slots[target]
             target_keys[rows, :, new] = keys[rows, :, new]

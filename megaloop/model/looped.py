@@ -83,17 +83,16 @@ class LoopedLM(nn.Module):
         `gather(params)` is a context manager that makes sharded parameters whole while they are
         written (ZeRO-3's GatheredParameters, see train/engine.py); None for a plain model."""
         for module in self.modules():
-            if self.initialises(module):
+            if self._initialises(module):
                 with gather(list(module.parameters())) if gather else contextlib.nullcontext():
-                    self.init_module(module)
+                    self._init_module(module)
 
-    def initialises(self, module: nn.Module) -> bool:
-        """Whether `module` is one that init_module initialises."""
+    def _initialises(self, module: nn.Module) -> bool:
         return (isinstance(module, (Attention, MLP, DynamicGates))
                 or any(module is m for m in (self.embed, self.lm_head, self.injection)))
 
     @torch.no_grad()
-    def init_module(self, module: nn.Module) -> None:
+    def _init_module(self, module: nn.Module) -> None:
         """`model.init`, module by module; linear injection [I | 0] in both. Drawn from the CPU
         generator whatever the device, so the seed gives the same weights to a model made on
         the CPU and moved (ZeRO 0-2) and to one made on the GPU under zero.Init (ZeRO-3).
