@@ -52,12 +52,20 @@ def rank_environment(environ: dict[str, str], rank: int, nproc: int, folder: Pat
     return env
 
 
-def _die_with_this_process() -> None:
-    """`preexec_fn` of a rank: SIGTERM when this process dies (Linux's PR_SET_PDEATHSIG)."""
-    if sys.platform.startswith("linux"):
+def die_with_parent(parent: int):
+    """A `preexec_fn`: the child gets SIGTERM when `parent` (a sweep, this launcher) dies, even
+    by SIGKILL (Linux's PR_SET_PDEATHSIG, kept across exec), so a killed parent leaves no
+    training behind: the run saves a checkpoint and stops. Elsewhere it does nothing."""
+    def arm() -> None:
+        if not sys.platform.startswith("linux"):
+            return
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 class LocalRanks:
@@ -74,7 +82,7 @@ class LocalRanks:
         for rank in range(self.nproc):
             env = rank_environment(dict(os.environ), rank, self.nproc, self.folder)
             self.ranks.append(subprocess.Popen(self.command, env=env, start_new_session=True,
-                                               preexec_fn=_die_with_this_process))
+                                               preexec_fn=die_with_parent(os.getpid())))
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -150,8 +158,5 @@ def run(nproc: int, command: list[str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for process in ranks.ranks:  # an exception here (a failed start) leaves no rank behind
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        ranks.wait_all(0)  # kills what is left: an exception (a failed start) leaves no rank
         shutil.rmtree(ranks.folder, ignore_errors=True)

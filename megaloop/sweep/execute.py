@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from megaloop.atomic import atomic_write_bytes
 from megaloop.errors import ConfigError, MegaloopError
+from megaloop.local_ranks import die_with_parent
 from megaloop.sweep.plan import PlannedRun
 from megaloop.sweep.slurm import SlurmResources, submit_slurm
 
@@ -123,22 +124,6 @@ def compute_bar(runs: list[PlannedRun], progress: bool) -> tqdm:
     return tqdm(total=sum(run.compute for run in runs), desc=f"sweep ({len(runs)} runs)",
                 unit="FLOP", unit_scale=True, disable=not progress,
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} FLOPs [{elapsed}<{remaining}]")
-
-
-def die_with_parent(parent: int):
-    """A `preexec_fn`: the child gets SIGTERM when the sweep that started it dies, even by
-    SIGKILL (Linux's PR_SET_PDEATHSIG, kept across exec), so a killed sweep leaves no training
-    behind: the run saves a checkpoint and stops. Elsewhere it does nothing."""
-    def arm() -> None:
-        if not sys.platform.startswith("linux"):
-            return
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the sweep died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return arm
 
 
 def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: bool,
