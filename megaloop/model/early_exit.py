@@ -70,12 +70,11 @@ def decode_with_early_exit(model: nn.Module, e: torch.Tensor, rope, r: int,
     used = torch.full((batch,), r, dtype=torch.long)
     previous = variant.finish(state) if rule.criterion == "latent" else None
     logits = log_p = None
-    slots, first, width = cache.loop_slots(r), len(model.prelude), len(model.loop)
-    body = model.loop_body(rope, cache)
+    slots, body = cache.loop_slots(r), model.loop_body(rope, cache)
     for i in range(r):
         every = len(active) == batch  # then no row is taken out or put back
         cache.rows = None if every else active
-        cache.seek(first + width * (i % slots))
+        cache.seek(model.recurrence_slot(i % slots))
         part = model.run_recurrence(variant, state if every else _take(state, active), i, body,
                                     cache=cache)
         if every:
@@ -84,8 +83,7 @@ def decode_with_early_exit(model: nn.Module, e: torch.Tensor, rope, r: int,
             _put(state, active, part)
         x = variant.finish(part)
         if rule.criterion == "kl":
-            cache.rows = None if len(active) == batch else active
-            out = model.output(x, rope, r, cache)
+            out = model.output(x, rope, r, cache)  # the coda for the same rows
             new_log_p = torch.log_softmax(out.float(), dim=-1)
             if logits is None:  # recurrence 0: nothing to compare with yet
                 logits = out.new_empty((batch, *out.shape[1:]))
@@ -109,9 +107,10 @@ def decode_with_early_exit(model: nn.Module, e: torch.Tensor, rope, r: int,
             exited = active[done]
             used[exited.cpu()] = i + 1
             if i + 1 < slots:  # the slots of the recurrences it skips: its last keys
-                for layer in range(width):
-                    cache.copy_slots(exited, first + width * (i % slots) + layer,
-                                     [first + width * c + layer for c in range(i + 1, slots)])
+                for layer in range(len(model.loop)):
+                    cache.copy_slots(exited, model.recurrence_slot(i % slots) + layer,
+                                     [model.recurrence_slot(c) + layer
+                                      for c in range(i + 1, slots)])
             if len(active) == batch:  # from here on rows are written back in place
                 state = _clone(state)
                 previous = None if previous is None else previous.clone()

@@ -189,7 +189,7 @@ class LoopedLM(nn.Module):
                ) -> torch.Tensor:
         """The logits of the loop's output `x`: coda, final norm, LM head."""
         if cache is not None:
-            cache.seek(len(self.prelude) + len(self.loop) * cache.loop_slots(r))
+            cache.seek(self.recurrence_slot(cache.loop_slots(r)))  # the coda's, after the loop's
         x = self._run_stack(self.coda, x, rope, cache)
         if self.cfg.hyper == "mhc":
             x = x.mean(dim=-2)
@@ -250,10 +250,15 @@ class LoopedLM(nn.Module):
         state = variant.start(e)
         for i in range(r):
             if cache is not None:  # recurrence i's slots: i mod the budget
-                cache.seek(len(self.prelude) + len(self.loop) * (i % cache.loop_slots(r)))
+                cache.seek(self.recurrence_slot(i % cache.loop_slots(r)))
             with torch.set_grad_enabled(grad_on and i >= r - k):
                 state = self.run_recurrence(variant, state, i, body, cache=cache)
         return variant.finish(state)
+
+    def recurrence_slot(self, kept: int) -> int:
+        """The cache slot of the first loop layer in the `kept`-th kept recurrence: the prelude's
+        slots come first, then one per loop layer and kept recurrence, then the coda's."""
+        return len(self.prelude) + len(self.loop) * kept
 
     def loop_body(self, rope, cache: KVCache | None = None) -> Body:
         """body(u): the loop's layers once on u, then the recurrence norm where there is one."""
