@@ -28,7 +28,6 @@ PROBES = [
 ]
 
 
-
 def hf_tokenizer(model_file: Path) -> Any:
     """A `tokenizers.Tokenizer` that encodes like the sentencepiece BPE model `model_file`."""
     try:

@@ -8,7 +8,17 @@ from pathlib import Path
 from megaloop.atomic import atomic_write_json
 from megaloop.errors import FitError
 from megaloop.fit.fitter import FitResult, fit
-from megaloop.fit.inputs import parse_filters, read_csv, read_mlflow
+from megaloop.fit.inputs import Runs, parse_filters, read_csv, read_mlflow
+
+
+def read_runs(runs_csv: str | None, experiment: str | None, filters: list[str] | None,
+              tracking: str | None) -> Runs:
+    """The runs of a CSV file, or the finished runs of an MLflow experiment with these tags."""
+    if filters and experiment is None:
+        raise FitError("--filter selects MLflow runs: use it with --experiment, not --runs.")
+    if runs_csv is not None:
+        return read_csv(runs_csv)
+    return read_mlflow(experiment, tracking=tracking, filter_tags=parse_filters(filters))
 
 
 def run_fit(*, runs_csv: str | None = None, experiment: str | None = None,
@@ -21,12 +31,7 @@ def run_fit(*, runs_csv: str | None = None, experiment: str | None = None,
     a temporary folder when `report_dir` is not given) as artifacts."""
     if (runs_csv is None) == (experiment is None):
         raise FitError("Give the runs to fit: either --runs FILE.csv or --experiment NAME.")
-    if filters and experiment is None:
-        raise FitError("--filter selects MLflow runs: use it with --experiment, not --runs.")
-    if runs_csv is not None:
-        runs = read_csv(runs_csv)
-    else:
-        runs = read_mlflow(experiment, tracking=tracking, filter_tags=parse_filters(filters))
+    runs = read_runs(runs_csv, experiment, filters, tracking)
     result = fit(runs, fix_phi=fix_phi, restarts=restarts, bootstrap=bootstrap, seed=seed)
     summary = result.to_json()
     if experiment is not None and log_to_mlflow:
@@ -112,12 +117,10 @@ def run_compare(*, against: str, runs_csv: str | None = None, experiment: str | 
     if (runs_csv is None) == (experiment is None):
         raise FitError("Give the runs to compare: --runs FILE.csv --against OTHER.csv, or "
                        "--experiment NAME --against OTHER_EXPERIMENT.")
-    selected = parse_filters(filters)
-    if experiment is not None:
-        runs_b = read_mlflow(experiment, tracking=tracking, filter_tags=selected)
-        runs_a = read_mlflow(against, tracking=tracking, filter_tags=selected)
-    else:
-        runs_b, runs_a = read_csv(runs_csv), read_csv(against)
+    runs_b = read_runs(runs_csv, experiment, filters, tracking)
+    from_csv = runs_csv is not None  # A comes from where B comes from
+    runs_a = read_runs(against if from_csv else None, None if from_csv else against, filters,
+                       tracking)
     summary = compare(runs_a, runs_b, restarts=restarts, bootstrap=bootstrap, seed=seed,
                       names=(against, experiment or runs_csv))
     if experiment is not None and log_to_mlflow:

@@ -20,6 +20,7 @@ import numpy as np
 
 from megaloop.fit.law import (
     NATURAL,
+    log_n_eff,
     objective,
     on_edge,
     predict_log_loss,
@@ -138,12 +139,12 @@ def untrusted_sentence(reasons: list[str]) -> str:
             "budget's minimum, more budgets or recurrences) and fit again.")
 
 
-def equivalence_examples(result) -> list[dict]:
+def equivalence_examples(result, reasons: list[str]) -> list[dict]:
     """One example per r > 1: the run configuration of median unique size at that r. Where the
-    fit is not to be trusted, each example's sentence says so instead of giving a number."""
+    fit is not to be trusted (`reasons`, from `distrust`), each example's sentence says so
+    instead of giving a number."""
     if not result.phi_identifiable:
         return []
-    reasons = distrust(result)
     runs, out = result.runs, []
     for r in sorted(set(runs.recurrences.tolist())):
         configs = sorted({(u, o, c) for u, o, c, rr in zip(runs.n_unique, runs.n_once,
@@ -262,11 +263,12 @@ def iso_flop_minima(runs) -> list[dict]:
 def collapse(result) -> dict[str, np.ndarray]:
     """The runs on the law's one curve in N_eff = N_once + r^phi N_rec: `n_eff` and `loss` minus
     the data term B / D^beta, which the law says is E + A / N_eff^alpha for every r."""
-    a, b, e, alpha, beta, phi = result.fit.theta
-    runs = result.runs
-    n_eff = runs.n_once + runs.recurrences ** phi * runs.n_rec
-    return {"n_eff": n_eff, "loss": runs.loss - np.exp(b) * runs.tokens ** -beta,
-            "law": np.exp(e) + np.exp(a) * n_eff ** -alpha}
+    theta, runs = result.fit.theta, result.runs
+    sizes = (runs.n_once, runs.n_rec, runs.recurrences)
+    law = predict_loss(theta, *sizes, np.inf)  # with unlimited data: E + A / N_eff^alpha
+    data_term = predict_loss(theta, *sizes, runs.tokens) - law
+    return {"n_eff": np.exp(log_n_eff(theta[5], runs.law_data())[0]),
+            "loss": runs.loss - data_term, "law": law}
 
 
 def intervals(thetas: np.ndarray, level: float = 0.95) -> dict[str, list[float] | None]:
@@ -297,13 +299,14 @@ def result_json(result) -> dict:
     natural = to_natural(result.fit.theta)
     g = goodness(result.runs, result.fit.theta)
     ci = intervals(result.bootstrap, LEVEL)
+    reasons = distrust(result)
     phi_known = result.phi_identifiable
     phi_free = result.law == "looped"  # a fixed phi has no interval
     out = {**{k: natural[k] for k in ("E", "A", "B", "alpha", "beta")},
            "phi": natural["phi"] if phi_known else None,
            "phi_ci": ci["phi"] if phi_free else None,
            "r2": g["r2"], "objective": g["objective"], "n_runs": len(result.runs),
-           "law": result.law, "trusted": not distrust(result), "distrust": distrust(result),
+           "law": result.law, "trusted": not reasons, "distrust": reasons,
            "ci": {k: v for k, v in ci.items() if phi_free or k != "phi"}, "ci_level": LEVEL,
            "rmse": g["rmse"], "rmse_per_r": g["rmse_per_r"],
            "comparison": comparison(result) if phi_known else None,
@@ -312,7 +315,7 @@ def result_json(result) -> dict:
                                                f.theta)[k] for k in ("objective", "r2")},
                                 "n_runs": int(np.sum(result.runs.recurrences == r))}
                      for r, f in result.per_r.items()},
-           "equivalence": equivalence_examples(result),
+           "equivalence": equivalence_examples(result, reasons),
            "compute_optimal": compute_optimal(result),
            "iso_flop_minima": iso_flop_minima(result.runs),
            "bootstrap": {"resamples": len(result.bootstrap),
