@@ -120,13 +120,9 @@ def export_tiny(tmp_path: Path, name: str, overrides: dict) -> tuple[LoopedLM, P
     from megaloop.export.hf import export_hf
     from megaloop.export.weights import LoadedCheckpoint, write_export
 
-    values = {**TINY, "vocab_size": 4096, **overrides}
-    run = config.load(None, overrides_for(values))
-    torch.manual_seed(0)
-    model = LoopedLM(run.model)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.05)
+    values = {"vocab_size": 4096, **overrides}
+    run = config.load(None, overrides_for({**TINY, **values}))
+    model = make_model(perturb=0.05, **values)
     source = tmp_path / f"{name}.safetensors"
     write_export(LoadedCheckpoint(run, model.state_dict(), Path(name), 0, 1), source)
     folder = tmp_path / name
