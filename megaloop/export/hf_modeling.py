@@ -2,17 +2,16 @@
 
 An export writes it as `modeling_megaloop.py` after the model's own source (export/remote_code.py
 joins config.py's ModelConfig, model/blocks.py, hyper.py, loops.py, early_exit.py, looped.py and
-this file), so
-the model that runs in transformers is the model that trained, line for line, and imports only
-torch and transformers. Weights are LoopedLM's under `model.`.
+this file), so the model that runs in transformers is the model that trained, line for line, and
+imports only torch and transformers. Weights are LoopedLM's under `model.`.
 
 The KV cache is the model's own (`KVCache`: one slot per layer and recurrence), passed as
 `cache` (`past_key_values` before transformers 5); `generate` keeps it between steps and feeds
 only the new tokens. Its test-time settings (config or generate arguments): `kv_budget`,
 `early_exit` and `early_exit_threshold` (configuration_megaloop.py); the recurrences each
-decoded token used are in `cache.recurrences_used`. A plain
-forward keeps no cache unless `use_cache=True` (lm-eval's scoring passes need none). Batches must
-not hold padding: the model has no attention mask (left-padded batched generation is refused).
+decoded token used are in `cache.recurrences_used`. A plain forward keeps no cache unless
+`use_cache=True` (lm-eval's scoring passes need none). Batches must not hold padding: the model
+has no attention mask (left-padded batched generation is refused).
 """
 
 from __future__ import annotations
