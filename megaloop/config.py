@@ -169,7 +169,7 @@ class ModelConfig:
 class DataConfig:
     shards: str | None = None  # a folder made by `megaloop data prepare`; else corpus below
     corpus: str = "stdlib"  # prepared into cache_dir on first use when shards is null
-    tokenizer: str | None = None  # None: the default tokenizer in tokenizer/
+    tokenizer: str | None = None  # a .model path, or a name in tokenizer/ (stdlib-1k); None: stdlib-4k
     text_field: str = "text"
     val_fraction: float = 0.01
     cache_dir: str = "runs/data"
@@ -241,7 +241,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 0.0  # 0: no clipping (DeepSpeed's default of 1.0 never applies silently)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the training device
+    #   computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32
     zero_stage: int = 0
     offload: bool = False  # ZeRO CPU offload of optimizer state (and parameters at stage 3)
     ds_config: str | None = None  # a Jinja2 template of your own instead of ds_configs/
@@ -357,10 +358,18 @@ class RunConfig:
     def validate(self) -> None:
         for section in (self.model, self.data, self.train, self.track):
             section.validate()
-        if self.model.attention == "flash" and self.train.precision != "bf16":
+        if self.model.attention == "flash" and self.train.precision == "fp32":
             raise ConfigError("model.attention = flash needs train.precision = bf16: flash-attn "
                               "has no fp32 kernels, and an fp32 run would silently use SDPA; set "
                               "train.precision=bf16 or model.attention=auto.")
+
+    def with_precision(self, precision: str) -> RunConfig:
+        """This config with `train.precision` resolved (device.resolve_precision), as the
+        Engine trains it; the run's own config, and its hash, keep what was asked."""
+        config = dataclasses.replace(
+            self, train=dataclasses.replace(self.train, precision=precision))
+        config.validate()
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

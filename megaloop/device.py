@@ -32,6 +32,40 @@ def default_device() -> torch.device:
     return torch.device(accelerator().device_name(local_rank()))
 
 
+# The CPU flags of native bf16 matmuls (oneDNN's fast bf16 paths); without them bf16 is emulated.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (Linux's /proc/cpuinfo flags; False where the
+    flags cannot be read, as on macOS)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+                cpuinfo = handle.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`train.precision` on this machine: `auto` is bf16 where the device computes bf16
+    natively (a CUDA device with bf16, a CPU with AVX512-BF16 or AMX), else fp32; fp32 and
+    bf16 stay as they are. Resolved where the run trains, never where a sweep plans it."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
     if device.type != "cpu":

@@ -412,7 +412,8 @@ def test_a_budget_is_required_to_train():
 def test_a_missing_ds_config_template_is_refused(tmp_path):
     from megaloop.train.ds_config import render_ds_config
 
-    cfg = config.load(None, [f"train.ds_config={tmp_path / 'mine.json.j2'}"])
+    cfg = config.load(None, [f"train.ds_config={tmp_path / 'mine.json.j2'}",
+                             "train.precision=fp32"])
     with pytest.raises(ConfigError, match="mine.json.j2 does not exist"):
         render_ds_config(cfg)
     (tmp_path / "mine.json.j2").write_text('{"train_batch_size": {{ global_batch }}, oops}')

@@ -112,6 +112,40 @@ def test_bf16_losses_track_fp32_at_long_sequences(process_group):
         assert b == pytest.approx(a, abs=0.02)
 
 
+def test_auto_precision_is_bf16_where_the_cpu_computes_it_natively():
+    from megaloop.device import cpu_has_native_bf16, resolve_precision
+
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire_rapids = "flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n"
+    skylake = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    assert cpu_has_native_bf16(zen4) and cpu_has_native_bf16(sapphire_rapids)
+    assert not cpu_has_native_bf16(skylake) and not cpu_has_native_bf16("")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+
+
+def test_the_engine_trains_auto_as_this_machine_resolves_it(process_group):
+    from megaloop.device import resolve_precision
+
+    cfg = run_config(**{"train.precision": "auto"})
+    resolved = resolve_precision("auto", torch.device("cpu"))
+    with engine_of(cfg) as engine:
+        assert engine.precision == resolved and engine.config.train.precision == resolved
+        assert engine.autocast == (resolved == "bf16")
+        assert engine.ds_config["torch_autocast"]["enabled"] == (resolved == "bf16")
+    assert cfg.train.precision == "auto"  # the run's own config, and its hash, keep auto
+    with pytest.raises(ValueError, match="must be resolved on the training machine"):
+        render_ds_config(cfg)
+
+
+def test_flash_attention_with_auto_is_refused_only_where_auto_means_fp32():
+    cfg = run_config(**{"model.attention": "flash", "train.precision": "auto"})
+    assert cfg.with_precision("bf16").train.precision == "bf16"
+    with pytest.raises(ConfigError, match="needs train.precision = bf16"):
+        cfg.with_precision("fp32")
+
+
 def full_grad(param: torch.nn.Parameter, stage: int) -> torch.Tensor:
     if stage != 3:
         return param.grad.double()
@@ -466,7 +500,7 @@ def test_a_shared_ds_config_template_is_data(tmp_path, attack):
     template = tmp_path / "ds.json.j2"
     template.write_text('{"train_batch_size": {{ global_batch }}, "x": "'
                         + attack.replace("SENTINEL", str(sentinel)) + '"}')
-    cfg = config.load(overrides=[f"train.ds_config={template}"])
+    cfg = config.load(overrides=[f"train.ds_config={template}", "train.precision=fp32"])
     with pytest.raises(ConfigError, match="sandbox"):
         render_ds_config(cfg)
     assert not sentinel.exists()

@@ -306,6 +306,26 @@ def test_a_requeued_slurm_task_takes_over_its_own_lock(tmp_path, monkeypatch):
         RunFolder(folder.path).lock()
 
 
+def test_the_resolved_precision_is_recorded_and_another_on_resume_is_a_change(tmp_path):
+    cfg = tiny(**{"train.checkpoint_dir": str(tmp_path)})  # train.precision: auto
+    folder = RunFolder(tmp_path / "run")
+    folder.claim(cfg, world_size=1, resume=None, precision="bf16")
+    folder.unlock()
+    record = folder.record()
+    assert record["precision"] == "bf16" and record["config"]["train"]["precision"] == "auto"
+    assert record["config_hash"] == cfg.hash()
+    assert folder.claim(cfg, world_size=1, resume="auto", precision="bf16").changes == {}
+    folder.unlock()
+    with pytest.raises(ConfigError, match="precision: 'bf16' -> 'fp32'.*--accept-changes"):
+        folder.claim(cfg, world_size=1, resume="auto", precision="fp32")
+    claim = folder.claim(cfg, world_size=1, resume="auto", accept_changes=True,
+                         precision="fp32")
+    folder.unlock()
+    assert claim.changes == {"precision": ("bf16", "fp32")}
+    assert folder.record()["precision"] == "fp32"
+    assert folder.record()["continuations"][-1]["changes"] == {"precision": ["bf16", "fp32"]}
+
+
 def test_the_world_size_changes_on_purpose_and_locked_keys_cannot_change(tmp_path):
     cfg = tiny(**{"train.checkpoint_dir": str(tmp_path)})
     folder = RunFolder(tmp_path / "run")

@@ -145,6 +145,36 @@ def test_case_study_specs_are_the_papers_grids_on_the_borrowed_r1_baseline():
                                                       "recurrences": [1]}]
 
 
+RUN_LENGTH_KEYS = {"train.tokens", "train.steps"}  # budget / flops_per_token: the variant's own
+
+
+def cell(run) -> tuple[float, int, int]:
+    return run.budget_flops, run.config.model.recurrences, run.config.model.d_model
+
+
+def changed_keys(run, twin) -> set[str]:
+    mine, theirs = run.config.flat(), twin.config.flat()
+    return {key for key in mine if mine[key] != theirs[key]} - RUN_LENGTH_KEYS
+
+
+def test_the_cpu_case_studies_are_the_cpu_grid_with_one_change_each():
+    """Each case study trains the looped cells of isodepth-cpu with its one change and borrows
+    the plain r = 1 runs, so that their fits and Delta phi compare like with like."""
+    grid = {cell(run): run for run in plan(read_spec(SWEEPS / "isodepth-cpu.yaml"))}
+    assert {r for _, r, _ in grid} == {1, 2, 4, 8}
+    for name, change in (("isodepth-cpu-truncbptt.yaml", {"model.bptt_k"}),
+                         ("isodepth-cpu-hyperloop.yaml", {"model.hyper", "model.injection"})):
+        spec = read_spec(SWEEPS / name)
+        assert spec["borrow"] == [{"experiment": "isodepth-cpu", "recurrences": [1]}]
+        runs = plan(spec)
+        assert {cell(run) for run in runs} == {c for c in grid if c[1] > 1}
+        for run in runs:
+            assert changed_keys(run, grid[cell(run)]) == change | {"track.experiment", "track.run_name"}, run.name
+        if "truncbptt" in name:
+            assert all(run.config.model.bptt_k == math.ceil(run.config.model.recurrences / 2)
+                       for run in runs)
+
+
 def write_spec(tmp_path: Path, **changes) -> Path:
     spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
     spec["base"] = str(REPO / "configs" / "runs" / "tiny.yaml")

@@ -12,7 +12,13 @@ import pytest
 
 from megaloop.cli import main
 from megaloop.data.corpus import open_corpus
-from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, check_vocab, train_tokenizer
+from megaloop.data.tokenizer import (
+    DEFAULT_TOKENIZER,
+    Tokenizer,
+    check_vocab,
+    tokenizer_file,
+    train_tokenizer,
+)
 from megaloop.errors import DataError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -72,6 +78,22 @@ def test_default_tokenizer_loads_round_trips_and_matches_its_readme():
     assert re.search(r"model sha256: `([0-9a-f]{64})`", readme).group(1) == tokenizer.sha256
     source = unseen_sources()[1]
     assert len(source.encode()) / len(tokenizer.encode(source)) > 3  # it compresses code
+
+
+def test_the_shipped_1k_tokenizer_is_found_by_name_and_matches_its_readme(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a bare name is looked up in tokenizer/, not here
+    path = tokenizer_file("stdlib-1k")
+    assert path == DEFAULT_TOKENIZER.parent / "stdlib-1k.model"
+    tokenizer = Tokenizer.load(path)
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (1024, 1, 2)
+    assert_round_trips(tokenizer, [*unseen_sources(), ODD_TEXT])
+    readme = (DEFAULT_TOKENIZER.parent / "README.md").read_text(encoding="utf-8")
+    assert tokenizer.sha256 in readme
+    assert tokenizer_file("mine.model") == Path("mine.model")  # a path stays a path
+    assert tokenizer_file("stdlib-2k") == Path("stdlib-2k")  # no such shipped one: a path,
+    with pytest.raises(DataError, match="cannot read tokenizer"):  # which names itself
+        Tokenizer.load(tokenizer_file("stdlib-2k"))
 
 
 def test_check_vocab(small_tokenizer):

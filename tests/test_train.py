@@ -33,8 +33,19 @@ from megaloop.train.schedule import lr_at
 
 
 def test_loss_falls_on_the_embedded_corpus(stdlib_shards, tmp_path):
-    proc = run_training(stdlib_shards, tmp_path, **{"train.steps": 30, "train.eval_interval": 10})
+    """In the default precision (auto: bf16 on a CPU with native bf16, fp32 elsewhere), which
+    the run records as this machine resolved it."""
+    from megaloop.device import resolve_precision
+
+    proc = run_training(stdlib_shards, tmp_path, **{"train.steps": 30, "train.eval_interval": 10,
+                                                    "train.precision": "auto"})
     assert_ok(proc)
+    resolved = resolve_precision("auto", torch.device("cpu"))
+    run = only_run(tmp_path)
+    assert run.data.params["train.precision"] == "auto"
+    assert run.data.tags["megaloop.precision"] == resolved
+    record = tmp_path / "checkpoints" / run.info.run_name / "megaloop_run.json"
+    assert json.loads(record.read_text())["precision"] == resolved
     losses = history(tmp_path)
     assert sorted(losses) == list(range(1, 31))
     first, last = losses[1][0], losses[30][0]
@@ -195,7 +206,8 @@ def test_ds_config_command_shows_what_runs(capsys):
 def test_every_template_renders_with_and_without_offload(stage):
     for offload in ([False, True] if stage else [False]):
         cfg = config.load("configs/runs/tiny.yaml", [f"train.zero_stage={stage}",
-                                                      f"train.offload={str(offload).lower()}"])
+                                                      f"train.offload={str(offload).lower()}",
+                                                      "train.precision=fp32"])
         rendered = render_ds_config(cfg, 2)
         assert rendered["zero_optimization"]["stage"] == stage
         assert ("offload_optimizer" in rendered["zero_optimization"]) == offload

@@ -59,7 +59,8 @@ def make_config(**overrides) -> ModelConfig:
 ENGINE_RUN = {"model.vocab_size": 64, "model.d_model": 32, "model.n_heads": 4,
               "model.prelude_layers": 1, "model.loop_layers": 1, "model.coda_layers": 1,
               "model.recurrences": 2, "model.max_seq_len": 32, "train.micro_batch": 2,
-              "train.global_batch": 2, "train.steps": 4, "train.grad_clip": 0.0}
+              "train.global_batch": 2, "train.steps": 4, "train.grad_clip": 0.0,
+              "train.precision": "fp32"}  # the same arithmetic on every CPU (auto: not)
 
 
 def engine_run_config(**values) -> config.RunConfig:

@@ -23,6 +23,7 @@ SMALL = {
     "train.micro_batch": 4, "train.global_batch": 8, "train.steps": 8, "train.lr": 3e-3,
     "train.warmup_steps": 2, "train.log_interval": 1, "train.eval_interval": 4,
     "train.eval_batches": 2, "train.checkpoint_interval": 4,
+    "train.precision": "fp32",  # the same arithmetic on every CPU (auto: bf16 where native)
 }
 
 

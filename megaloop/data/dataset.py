@@ -13,12 +13,12 @@ from megaloop.config import RunConfig
 from megaloop.data.corpus import open_corpus
 from megaloop.data.loader import window_stride
 from megaloop.data.shards import TokenShards, prepare
-from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, check_vocab
+from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer, check_vocab, tokenizer_file
 from megaloop.errors import DataError
 
 
 def tokenizer_path(config: RunConfig) -> Path:
-    return Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_TOKENIZER
+    return tokenizer_file(config.data.tokenizer) if config.data.tokenizer else DEFAULT_TOKENIZER
 
 
 def document_start_id(config: RunConfig, tokenizer: Tokenizer) -> int:
@@ -46,7 +46,7 @@ def open_run_data(config: RunConfig, rank: int = 0,
     if data.shards is not None:
         shards = TokenShards(data.shards, verify_hashes=data.verify)
         if data.tokenizer is not None:
-            shards.check_tokenizer(Tokenizer.load(data.tokenizer))
+            shards.check_tokenizer(Tokenizer.load(tokenizer_path(config)))
     else:
         tokenizer = Tokenizer.load(tokenizer_path(config))
         check_vocab(tokenizer, config.model.vocab_size)

@@ -21,9 +21,20 @@ from megaloop.atomic import atomic_write_bytes
 from megaloop.data.corpus import Corpus
 from megaloop.errors import DataError
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizer" / "stdlib-4k.model"
+SHIPPED_TOKENIZERS = Path(__file__).resolve().parents[2] / "tokenizer"  # see its README.md
+DEFAULT_TOKENIZER = SHIPPED_TOKENIZERS / "stdlib-4k.model"
 MAX_LINE_CHARS = 1024
 DEFAULT_MAX_SENTENCES = 2_000_000
+
+def tokenizer_file(setting: str | os.PathLike) -> Path:
+    """`data.tokenizer` as a file: a path, or the bare name of a tokenizer shipped in tokenizer/
+    (`stdlib-4k`, the default; `stdlib-1k`, the CPU sweep's), wherever megaloop runs from."""
+    path = Path(setting)
+    shipped = SHIPPED_TOKENIZERS / f"{path.name}.model"
+    if len(path.parts) == 1 and path.suffix != ".model" and shipped.is_file():
+        return shipped
+    return path
+
 
 # Trainer settings shared by every model trained here (see the module docstring).
 TRAINER_OPTIONS = {

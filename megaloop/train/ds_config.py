@@ -102,6 +102,9 @@ def render_ds_config(config: RunConfig, world_size: int = 1,
                      pin_memory: bool = False) -> dict[str, Any]:
     """The DeepSpeed config this run uses, rendered from its template (what runs is inspectable).
     `pin_memory`: offloaded state in page-locked host memory (the engine sets it on GPUs)."""
+    if config.train.precision == "auto":  # a caller's mistake, not the user's
+        raise ValueError("train.precision = auto must be resolved on the training machine "
+                         "first: config.with_precision(device.resolve_precision(...))")
     path = template_path(config)
     # the sandbox: a shared template is data, never code (no attribute of Python's internals)
     env = jinja2.sandbox.SandboxedEnvironment(

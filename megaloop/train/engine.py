@@ -10,7 +10,9 @@ The device and the collective backend come from one place, DeepSpeed's accelerat
 its default device): `DS_ACCELERATOR=cpu` means the CPU and gloo everywhere, also on a machine
 with GPUs.
 
-Precision (`train.precision`):
+Precision (`train.precision`, resolved here on the training machine: `auto` is bf16 where the
+device computes bf16 natively, else fp32; `Engine.precision` and `Engine.config` hold the
+resolved value, the run's own config keeps what was asked):
 - fp32: fp32 throughout; on CUDA, matmuls and convolutions may use TF32.
 - bf16: mixed precision. Weights, gradients and optimizer state stay fp32; matmuls and attention
   run in bf16 under torch.autocast (DeepSpeed's `torch_autocast`, which also gathers linear
@@ -43,7 +45,13 @@ import torch.distributed as dist
 from megaloop.atomic import atomic_write_hashed
 from megaloop.cluster import loopback_interface
 from megaloop.config import RunConfig
-from megaloop.device import accelerator, default_device, local_rank, synchronize
+from megaloop.device import (
+    accelerator,
+    default_device,
+    local_rank,
+    resolve_precision,
+    synchronize,
+)
 from megaloop.errors import CheckpointError, ConfigError
 from megaloop.local_ranks import RENDEZVOUS
 from megaloop.model.looped import LoopedLM
@@ -350,7 +358,6 @@ class Engine:
     def __init__(self, config: RunConfig):
         """Join the process group, choose the device, render the DeepSpeed config; `build`
         makes the model (so that a run's data can be checked first, with `barrier`)."""
-        self.config = config
         self.rank, self.world_size, self._owns_group = join_process_group()
         self._ds: Any = None
         self._whole_matrices: MuonH | None = None
@@ -358,6 +365,8 @@ class Engine:
         self.trust_checkpoints = False  # --trust-checkpoint: unpickle checkpoint files fully
         try:
             self.device = default_device()
+            self.precision = resolve_precision(config.train.precision, self.device)
+            self.config = config = config.with_precision(self.precision)
             self.host_allocator = (tune_for_cpu_training() if self.device.type == "cpu"
                                    else self.device.type.upper())
             self.matmul_precision = set_matmul_precision(self.device, config.train.precision)

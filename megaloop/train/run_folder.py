@@ -1,7 +1,8 @@
 """A run folder, `<train.checkpoint_dir>/<run name>/`, belongs to one run.
 
 - `megaloop_run.json` records the run: its name, the config in force and its hash, the world
-  size, and each continuation with the changes it made.
+  size, the precision it trains in (`train.precision: auto` as the training machine resolved
+  it), and each continuation with the changes it made.
 - `megaloop.lock` is held by rank 0 while the run trains (host, pid, start, SLURM job): a second
   process refuses. A lock whose owner is gone (the same host and its pid dead, or the same SLURM
   job and task, requeued) is stale and taken over.
@@ -14,6 +15,7 @@ The rules a start follows (`claim`, on rank 0; every rank gets its answer):
   refused; log and checkpoint intervals, workers and the like change freely.
 - Another world size is a change on purpose too: the checkpoint is resharded through
   DeepSpeed's universal checkpoint (train/checkpoint.py), where its optimizer state is Adam's.
+- So is another resolved precision (`auto` resumed on a machine without native bf16).
 - `--resume auto` with nothing to resume says so and starts fresh.
 """
 
@@ -48,6 +50,7 @@ CHANGES_ON_PURPOSE = frozenset({  # what is trained from here on: --accept-chang
     "train.beta2", "train.eps", "train.grad_clip", "train.eval_interval", "train.eval_batches",
     "train.eval_tokens", "train.precision", "model.recurrences", "model.bptt_k",
     "model.recurrence_sampling", "world_size",
+    "precision",  # train.precision as resolved: auto on a machine without native bf16
     *(f"train.{role}_lr" for role in LR_ROLES),
     *(f"train.{role}_{key}" for role in GROUP_ROLES
       for key in ("beta1", "beta2", "weight_decay"))})
@@ -168,29 +171,33 @@ class RunFolder:
     def checkpoints(self) -> list[str]:
         return [p.name for p in step_folders(self.path, marked_only=True)]
 
-    def _write_record(self, config: RunConfig, world_size: int, previous: dict | None,
-                      changes: dict[str, tuple[Any, Any]]) -> None:
+    def _write_record(self, config: RunConfig, world_size: int, precision: str | None,
+                      previous: dict | None, changes: dict[str, tuple[Any, Any]]) -> None:
         record = previous or {"run_name": self.path.name, "created": _now(),
                               "continuations": []}
         if previous is not None and changes:
             record["continuations"].append(
                 {"at": _now(), "changes": {k: list(v) for k, v in changes.items()}})
         record.update({"config": config.to_dict(), "config_hash": config.hash(),
-                       "world_size": world_size})
+                       "world_size": world_size,
+                       "precision": precision or config.train.precision})
         atomic_write_json(self.path / RECORD, record)
 
     def claim(self, config: RunConfig, world_size: int, resume: str | None,
-              accept_changes: bool = False) -> Claim:
+              accept_changes: bool = False, precision: str | None = None) -> Claim:
         """Lock the folder and check that this start may use it (the rules above); records
-        the run. Raises CheckpointError (ConfigError for a refused change) otherwise."""
+        the run, with the precision it trains in (`train.precision` as this machine resolved
+        it; None: as the config says). Raises CheckpointError (ConfigError for a refused
+        change) otherwise."""
         self.lock()
         try:
-            return self._claim(config, world_size, resume, accept_changes)
+            return self._claim(config, world_size, precision or config.train.precision, resume,
+                               accept_changes)
         except BaseException:
             self.unlock()
             raise
 
-    def _claim(self, config: RunConfig, world_size: int, resume: str | None,
+    def _claim(self, config: RunConfig, world_size: int, precision: str, resume: str | None,
                accept_changes: bool) -> Claim:
         record, saved = self.record(), self.checkpoints()
         if resume is None:
@@ -201,10 +208,10 @@ class RunFolder:
                     f"{self.path} holds {whose} checkpoints (newest {saved[0]}). Continue them "
                     "with --resume auto, or train a new run under another track.run_name (or "
                     "train.checkpoint_dir), or delete the folder.")
-            self._write_record(config, world_size, None, {})
+            self._write_record(config, world_size, precision, None, {})
             return Claim()
         if record is None:
-            self._write_record(config, world_size, None, {})
+            self._write_record(config, world_size, precision, None, {})
             note = (f"nothing to resume in {self.path}: starting fresh"
                     if resume == "auto" and not saved else None)
             return Claim(note=note)
@@ -212,8 +219,12 @@ class RunFolder:
         if record.get("world_size") != world_size:
             self._check_reshard(record.get("world_size"), world_size, accept_changes, config)
             changes["world_size"] = (record.get("world_size"), world_size)
+        recorded_precision = record.get("precision", record.get("config", {}).get(
+            "train", {}).get("precision"))
+        if recorded_precision not in (None, "auto", precision):
+            changes["precision"] = (recorded_precision, precision)
         self._check_changes(changes, accept_changes, config)
-        self._write_record(config, world_size, record, changes)
+        self._write_record(config, world_size, precision, record, changes)
         note = f"resuming with changes: {describe(changes)}" if changes else None
         if "world_size" in changes and config.train.eval_tokens is None:
             note += ("; val/loss is over train.eval_batches per rank, so its set changes with "

@@ -156,7 +156,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.folder.path, config.train.keep_checkpoints, engine,
                                        trust=trust_checkpoint, reshard=accept_changes)
         self.peak, self.peak_source = peak_flops(
-            peak or config.train.peak_flops, config.train.precision, engine.device,
+            peak or config.train.peak_flops, engine.precision, engine.device,
             engine.device_name(), engine.synchronize)
         self.step = 0
         self.flops_seen = 0.0  # training FLOPs of every step so far (sampled r: each its own)
@@ -175,7 +175,8 @@ class Trainer:
         claim, error = None, None
         if self.rank == 0:
             try:
-                claim = self.folder.claim(self.config, self.world_size, resume, accept_changes)
+                claim = self.folder.claim(self.config, self.world_size, resume, accept_changes,
+                                          precision=self.engine.precision)
             except Exception as exc:  # every rank stops with it, none waits in the gather
                 error = exc
         answer = self.engine.all_gather_objects(
@@ -223,6 +224,7 @@ class Trainer:
                                "megaloop.peak_flops_source": self.peak_source,
                                "megaloop.host_allocator": self.engine.host_allocator,
                                "megaloop.device": self.engine.device_name(),
+                               "megaloop.precision": self.engine.precision,
                                "megaloop.matmul_precision": self.engine.matmul_precision,
                                "megaloop.checkpoint_dir": str(self.folder.path.resolve())})
         self.log_dataset()
