@@ -169,7 +169,7 @@ class ModelConfig:
 class DataConfig:
     shards: str | None = None  # a folder made by `megaloop data prepare`; else corpus below
     corpus: str = "stdlib"  # prepared into cache_dir on first use when shards is null
-    tokenizer: str | None = None  # a .model path, or a name in tokenizer/ (stdlib-1k); None: stdlib-4k
+    tokenizer: str | None = None  # a .model path or a name in tokenizer/; None: stdlib-4k
     text_field: str = "text"
     val_fraction: float = 0.01
     cache_dir: str = "runs/data"
