@@ -59,11 +59,9 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     bf16 stay as they are. Resolved where the run trains, never where a sweep plans it."""
     if requested != "auto":
         return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "fp32"
+    return "bf16" if accelerator().is_bf16_supported() else "fp32"
 
 
 def synchronize(device: torch.device) -> None:
