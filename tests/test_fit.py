@@ -489,6 +489,7 @@ def test_a_fit_on_its_box_edge_states_no_equivalence_and_lists_its_runs(tmp_path
     assert not pinned["trusted"] and "e on the edge of its search box" in pinned["distrust"][0]
     assert all("not to be trusted" in e["sentence"] and "matches" not in e["sentence"]
                for e in pinned["equivalence"])
+    assert pinned["in_short"].startswith("The fit is not to be trusted (e on the edge")
     assert [run["name"] for run in pinned["runs"]] == runs.names
     report = write(result, pinned, tmp_path).read_text()
     assert f"## The {len(runs)} runs fitted" in report and runs.names[0] in report
@@ -497,6 +498,31 @@ def test_a_fit_on_its_box_edge_states_no_equivalence_and_lists_its_runs(tmp_path
     result.fit.theta[2] = np.log(summary["E"])  # inside its box again
     result.bootstrap = np.full((10, 6), np.nan)  # no resample could be fitted
     assert result.to_json()["distrust"] == ["only 0 of 10 bootstrap resamples could be fitted"]
+
+
+@pytest.mark.parametrize("interval, says", [
+    ([0.3, 0.6], "both phi = 0 and phi = 1 lie outside its interval"),
+    ([0.7, 1.2], "cannot tell it from a fresh block"),
+    ([-0.1, 0.5], "cannot tell it from nothing"),
+    ([-0.2, 1.4], "anything from nothing to a fresh block"),
+])
+def test_in_short_says_where_phis_interval_lies(interval, says):
+    """The one sentence under every fit: where phi's interval lies between a recurrence worth
+    nothing and one worth a fresh block; nothing of the kind for a fit not to be trusted."""
+    from megaloop.fit.readout import in_short
+
+    summary = fit(simulate(PAPER_LAW), **{**QUICK, "bootstrap": 10}).to_json()
+    assert summary["in_short"].startswith(f"phi = {summary['phi']:.3g} [")
+    assert summary["in_short"] in main_output_of(summary)
+    assert says in in_short({**summary, "phi_ci": interval})
+    untrusted = in_short({**summary, "phi_ci": interval, "distrust": ["a reason"]})
+    assert untrusted.startswith("The fit is not to be trusted (a reason)") and says not in untrusted
+
+
+def main_output_of(summary: dict) -> str:
+    from megaloop.fit.report import format_summary, markdown
+
+    return format_summary(summary) + markdown(summary, [])
 
 
 # --- delta phi ------------------------------------------------------------------------------

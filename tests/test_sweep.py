@@ -176,6 +176,29 @@ def test_the_cpu_case_studies_are_the_cpu_grid_with_one_change_each():
                        for run in runs)
 
 
+def test_the_quickstart_is_a_subset_of_the_cpu_sweep():
+    """Every quickstart run is the CPU sweep's run of the same cell, setting for setting (only
+    the experiment differs), so its fit is a smaller look at the same experiment."""
+    grid = {cell(run): run for run in plan(read_spec(SWEEPS / "isodepth-cpu.yaml"))}
+    quick = plan(read_spec(SWEEPS / "quickstart.yaml"))
+    assert 0 < len(quick) < len(grid) and {run.config.model.recurrences for run in quick} == \
+        {1, 2, 4, 8}
+    for run in quick:
+        twin = grid[cell(run)]
+        mine, theirs = run.config.flat(), twin.config.flat()
+        assert {key for key in mine if mine[key] != theirs[key]} == {"track.experiment"}, run.name
+        assert run.config.hash() != twin.config.hash()  # the experiment is part of the hash
+
+
+def test_where_keeps_only_the_cells_it_selects(tmp_path):
+    every = plan(read_spec(write_spec(tmp_path, where=None)))
+    kept = plan(read_spec(write_spec(tmp_path, where="{{ r == 1 and d > 8 }}")))
+    assert {run.name for run in kept} == {run.name for run in every
+                                          if run.config.model.recurrences == 1
+                                          and run.config.model.d_model > 8}
+    assert 0 < len(kept) < len(every)
+
+
 def write_spec(tmp_path: Path, **changes) -> Path:
     spec = yaml.safe_load((SWEEPS / "quickstart.yaml").read_text())
     spec["base"] = str(REPO / "configs" / "runs" / "tiny.yaml")
@@ -192,9 +215,13 @@ def write_spec(tmp_path: Path, **changes) -> Path:
     ({"name": "r{{ r }}"}, "two runs are named 'r1'"),
     ({"tokens": 1000}, "either budgets"),
     ({"name": "r{{ rr }}"}, "does not render"),
+    ({"where": "{{ r > 100 }}"}, "leaves no run to train"),
+    ({"where": "{{ r + 1 }}"}, "must be a comparison that is true or false"),
+    ({"where": "{{ steps > 1 }}"}, "where .* does not render"),
+    ({"where": "r == 1"}, "where = 'r == 1' must be an expression"),
     ({"borrow": {"experiment": "a"}}, "borrow .* is not understood"),
     ({"set": {"model.colour": 1}}, "model.colour"),
-    ({"set": {"model.loop_layers": "{{ 8 // r }}", "model.n_heads": "{{ d // 32 }}",
+    ({"set": {"model.loop_layers": "{{ 8 // r }}", "model.n_heads": 1,
               "model.coda_layers": "{{ 3 if tokens > 0 else 1 }}"}},
      "changes the model or the batch"),
 ])

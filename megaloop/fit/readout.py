@@ -324,7 +324,40 @@ def result_json(result) -> dict:
            "runs": fitted_runs(result.runs),
            "settings": result.settings, "source": result.runs.source,
            "skipped": result.runs.skipped, "warnings": list(result.warnings)}
+    out["in_short"] = in_short(out)
     return _plain(out)
+
+
+def in_short(summary: dict) -> str:
+    """What the fit means, in one sentence: where phi's interval lies between a recurrence worth
+    nothing (phi = 0) and one worth a fresh block of unique parameters (phi = 1)."""
+    if summary["phi"] is None:
+        return ("No run loops (r > 1 with parameters in the loop), so these runs cannot say "
+                "what a recurrence is worth.")
+    phi = summary["phi"]
+    if summary["law"] == "looped, phi fixed":
+        return (f"phi was fixed at {phi:g}, so this fit measures the rest of the law, not what "
+                "a recurrence is worth.")
+    if summary["distrust"]:
+        return (f"The fit is not to be trusted ({'; '.join(summary['distrust'])}), so its phi "
+                f"of {phi:.3g} says nothing yet.")
+    if not summary["phi_ci"]:
+        return (f"phi = {phi:.3g}, without an interval (no bootstrap): fit with --bootstrap "
+                "to learn what the runs can tell apart.")
+    lo, hi = summary["phi_ci"]
+    if lo > 0 and hi < 1:
+        worth = ("more than nothing and less than a fresh block of unique parameters: both "
+                 "phi = 0 and phi = 1 lie outside its interval")
+    elif lo > 0:
+        worth = ("more than nothing (phi = 0 lies outside its interval), and these runs cannot "
+                 "tell it from a fresh block of unique parameters (phi = 1 lies inside)")
+    elif hi < 1:
+        worth = ("less than a fresh block of unique parameters (phi = 1 lies outside its "
+                 "interval), and these runs cannot tell it from nothing (phi = 0 lies inside)")
+    else:
+        worth = "anything from nothing to a fresh block: these runs cannot tell"
+    return (f"phi = {phi:.3g} [{lo:.3g}, {hi:.3g}]: a looped block run r times counts as r^phi "
+            f"blocks of unique parameters, so one recurrence is worth {worth}.")
 
 
 def _plain(value):

@@ -72,6 +72,7 @@ def format_summary(summary: dict) -> str:
     lines += [f"warning: {w}" for w in summary["warnings"]]
     if summary.get("mlflow_run_id"):
         lines.append(f"logged as MLflow run {summary['mlflow_run_id']}")
+    lines.append(f"In short: {summary['in_short']}")
     return "\n".join(lines)
 
 
@@ -271,7 +272,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def markdown(summary: dict, plots: list[str]) -> str:
     s = summary
     lines = [f"# Scaling-law fit: {s['law']} law", "",
-             f"{s['n_runs']} runs from {s['source']}."]
+             f"{s['n_runs']} runs from {s['source']}.", "", f"In short: {s['in_short']}"]
     if s.get("skipped"):
         lines.append("Skipped: " + "; ".join(f"{n} {why}" for why, n in s["skipped"].items())
                      + ".")

@@ -22,6 +22,8 @@ A spec is data (configs/sweeps/*.yaml):
                                         # these runs of another experiment (a case study's
                                         # r = 1 baseline, trained once)
     tokens: 12500000000                 # instead of budgets: a fixed token count per run
+    where: "{{ r == 1 or budget < 2e11 }}"   # optional: train only the cells where this
+                                        # expression over r, s, d, budget, variant, seed is true
 
 Each run's tokens are budget / flops_per_token (the model's accounting), rounded to whole
 global batches; the nominal budget is recorded as train.budget_flops.
@@ -46,7 +48,8 @@ from megaloop.sweep.slurm import SlurmResources
 from megaloop.templating import SandboxedNativeEnvironment, render_or_refuse
 
 SPEC_KEYS = {"experiment", "base", "name", "recurrences", "width", "budgets", "scales", "tokens",
-             "set", "lr_scaling", "variants", "seeds", "description", "borrow", "slurm"}
+             "set", "lr_scaling", "variants", "seeds", "description", "borrow", "slurm",
+             "where"}
 REQUIRED = {"experiment", "name"}
 VARIANT_KEYS = {"base", "tokens"}  # what a variant may set besides config overrides
 RUN_LENGTH = {"tokens", "steps"}  # known to the expressions only once the run is measured
@@ -118,6 +121,9 @@ SHAPES: dict[str, tuple[Any, str]] = {  # key: (check, what it must be, with an 
     "width": (lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values()),
               "a mapping, e.g. width: {per_scale: 64, multiple: 64}"),
     "set": (lambda v: isinstance(v, dict), "a mapping of config keys to values or expressions"),
+    "where": (lambda v: isinstance(v, str) and "{{" in v,
+              "an expression over r, s, d, budget, variant and seed, e.g. "
+              "where: \"{{ r == 1 or budget < 2e11 }}\""),
     "variants": (lambda v: isinstance(v, dict) and all(x is None or isinstance(x, dict)
                                                         for x in v.values()),
                  "a mapping of variant names to their settings, e.g. variants: {plain: {}}"),
@@ -209,7 +215,20 @@ def _cells(spec: dict[str, Any]) -> list[dict[str, Any]]:
                                                            seeds):
         cells.append({"variant": variant, "r": r, "s": s, "d": width_of(spec, s),
                       "budget": budget, "seed": seed})
-    return cells
+    return [cell for cell in cells if _selected(spec, cell)]
+
+
+def _selected(spec: dict[str, Any], cell: dict[str, Any]) -> bool:
+    """Whether the spec's `where` (absent: every cell) keeps this cell."""
+    if spec.get("where") is None:
+        return True
+    keep = _render(spec["where"], cell, "where")
+    if not isinstance(keep, bool):
+        raise ConfigError(f"Sweep spec: where = {spec['where']!r} gives {keep!r} at r = "
+                          f"{cell['r']}, d = {cell['d']}, budget = {cell['budget']}; it must be "
+                          "a comparison that is true or false, e.g. where: \"{{ r == 1 or "
+                          "budget < 2e11 }}\".")
+    return keep
 
 
 def _uses_tokens(value: Any) -> bool:
@@ -327,7 +346,11 @@ def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
 
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """The runs of a sweep spec, in a fixed order; refuses duplicate run names."""
-    runs = [plan_run(spec, context) for context in _cells(spec)]
+    cells = _cells(spec)
+    if not cells:
+        raise ConfigError(f"Sweep {spec['experiment']}: where = {spec.get('where')!r} leaves "
+                          "no run to train; loosen it.")
+    runs = [plan_run(spec, context) for context in cells]
     seen: dict[str, PlannedRun] = {}
     for run in runs:
         if run.name in seen:
