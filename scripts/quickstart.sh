@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up the environment, then run the quickstart sweep (19
 # tiny looped models at r = 1, 2, 4, 8 on the embedded corpus, a subset of the CPU iso-depth
-# sweep) and fit how much one recurrence is worth. About 3 minutes on 2 CPU cores after the
+# sweep) and fit how much one recurrence is worth. About 4.5 minutes on 2 CPU cores after the
 # set-up; re-running skips what is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
