@@ -239,6 +239,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
         partition=args.partition, account=args.account, extra=args.sbatch)
     outcome = execute(runs, spec["experiment"], executor=args.executor, nproc=args.nproc,
+                      jobs=args.jobs,
                       dry_run=args.dry_run, progress=not args.no_progress,
                       borrow=spec["borrow"], slurm=slurm)
     if outcome.script and args.dry_run:
@@ -274,6 +275,9 @@ def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     sweep.add_argument("--executor", choices=["inprocess", "local", "slurm"], default="inprocess",
                        help="one process, launch.sh with --nproc ranks, or a SLURM array")
     sweep.add_argument("--nproc", type=whole(1), default=1, help="ranks per run (local, slurm)")
+    sweep.add_argument("--jobs", type=whole(1), default=1,
+                       help="runs trained at once, each in its own worker process on cores/jobs "
+                            "threads (CPU, in-process executor)")
     slurm = sweep.add_argument_group("slurm", "what each array task asks for (over the spec's "
                                               "slurm: mapping)")
     slurm.add_argument("--gpus-per-node", type=whole(0),

@@ -310,6 +310,21 @@ def runs_by_name(tmp_path: Path) -> dict[str, list]:
     return found
 
 
+def sweep_to_the_end(folder: Path, spec: Path, *extra: str) -> str:
+    """Run the sweep in `folder` to its end; its stdout."""
+    done = subprocess.run(sweep_command(spec, *extra), cwd=folder, env=child_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert_ok(done)
+    return done.stdout
+
+
+def runs_per_name(folder: Path) -> dict[str, int]:
+    return {name: len(found) for name, found in runs_by_name(folder).items()}
+
+
+EACH_ONCE = {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
+
+
 def test_a_sweep_stopped_by_sigterm_says_what_is_left_and_does_not_fit(tmp_path, stdlib_shards):
     """SIGTERM during the second run: that run saves a checkpoint, the third never starts,
     the summary says so and how to go on, `--fit` does not run on the partial sweep (exit 3),
@@ -333,22 +348,59 @@ def test_a_sweep_stopped_by_sigterm_says_what_is_left_and_does_not_fit(tmp_path,
     assert first_run.data.tags["megaloop.status"] == "finished"
     assert "r4-d64" not in before
 
-    again = subprocess.run(sweep_command(spec), cwd=tmp_path, env=child_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert_ok(again)
-    assert "3 runs planned, 1 already finished, 2 trained" in again.stdout
+    assert "3 runs planned, 1 already finished, 2 trained" in sweep_to_the_end(tmp_path, spec)
     after = runs_by_name(tmp_path)
-    assert {name: len(found) for name, found in after.items()} == \
-        {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
+    assert runs_per_name(tmp_path) == EACH_ONCE
     assert after["r1-d64"][0].info.end_time == first_run.info.end_time  # not trained again
     assert all(found[0].data.tags["megaloop.status"] == "finished"
                and "val/loss" in found[0].data.metrics for found in after.values())
-    once_more = subprocess.run(sweep_command(spec), cwd=tmp_path, env=child_env(),
-                               capture_output=True, text=True, timeout=600)
-    assert_ok(once_more)
-    assert "3 runs planned, 3 already finished, 0 trained" in once_more.stdout
-    assert {name: len(found) for name, found in runs_by_name(tmp_path).items()} == \
-        {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
+    assert "3 runs planned, 3 already finished, 0 trained" in sweep_to_the_end(tmp_path, spec)
+    assert runs_per_name(tmp_path) == EACH_ONCE
+
+
+def test_jobs_train_runs_side_by_side_as_one_process_would(tmp_path, stdlib_shards):
+    """--jobs 2: two worker processes share the runs; every run finishes once in MLflow with
+    the loss one process gives it (to threading's rounding), each worker keeps its log, and
+    the sweep run again trains nothing."""
+    serial_dir, parallel_dir = tmp_path / "serial", tmp_path / "parallel"
+    losses = {}
+    for folder, extra in ((serial_dir, ()), (parallel_dir, ("--jobs", "2"))):
+        folder.mkdir()
+        spec = tiny_sweep(folder, stdlib_shards)
+        assert "3 runs planned, 0 already finished, 3 trained" in \
+            sweep_to_the_end(folder, spec, *extra)
+        found = runs_by_name(folder)
+        assert runs_per_name(folder) == EACH_ONCE
+        losses[folder] = {name: runs[0].data.metrics["val/loss"] for name, runs in found.items()}
+    for name, loss in losses[serial_dir].items():
+        assert losses[parallel_dir][name] == pytest.approx(loss, rel=2e-3), name
+    logs = sorted((parallel_dir / "runs" / "sweeps" / "tiny-sweep" / "logs").glob("*.log"))
+    assert [log.name for log in logs] == ["worker-0.log", "worker-1.log"]
+    assert sum(log.read_text().count("megaloop: finished") for log in logs) == 3
+    assert "3 runs planned, 3 already finished, 0 trained" in \
+        sweep_to_the_end(parallel_dir, tiny_sweep(parallel_dir, stdlib_shards), "--jobs", "2")
+
+
+def test_sigterm_stops_every_worker_of_a_jobs_sweep_and_the_sweep_resumes(tmp_path,
+                                                                           stdlib_shards):
+    """SIGTERM to a --jobs 2 sweep reaches both workers: the runs in progress save and stop,
+    the third never starts, --fit does not run (exit 3), and the sweep run again finishes
+    every run once."""
+    spec = tiny_sweep(tmp_path, stdlib_shards)
+    process = subprocess.Popen(sweep_command(spec, "--jobs", "2", "--fit"), cwd=tmp_path,
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    wait_for(tmp_path / "checkpoints" / "r1-d64" / "step_00000002" / "megaloop_complete.json",
+             process, timeout=400)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 3, err[-3000:]
+    assert "stopped by SIGTERM" in out and "r4-d64" in out and "not fitted" in out
+    assert "Traceback" not in err
+    sweep_to_the_end(tmp_path, spec, "--jobs", "2")
+    assert runs_per_name(tmp_path) == EACH_ONCE
+    assert all(found[0].data.tags["megaloop.status"] == "finished"
+               for found in runs_by_name(tmp_path).values())
 
 
 def test_slurm_array_script(tmp_path, stdlib_shards):

@@ -6,6 +6,7 @@ resumes from its newest checkpoint (`--resume auto`) and continues its MLflow ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,6 +54,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self.child: subprocess.Popen | None = None
+        self.children: list[int] = []  # the pids of --jobs workers
         self._previous: Any = None
 
     def __enter__(self) -> StopRequest:
@@ -64,6 +66,9 @@ class StopRequest:
         self.requested = True
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):  # it has ended already
+                os.kill(pid, signal.SIGTERM)
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
@@ -153,11 +158,15 @@ def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: boo
 
 
 def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inprocess",
-            nproc: int = 1, dry_run: bool = False, progress: bool = True,
+            nproc: int = 1, jobs: int = 1, dry_run: bool = False, progress: bool = True,
             tracking: str | None = None, borrow: list[dict[str, Any]] | None = None,
             slurm: SlurmResources | None = None) -> SweepOutcome:
     """Train (or submit) the runs not yet finished. `borrow` (the spec's) is recorded on the
-    experiment, so that every later fit of it also takes those runs of other experiments."""
+    experiment, so that every later fit of it also takes those runs of other experiments.
+    `jobs` > 1 trains that many runs at once in worker processes (CPU only; sweep/parallel.py)."""
+    from megaloop.sweep.parallel import check_jobs, run_parallel
+
+    check_jobs(jobs, executor)
     if tracking is None and runs:
         from megaloop.track import tracking_uri
 
@@ -180,7 +189,11 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
         return outcome
     start = time.perf_counter()
     with StopRequest() as stop:
-        if executor == "inprocess":
+        if executor == "inprocess" and jobs > 1:
+            bar = compute_bar(todo, progress)
+            run_parallel(todo, jobs, sweep_folder(experiment) / "logs", bar, outcome, stop)
+            bar.close()
+        elif executor == "inprocess":
             run_inprocess(todo, progress, outcome, stop)
         elif executor == "local":
             run_local(todo, experiment, nproc, progress, outcome, stop)
