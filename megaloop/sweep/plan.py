@@ -347,7 +347,7 @@ def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
 def plan(spec: dict[str, Any]) -> list[PlannedRun]:
     """The runs of a sweep spec, in a fixed order; refuses duplicate run names."""
     cells = _cells(spec)
-    if not cells:
+    if not cells and spec.get("where") is not None:
         raise ConfigError(f"Sweep {spec['experiment']}: where = {spec.get('where')!r} leaves "
                           "no run to train; loosen it.")
     runs = [plan_run(spec, context) for context in cells]
