@@ -318,8 +318,9 @@ def sweep_to_the_end(folder: Path, spec: Path, *extra: str) -> str:
     return done.stdout
 
 
-def runs_per_name(folder: Path) -> dict[str, int]:
-    return {name: len(found) for name, found in runs_by_name(folder).items()}
+def runs_per_name(found: dict[str, list]) -> dict[str, int]:
+    """How many MLflow runs each name has, from runs_by_name."""
+    return {name: len(runs) for name, runs in found.items()}
 
 
 EACH_ONCE = {"r1-d64": 1, "r2-d64": 1, "r4-d64": 1}
@@ -350,12 +351,12 @@ def test_a_sweep_stopped_by_sigterm_says_what_is_left_and_does_not_fit(tmp_path,
 
     assert "3 runs planned, 1 already finished, 2 trained" in sweep_to_the_end(tmp_path, spec)
     after = runs_by_name(tmp_path)
-    assert runs_per_name(tmp_path) == EACH_ONCE
+    assert runs_per_name(after) == EACH_ONCE
     assert after["r1-d64"][0].info.end_time == first_run.info.end_time  # not trained again
     assert all(found[0].data.tags["megaloop.status"] == "finished"
                and "val/loss" in found[0].data.metrics for found in after.values())
     assert "3 runs planned, 3 already finished, 0 trained" in sweep_to_the_end(tmp_path, spec)
-    assert runs_per_name(tmp_path) == EACH_ONCE
+    assert runs_per_name(runs_by_name(tmp_path)) == EACH_ONCE
 
 
 def test_jobs_train_runs_side_by_side_as_one_process_would(tmp_path, stdlib_shards):
@@ -370,7 +371,7 @@ def test_jobs_train_runs_side_by_side_as_one_process_would(tmp_path, stdlib_shar
         assert "3 runs planned, 0 already finished, 3 trained" in \
             sweep_to_the_end(folder, spec, *extra)
         found = runs_by_name(folder)
-        assert runs_per_name(folder) == EACH_ONCE
+        assert runs_per_name(found) == EACH_ONCE
         losses[folder] = {name: runs[0].data.metrics["val/loss"] for name, runs in found.items()}
     for name, loss in losses[serial_dir].items():
         assert losses[parallel_dir][name] == pytest.approx(loss, rel=2e-3), name
@@ -398,9 +399,9 @@ def test_sigterm_stops_every_worker_of_a_jobs_sweep_and_the_sweep_resumes(tmp_pa
     assert "stopped by SIGTERM" in out and "r4-d64" in out and "not fitted" in out
     assert "Traceback" not in err
     sweep_to_the_end(tmp_path, spec, "--jobs", "2")
-    assert runs_per_name(tmp_path) == EACH_ONCE
-    assert all(found[0].data.tags["megaloop.status"] == "finished"
-               for found in runs_by_name(tmp_path).values())
+    after = runs_by_name(tmp_path)
+    assert runs_per_name(after) == EACH_ONCE
+    assert all(found[0].data.tags["megaloop.status"] == "finished" for found in after.values())
 
 
 def test_slurm_array_script(tmp_path, stdlib_shards):
