@@ -211,6 +211,22 @@ def test_test_time_compute_reaches_generate_as_arguments_and_as_config(tmp_path,
     assert plain[0, len(PROMPT):].tolist() == full["tokens"]
 
 
+# Optional integrations transformers probes at import, which pip does not install with it: the
+# venv's copy is newer than an older release knows (kernels 0.19 makes transformers 5.0.0's
+# hub_kernels raise ValueError at import, which its `except ImportError` does not catch).
+NEWER_OPTIONAL_PACKAGES = ("kernels",)
+
+
+def hide_newer_optional_packages(target: Path) -> None:
+    """Shadow each optional package in `target` (found first) with one that fails to import,
+    as where it is not installed, unless pip installed it there for this release."""
+    for name in NEWER_OPTIONAL_PACKAGES:
+        if not (target / name).exists():
+            (target / name).mkdir()
+            (target / name / "__init__.py").write_text(
+                f"raise ImportError('{name} is hidden: newer than this transformers release')\n")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("release", ["4.45.2", "4.57.6", "5.0.0"])
 def test_other_transformers_releases_run_every_variant(tmp_path, release):
@@ -221,6 +237,7 @@ def test_other_transformers_releases_run_every_variant(tmp_path, release):
                            str(target), f"transformers=={release}"], capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    hide_newer_optional_packages(target)
     cases, results = load_in_fresh_process(tmp_path, str(target))
     assert results["transformers"] == release
     for name in HF_VARIANTS:
