@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 py=.venv/bin/python
 out=.gpu
+rm -rf "$out/wheels"  # no stale wheel of an older version: the device installs all it finds
 mkdir -p "$out/wheels"
 
 ds_version=$("$py" -c 'import importlib.metadata as m; print(m.version("deepspeed"))')

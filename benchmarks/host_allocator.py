@@ -52,12 +52,12 @@ def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dic
                       if line.startswith("FAULTS")))
     client, run = only_run(str(settings["track.tracking_uri"]), "allocator")
     history = {name: metric_values(client, run, name)
-               for name in ("train/tokens_per_s", "train/peak_mem_gb")}
+               for name in ("train/tokens_per_s", "train/peak_mem_gib")}
     tokens_per_step = 8 * 256
     step_s = [tokens_per_step / rate for rate in history["train/tokens_per_s"][2:]]
     return {"step_s_median": statistics.median(step_s),
             "minor_faults_per_step": faults / args.steps,
-            "peak_rss_gb_by_log": history["train/peak_mem_gb"],
+            "peak_rss_gb_by_log": history["train/peak_mem_gib"],
             "host_allocator_tag": run.data.tags.get("megaloop.host_allocator")}
 
 

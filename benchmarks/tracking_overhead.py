@@ -85,7 +85,7 @@ def train(steps: int, rounds: int, steady_steps: int, uri: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
         values = {"train/loss": loss.item(), "train/lr": 3e-4, "train/grad_norm": norm.item(),
                   "train/tokens_per_s": 8 * 256 / max(time.perf_counter() - start, 1e-9),
-                  "train/mfu": 0.0, "train/peak_mem_gb": 0.0}
+                  "train/mfu": 0.0, "train/peak_mem_gib": 0.0}
         if track:
             called = time.perf_counter()
             tracker.log_metrics(values, step=step)

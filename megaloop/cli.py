@@ -161,13 +161,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from megaloop import config
-    from megaloop.device import default_device, resolve_precision
+    from megaloop.device import Device, resolve_precision
     from megaloop.train.ds_config import render_ds_config
 
     run = config.load(args.config, args.overrides)
-    device = default_device()  # the config as this machine would train it
+    device = Device.of_this_process()  # the config as this machine would train it
     run = run.with_precision(resolve_precision(run.train.precision, device))
-    rendered = render_ds_config(run, args.world_size, pin_memory=device.type == "cuda")
+    rendered = render_ds_config(run, args.world_size, pin_memory=device.is_cuda)
     print(json.dumps(rendered, indent=2))
     return 0
 
@@ -219,9 +219,7 @@ def stopped_sweep_summary(outcome: Any, argv: list[str], fit: bool) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import torch
-
-    from megaloop.device import resolve_precision
+    from megaloop.device import CPU, resolve_precision
     from megaloop.sweep.execute import execute
     from megaloop.sweep.plan import plan, plan_rows, plan_table, read_spec
     from megaloop.train.mfu import peak_flops
@@ -232,7 +230,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(plan_rows(runs), indent=2))
     elif args.dry_run:
         precision = resolve_precision(runs[0].config.train.precision if runs else "fp32",
-                                      torch.device("cpu"))
+                                      CPU)
         peak, _ = peak_flops(None, precision)
         print(plan_table(runs, peak, assumed_mfu=0.4))
     slurm = spec["slurm"].overridden(

@@ -1,15 +1,26 @@
-"""Which device this process computes on, as DeepSpeed's accelerator names it
-(`DS_ACCELERATOR`, else what DeepSpeed detects): `cuda:<local rank>` or `cpu`. The Engine trains
-there; evaluation and generation (infer/) run there by default. The one place that asks the
-accelerator about the device; the Engine (train/engine.py) also asks it for the collectives.
+"""The device this process computes on, and every question megaloop asks of it.
+
+`Device.of_this_process()` asks DeepSpeed's accelerator (`DS_ACCELERATOR`, else what DeepSpeed
+detects): its kind (`cuda`, `cpu`, ...) and where this rank's tensors live (`cuda:<local rank>`
+or `cpu`). The Engine trains there; evaluation and generation (infer/) run there by default.
+Every accelerator call megaloop makes is a method here, and each exists on DeepSpeed's
+`CUDA_Accelerator` with the arguments given (tests/test_device.py checks both by reading the
+source and by running every method against the real class). The card's name is the one thing
+the accelerator does not tell: it comes from `torch.cuda`.
+
+A Device's kind decides its branches, and its `tensors` decides where tensors go; on a real
+machine the two agree. The tests build a CUDA Device whose tensors stay on the CPU, so that the
+GPU branches run here against DeepSpeed's CUDA accelerator class.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -24,12 +35,6 @@ def accelerator() -> Any:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def default_device() -> torch.device:
-    """This process's device as DeepSpeed's accelerator names it: `cuda:<local rank>` or `cpu`.
-    Evaluation and generation run there too."""
-    return torch.device(accelerator().device_name(local_rank()))
 
 
 # The CPU flags of native bf16 matmuls (oneDNN's fast bf16 paths); without them bf16 is emulated.
@@ -53,18 +58,112 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return any(flag in flags for flag in CPU_BF16_FLAGS)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+class PeakMemory(NamedTuple):
+    """Peak memory in GiB (2^30 bytes): what tensors held (allocated) and what the device's
+    caching allocator held (reserved; None on the CPU, where it is the process's peak RSS)."""
+
+    allocated_gib: float
+    reserved_gib: float | None
+
+
+def peak_rss_gib() -> float:
+    factor = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor / 2**30
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # the accelerator's name for itself: cuda, cpu, xpu, ...
+    index: int  # the device of this rank: its local rank
+    tensors: torch.device  # where this rank's tensors live
+
+    @classmethod
+    def of_this_process(cls) -> Device:
+        found = accelerator()
+        index = local_rank()
+        return cls(found.device_name(), index, torch.device(found.device_name(index)))
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.kind == "cpu"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
+
+    def communication_backend(self) -> str:
+        """The collectives' backend: NCCL on CUDA, gloo on the CPU."""
+        return accelerator().communication_backend_name()
+
+    def make_current(self) -> None:
+        """This rank's device becomes the current one (a no-op on the CPU)."""
+        if not self.is_cpu:
+            accelerator().set_device(self.index)
+
+    def name(self) -> str:
+        """The card, as its vendor names it ("NVIDIA H100 80GB HBM3"), or the device."""
+        if self.is_cuda:
+            return torch.cuda.get_device_name(self.index)
+        return "cpu" if self.is_cpu else accelerator().device_name(self.index)
+
+    def bf16_native(self) -> bool:
+        """Whether the device computes bf16 natively (a CPU: AVX512-BF16 or AMX)."""
+        if self.is_cpu:
+            return cpu_has_native_bf16()
+        return bool(accelerator().is_bf16_supported())
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device (nothing to wait for on the CPU)."""
+        if not self.is_cpu:
+            accelerator().synchronize(self.index)
+
+    def peak_memory(self) -> PeakMemory:
+        if self.is_cpu:
+            return PeakMemory(peak_rss_gib(), None)
+        found = accelerator()
+        return PeakMemory(found.max_memory_allocated(self.index) / 2**30,
+                          found.max_memory_reserved(self.index) / 2**30)
+
+    def reset_peak_memory(self) -> None:
+        """Start `peak_memory` afresh (the CPU's peak RSS cannot be reset)."""
+        if not self.is_cpu:
+            accelerator().reset_peak_memory_stats(self.index)
+
+    def release_cached_memory(self) -> None:
+        """Give the caching allocator's free blocks back to the device."""
+        if not self.is_cpu:
+            accelerator().empty_cache()
+
+    def rng_state(self) -> torch.Tensor | None:
+        """The device's generator state (None on the CPU, whose generator is torch's own)."""
+        return None if self.is_cpu else accelerator().get_rng_state(self.index)
+
+    def set_rng_state(self, state: torch.Tensor | None) -> None:
+        if state is not None and not self.is_cpu:
+            accelerator().set_rng_state(state, self.index)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host batch on the device. On a GPU it goes through page-locked memory, so that the
+        copy runs asynchronously (the caching host allocator keeps the pinned buffer until
+        the copy has finished)."""
+        if self.is_cpu:
+            return tensor.to(self.tensors)
+        return tensor.pin_memory().to(self.tensors, non_blocking=True)
+
+
+CPU = Device("cpu", 0, torch.device("cpu"))
+
+
+def default_device() -> torch.device:
+    """Where this process's tensors go: `cuda:<local rank>` or `cpu`. Evaluation and
+    generation run there."""
+    return Device.of_this_process().tensors
+
+
+def resolve_precision(requested: str, device: Device) -> str:
     """`train.precision` on this machine: `auto` is bf16 where the device computes bf16
     natively (a CUDA device with bf16, a CPU with AVX512-BF16 or AMX), else fp32; fp32 and
     bf16 stay as they are. Resolved where the run trains, never where a sweep plans it."""
     if requested != "auto":
         return requested
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "bf16" if accelerator().is_bf16_supported() else "fp32"
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
-    if device.type != "cpu":
-        accelerator().synchronize()
+    return "bf16" if device.bf16_native() else "fp32"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,8 @@ def test_quick_benchmark_with_hugging_face(tmp_path):
 
 @pytest.mark.slow  # tens of seconds: the default suite stays under 10 min on 2 cores
 def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
-    """benchmarks/gpu_mfu.py --quick: the real trainer, the MFU read back from MLflow."""
+    """benchmarks/gpu_mfu.py --quick: the real trainer, the MFU read from its --json summary
+    (no MLflow store)."""
     out = tmp_path / "gpu_mfu.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu")
     done = subprocess.run([sys.executable, "benchmarks/gpu_mfu.py", "--quick", "--json", str(out)],
@@ -107,6 +109,7 @@ def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     sdpa = report["results"]["sdpa"]
     assert 0 < sdpa["mfu"] < 1 and sdpa["tokens_per_s"] > 0
+    assert 0 < sdpa["mfu_causal"] < sdpa["mfu"] and sdpa["peak_mem_gib"] > 0
     assert sdpa["steps_measured"] == 4  # 6 steps, the first 2 left out
     assert "| sdpa |" in done.stdout
 
@@ -125,40 +128,104 @@ def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
     assert "/base " not in trees and "/head " not in trees
 
 
-@pytest.mark.slow  # 64 s: the default suite stays under 10 minutes on CI's 2 cores
+def gpu_session_limits() -> dict[str, object]:
+    """The GPU branch's stage limits, deadline and per-stage extras, read from the script."""
+    text = (REPO / "benchmarks" / "gpu_session.sh").read_text()
+    gpu = text[text.index("else\n  budget=${GPU_SESSION_BUDGET:-"):]
+    budget = int(re.search(r"GPU_SESSION_BUDGET:-(\d+)", gpu).group(1))
+    limits = [int(x) for x in re.search(r"limits=\(([\d ]+)\)", gpu).group(1).split()]
+    summary = int(re.search(r"SUMMARY_LIMIT=(\d+)", text).group(1))
+    return {"budget": budget, "limits": limits, "summary": summary}
+
+
+def test_the_gpu_session_plans_its_stages_within_540_seconds():
+    """Every GPU stage, install included, with the summary after each, fits the 540 s the
+    device command leaves for it (its limit is 600 s; the deadline clamps a late stage)."""
+    plan = gpu_session_limits()
+    assert plan["budget"] == 540
+    assert len(plan["limits"]) == 9  # install, env, tests, step, rope, four trainings
+    assert sum(plan["limits"]) + len(plan["limits"]) * plan["summary"] <= plan["budget"], plan
+
+
+def python_on_path(folder: Path) -> dict[str, str]:
+    """An environment whose `python3` is this interpreter, not the checkout's .venv by name:
+    the script must take whatever Python it is started with."""
+    folder.mkdir()
+    wrapper = folder / "python3"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHON", None)
+    return env
+
+
+@pytest.mark.slow  # about a minute: the default suite stays under 8 minutes on CI's 2 cores
 def test_the_gpu_session_runs_every_stage_on_the_cpu(tmp_path):
     """benchmarks/gpu_session.sh --cpu-smoke: the one-shot GPU check at toy sizes on the CPU,
-    so that the script a device session runs cannot rot (run it before a device session:
-    `scripts/test.sh --slow -k gpu_session`)."""
+    with the `python3` of PATH, so that the script a device session runs cannot rot (run it
+    before a device session: `scripts/test.sh --slow -k gpu_session`)."""
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env = {**python_on_path(tmp_path / "bin"), "OUT": str(out)}
     done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--cpu-smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     log = (out / "log.txt").read_text()
     assert done.returncode == 0, log[-4000:]
+    assert str(tmp_path / "bin" / "python3") in log
     stages = [line for line in log.splitlines() if line.startswith("== ") and ": exit" in line]
-    assert len(stages) == 9 and all(": exit 0 " in line for line in stages), stages
+    assert len(stages) == 8 and all(": exit 0 " in line for line in stages), stages
     assert sorted(p.name for p in out.iterdir()) == ["env.json", "log.txt", "rope.json",
-                                                     "step.json", "summary.json"]
+                                                     "step.json", "summary.json", "tests.json",
+                                                     "train.json"]
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True and len(summary["stages"]) == 8
     assert summary["env"]["bf16_matmul_flops"] > 0
+    assert summary["tests"]["failed"] == 0 and summary["tests"]["skipped"] > 0  # no CUDA here
     rows = summary["step"]["rows"]
     assert [(r["model"], r["variant"]) for r in rows] == [
-        ("transformer", "eager"), ("looped", "eager"), ("hyperloop", "eager"),
-        ("looped", "sampled"), ("hyperloop", "compiled"), ("transformer", "compiled")]
-    assert all("error" not in r and 0 < r["mfu"] < 1 for r in rows), rows
-    assert rows[1]["recurrences"] == [3, 3]  # sampled r is in rows[3]["recurrences"]
+        ("transformer", "eager"), ("looped", "eager"), ("looped-r4", "eager"),
+        ("hyperloop", "eager"), ("looped", "sampled"), ("hyperloop", "compiled"),
+        ("transformer", "compiled")]
+    assert all("error" not in r and 0 < r["mfu_causal"] < r["mfu"] < 1 for r in rows), rows
+    assert rows[1]["recurrences"] == [3, 3] and rows[2]["recurrences"] == [4, 4]
+    sampled = rows[4]
+    assert sampled["batch"] * (2 + 2 + 4 * max(sampled["recurrences"])) <= 2 * (2 + 2 + 4 * 3) \
+        or sampled["batch"] == 1  # no more layer-rows than a fixed row
     assert summary["rope"]["ok"] is True
+    for check in ("deepspeed_bf16_zero_init", "megaloop_bf16_engine"):
+        rope = summary["rope"][check]
+        assert rope["dtype"] == "torch.float32" and rope["max_error_vs_fp64"] < rope["tolerance"]
     runs = {run["name"]: run for run in summary["train"]["runs"]}
     assert sorted(runs) == ["d2048-hyperloop-zero0", "d2048-hyperloop-zero3", "tiny-zero0",
                             "tiny-zero3"]
     for run in runs.values():
         assert run["steps"] == 4 and len(run["intervals"]) == 2 and 0 < run["mfu_median"] < 1
+        assert 0 < run["mfu_causal_median"] < run["mfu_median"]
+        assert run["peak_memory_allocated_gib"] > 0
     # ZeRO-0 and ZeRO-3 train the same model from the same seed: the same losses
     assert runs["tiny-zero3"]["last_loss"] == pytest.approx(runs["tiny-zero0"]["last_loss"],
                                                             abs=1e-3)
     assert {t["what"].split(":")[0] for t in summary["targets"]} >= {
-        "model step, Hyperloop d2048 eager", "megaloop train d2048-hyperloop-zero3"}
+        "model step, hyperloop d2048 eager", "megaloop train d2048-hyperloop-zero3"}
+
+
+@pytest.mark.slow  # about 25 s
+def test_a_gpu_session_past_its_budget_stops_in_time_and_says_so(tmp_path):
+    """A budget too short for every stage: the late stages are skipped (each recorded with exit
+    124), summary.json is there, the script exits non-zero, and it ends near its deadline."""
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_SESSION_BUDGET": "25"}
+    start = time.monotonic()
+    done = subprocess.run(["bash", "benchmarks/gpu_session.sh", "--cpu-smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - start
+    assert done.returncode != 0
+    assert took < 25 + 10, took  # the deadline holds (bash and the last lines aside)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is False and summary["budget_s"] == 25
+    assert any(stage["rc"] == 124 for stage in summary["stages"]), summary["stages"]
+    assert "skipped, the session's 25 s are spent" in (out / "log.txt").read_text()
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import REPO, engine_run_config, make_config, random_tokens
+from tiny import REPO, engine_run_config, make_config, random_tokens, run_trainer, trainer_config
 
 from megaloop import config
 from megaloop.errors import ConfigError
@@ -113,23 +114,22 @@ def test_bf16_losses_track_fp32_at_long_sequences(process_group):
 
 
 def test_auto_precision_is_bf16_where_the_cpu_computes_it_natively():
-    from megaloop.device import cpu_has_native_bf16, resolve_precision
+    from megaloop.device import CPU, cpu_has_native_bf16, resolve_precision
 
     zen4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
     sapphire_rapids = "flags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n"
     skylake = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
     assert cpu_has_native_bf16(zen4) and cpu_has_native_bf16(sapphire_rapids)
     assert not cpu_has_native_bf16(skylake) and not cpu_has_native_bf16("")
-    cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", CPU) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
 
 
 def test_the_engine_trains_auto_as_this_machine_resolves_it(process_group):
-    from megaloop.device import resolve_precision
+    from megaloop.device import CPU, resolve_precision
 
     cfg = run_config(**{"train.precision": "auto"})
-    resolved = resolve_precision("auto", torch.device("cpu"))
+    resolved = resolve_precision("auto", CPU)
     with engine_of(cfg) as engine:
         assert engine.precision == resolved and engine.config.train.precision == resolved
         assert engine.autocast == (resolved == "bf16")
@@ -237,14 +237,16 @@ def test_the_rendered_config_keeps_weights_and_gradients_in_fp32():
 def test_fp32_on_cuda_allows_tf32_and_every_reader_of_the_flags_still_works():
     """Set through the one API whose flags torch's older and newer readers both accept (the
     newer per-backend setter makes a later read of `allow_tf32` raise)."""
+    from megaloop.device import CPU, Device
     from megaloop.train.engine import set_matmul_precision
 
+    cuda = Device("cuda", 0, torch.device("cuda", 0))
     before = torch.get_float32_matmul_precision()
     try:
-        assert set_matmul_precision(torch.device("cpu"), "fp32") == "default"
+        assert set_matmul_precision(CPU, "fp32") == "default"
         assert torch.get_float32_matmul_precision() == before
-        assert set_matmul_precision(torch.device("cuda"), "bf16") == "default"
-        assert set_matmul_precision(torch.device("cuda"), "fp32") == "tf32"
+        assert set_matmul_precision(cuda, "bf16") == "default"
+        assert set_matmul_precision(cuda, "fp32") == "tf32"
         assert torch.get_float32_matmul_precision() == "high"
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
@@ -350,31 +352,6 @@ def host_reads_by_megaloop(trainer):
             setattr(torch.Tensor, name, original)
 
 
-def trainer_config(shards: Path, workdir: Path, **values) -> config.RunConfig:
-    """A run of the tiny engine model on the embedded corpus, in-process, tracking off."""
-    return run_config(**{"model.vocab_size": 4096, "data.shards": str(shards),
-                         "data.verify": "false", "train.eval_interval": 100,
-                         "train.checkpoint_interval": 100, "train.checkpoint_dir": str(workdir),
-                         "track.enabled": "false", **values})
-
-
-def run_trainer(cfg: config.RunConfig, watch=None):
-    """(trainer, summary, what `watch(trainer)` saw while it ran) of one in-process run."""
-    from megaloop.train.trainer import Trainer
-
-    engine, trainer = Engine(cfg), None
-    try:
-        trainer = Trainer(cfg, engine, progress=False)
-        trainer.start()
-        with watch(trainer) if watch else contextlib.nullcontext() as seen:
-            summary = trainer.run()
-    finally:
-        if trainer is not None:
-            trainer.folder.unlock()
-        engine.close()
-    return trainer, summary, seen
-
-
 def test_the_loop_reads_the_device_once_per_log_interval(process_group, stdlib_shards, tmp_path):
     cfg = trainer_config(stdlib_shards, tmp_path, **{"train.steps": 12, "train.log_interval": 4,
                                                      "train.global_batch": 4})
@@ -412,17 +389,18 @@ def test_the_throughput_meter_leaves_paused_time_out():
     from megaloop.train.trainer import ThroughputMeter
 
     meter = ThroughputMeter()
-    meter.add(tokens=1000, flops=1e9)
+    meter.add(tokens=1000, flops=1e9, causal_flops=6e8)
     time.sleep(0.05)
     meter.pause()  # an evaluation or a checkpoint
     time.sleep(0.5)
     meter.resume()
-    tokens_per_s, flops_per_s = meter.report()
+    tokens_per_s, flops_per_s, causal_per_s = meter.report()
     assert tokens_per_s > 1000 / 0.3 and flops_per_s == pytest.approx(tokens_per_s * 1e6)
-    assert (meter.tokens, meter.flops) == (0, 0.0)  # the next interval starts empty
+    assert causal_per_s == pytest.approx(tokens_per_s * 6e5)
+    assert (meter.tokens, meter.flops, meter.causal_flops) == (0, 0.0, 0.0)  # starts empty
     time.sleep(0.5)  # logging after the report is not training time either
     meter.resume()
-    meter.add(tokens=1000, flops=1e9)
+    meter.add(tokens=1000, flops=1e9, causal_flops=6e8)
     time.sleep(0.05)
     assert meter.report()[0] > 1000 / 0.3
 
@@ -454,12 +432,13 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_only_the_engine_talks_to_deepspeed_and_the_device():
     """The Engine alone imports DeepSpeed and torch.distributed; device.py asks DeepSpeed's
-    accelerator which device to use, and nothing else."""
+    accelerator about the device, and torch.cuda only for the card's name, which the
+    accelerator does not give; cluster.py counts devices for the launcher."""
     package = REPO / "megaloop"
     engine, device = package / "train" / "engine.py", package / "device.py"
     assert {m for m in imported_modules(device) if m.startswith("deepspeed")} == \
         {"deepspeed.accelerator"}
-    assert "torch.cuda" not in device.read_text()
+    assert re.findall(r"torch\.cuda\.\w+", device.read_text()) == ["torch.cuda.get_device_name"]
     for path in package.rglob("*.py"):
         text = path.read_text()
         modules = imported_modules(path)
@@ -468,6 +447,8 @@ def test_only_the_engine_talks_to_deepspeed_and_the_device():
             assert "torch.distributed" not in modules and "import torch.distributed" not in text, \
                 path
             assert "torch.cuda" not in text or path.name == "cluster.py", path
+        if path != device:
+            assert "accelerator()" not in text, path  # every accelerator call is the Device's
     cluster = (package / "cluster.py").read_text()
     assert cluster.count("torch.cuda") == 1 and "torch.cuda.device_count()" in cluster
 

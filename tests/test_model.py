@@ -466,6 +466,80 @@ def test_sinkhorn_converges_on_peaked_logits():
     exact(converged.sum(dim=-2), torch.ones(64, 4), 1e-5, "columns")
 
 
+# ---- hyper-connection streams in bf16 ---------------------------------------------------------
+
+STREAM_VARIANTS = ["hyperloop", "lanes", "mhc_looped"]
+R8 = {"recurrences": 8, "d_model": 64, "vocab_size": 256, "max_seq_len": 64}
+
+
+def bf16_logits(model: LoopedLM, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits under the Engine's bf16 autocast, with SDPA's math kernel (the same on every CPU
+    kernel set; the streams, not attention, are what these tests are about)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), \
+            torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+        return model(tokens)
+
+
+@pytest.mark.parametrize("variant", STREAM_VARIANTS)
+def test_hyper_connection_streams_stay_fp32_under_bf16_autocast(variant):
+    """At r = 8 every loop state (the n streams), and the input of every layer (what the loop's
+    block reads from them; mHC's layers take the streams), is fp32: autocast rounds none."""
+    model = make_model(perturb=0.05, **{**VARIANTS[variant], **R8})
+    dtypes = []
+    step, layer = model.run_recurrence, model.run_layer
+
+    def run_recurrence(variant_, state, *args, **kwargs):
+        dtypes.append(("state", state.dtype))
+        out = step(variant_, state, *args, **kwargs)
+        dtypes.append(("state", out.dtype))
+        return out
+
+    def run_layer(module, x, *args, **kwargs):
+        dtypes.append(("layer input", x.dtype))
+        return layer(module, x, *args, **kwargs)
+
+    model.run_recurrence, model.run_layer = run_recurrence, run_layer
+    bf16_logits(model, random_tokens(batch=2, seq=16, vocab=256))
+    assert sum(kind == "state" for kind, _ in dtypes) == 2 * 8
+    assert {dtype for _, dtype in dtypes} == {torch.float32}, dtypes
+
+
+def test_fp32_streams_bring_bf16_closer_to_fp32(monkeypatch):
+    """The logits of bf16 autocast against fp32 at r = 8, with the streams mixed in fp32 and, as
+    before, under autocast (`stream_precision` made a no-op). Both share the bf16 matmuls of
+    the blocks, which dominate the error; bf16 streams add a rounding of 2^-9 relative at
+    every loop (and Hyperloop's update subtracts two such numbers). Measured on AVX512-BF16
+    and under ATEN_CPU_CAPABILITY=avx2 (benchmarks/RESULTS.md): fp32 streams have 0.66-0.86x
+    the error per variant, so each variant's mean over four seeds must be lower, and the mean
+    over all below 0.9x."""
+    import contextlib
+
+    from megaloop.model import hyper
+
+    errors = {"fp32 streams": {}, "bf16 streams": {}}
+    for variant in STREAM_VARIANTS:
+        for seed in range(4):
+            model = make_model(seed=seed, perturb=0.05, **{**VARIANTS[variant], **R8})
+            tokens = random_tokens(batch=4, seq=64, vocab=256, seed=seed)
+            with torch.no_grad():
+                want = model(tokens).double()
+            for label in errors:
+                with monkeypatch.context() as patch:
+                    if label == "bf16 streams":
+                        patch.setattr(hyper, "stream_precision",
+                                      lambda streams: contextlib.nullcontext())
+                    got = bf16_logits(model, tokens).double()
+                error = ((got - want).norm() / want.norm()).item()
+                errors[label].setdefault(variant, []).append(error)
+    mean = {label: {v: sum(e) / len(e) for v, e in by.items()} for label, by in errors.items()}
+    for variant in STREAM_VARIANTS:
+        assert mean["fp32 streams"][variant] < mean["bf16 streams"][variant], mean
+    overall = {label: sum(by.values()) / len(by) for label, by in mean.items()}
+    assert overall["fp32 streams"] < 0.9 * overall["bf16 streams"], overall
+
+
 # ---- sampled recurrences ----------------------------------------------------------------------
 
 SAMPLED = {"loop_layers": 1, "recurrences": 4, "recurrence_sampling": "poisson_lognormal"}

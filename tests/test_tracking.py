@@ -80,7 +80,7 @@ def test_run_records_params_metrics_tags_and_artifacts(store, tmp_path):
     for step in range(5):
         tracker.log_metrics({"train/loss": 5.0 - step, "train/lr": 1e-4 * step,
                              "train/tokens_per_s": 1000.0, "train/mfu": 0.1}, step=step)
-    tracker.log_metrics({"train/grad_norm": float("nan"), "train/peak_mem_gb": 1.5}, step=4)
+    tracker.log_metrics({"train/grad_norm": float("nan"), "train/peak_mem_gib": 1.5}, step=4)
     tracker.log_metrics({"val/loss": 3.25, "val/bpb": 1.1}, step=4)
     tracker.log_text("train:\n  lr: 0.0003\n", "run_config.yaml")
     tracker.log_text(json.dumps({"zero_optimization": {"stage": 0}}), "ds_config.json")

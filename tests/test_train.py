@@ -35,12 +35,12 @@ from megaloop.train.schedule import lr_at
 def test_loss_falls_on_the_embedded_corpus(stdlib_shards, tmp_path):
     """In the default precision (auto: bf16 on a CPU with native bf16, fp32 elsewhere), which
     the run records as this machine resolved it."""
-    from megaloop.device import resolve_precision
+    from megaloop.device import CPU, resolve_precision
 
     proc = run_training(stdlib_shards, tmp_path, **{"train.steps": 30, "train.eval_interval": 10,
                                                     "train.precision": "auto"})
     assert_ok(proc)
-    resolved = resolve_precision("auto", torch.device("cpu"))
+    resolved = resolve_precision("auto", CPU)
     run = only_run(tmp_path)
     assert run.data.params["train.precision"] == "auto"
     assert run.data.tags["megaloop.precision"] == resolved

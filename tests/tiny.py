@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -68,6 +69,34 @@ def engine_run_config(**values) -> config.RunConfig:
     overrides by dotted key."""
     settings = {**ENGINE_RUN, **values}
     return config.load(None, [f"{key}={value}" for key, value in settings.items()])
+
+
+def trainer_config(shards: Path, workdir: Path, **values) -> config.RunConfig:
+    """A run of the tiny engine model on the embedded corpus, in-process, tracking off."""
+    return engine_run_config(**{"model.vocab_size": 4096, "data.shards": str(shards),
+                                "data.verify": "false", "train.eval_interval": 100,
+                                "train.checkpoint_interval": 100,
+                                "train.checkpoint_dir": str(workdir), "track.enabled": "false",
+                                **values})
+
+
+def run_trainer(cfg: config.RunConfig, watch=None, device=None, resume: str | None = None):
+    """(trainer, summary, what `watch(trainer)` saw while it ran) of one in-process run on
+    `device` (a megaloop.device.Device; default: this process's)."""
+    from megaloop.train.engine import Engine
+    from megaloop.train.trainer import Trainer
+
+    engine, trainer = Engine(cfg, device), None
+    try:
+        trainer = Trainer(cfg, engine, progress=False, resume=resume)
+        trainer.start()
+        with watch(trainer) if watch else contextlib.nullcontext() as seen:
+            summary = trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.folder.unlock()
+        engine.close()
+    return trainer, summary, seen
 
 
 def make_model(seed: int = 0, perturb: float = 0.0, **overrides) -> LoopedLM:

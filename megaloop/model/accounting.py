@@ -10,7 +10,9 @@ Training FLOPs per token (RESEARCH.md section 2):
     F = 6 * (parameters executed per token, loop counted r times, + LM head) + 12 * L_eff * T * d
 where a recurrence run without gradients (truncated BPTT) costs only its forward pass: 2 FLOPs
 per parameter and 4 T d per attention layer. Parameters that exist once per recurrence
-(Hyperloop, lanes) run once per token each.
+(Hyperloop, lanes) run once per token each. The attention term counts every query against every
+key of the sequence (the papers' convention, and PaLM's for MFU); a causal model computes about
+half of it, which `causal_flops_per_token` counts instead.
 
 `executed_flops_per_token` is what LoopedLM's training step runs under the same convention: with
 linear injection it computes W_e e once per forward pass, not once per recurrence.
@@ -77,11 +79,24 @@ def training_flops_per_token(cfg: ModelConfig, counts: dict[str, int]) -> float:
     shared, per_rec = counts["_shared"], counts["_per_recurrence"]
     backprop_params = counts["n_once"] + head + k * shared + per_rec * k / r
     forward_only_params = (r - k) * shared + per_rec * (r - k) / r
+    return 6 * backprop_params + 2 * forward_only_params + attention_flops_per_token(cfg)
+
+
+def attention_flops_per_token(cfg: ModelConfig) -> float:
+    """The attention scores and their weighted sum, every query against all T keys: 12 T d
+    per layer with gradients, 4 T d without."""
+    r, k = cfg.recurrences, cfg.grad_recurrences
     attn_width = cfg.n_heads * cfg.dim_per_head
     attn_layers_backprop = cfg.prelude_layers + cfg.coda_layers + k * cfg.loop_layers
     attn_layers_forward = (r - k) * cfg.loop_layers
-    attention = attn_width * cfg.max_seq_len * (12 * attn_layers_backprop + 4 * attn_layers_forward)
-    return 6 * backprop_params + 2 * forward_only_params + attention
+    return attn_width * cfg.max_seq_len * (12 * attn_layers_backprop + 4 * attn_layers_forward)
+
+
+def causal_flops_per_token(cfg: ModelConfig) -> float:
+    """`flops_per_token` with attention counted causally: query t attends to t keys, so the
+    attention term is half the full count (what a causal kernel computes, the diagonal aside).
+    MFU under this count is the lower, stricter figure."""
+    return account(cfg)["flops_per_token"] - attention_flops_per_token(cfg) / 2
 
 
 def executed_flops_per_token(cfg: ModelConfig) -> float:

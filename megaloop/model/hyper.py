@@ -5,11 +5,15 @@ Conventions shared by all three (RESEARCH.md sections 2-4):
 - the function F that a connection wraps returns its *update* (output minus input), because the
   connection itself carries the residual path (through H_res, M or the lane mix);
 - at initialisation each variant computes what the plain residual network computes, so training
-  starts from the baseline and learns to depart from it.
+  starts from the baseline and learns to depart from it;
+- the streams are the residual stream: they are read, mixed and written in their own dtype (fp32
+  in a bf16 run), with autocast off (`stream_precision`), so that bf16 autocast rounds them at no
+  loop or layer; only the wrapped function (the block, a sub-layer) computes in bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -22,6 +26,13 @@ Update = Callable[[torch.Tensor], torch.Tensor]
 
 DYNAMIC_SCALE_INIT = 0.01  # alpha: the input-dependent part starts small, as in mHC
 RESIDUAL_KEEP_INIT = 0.99  # Hyperloop's diagonal H_res starts near the identity
+
+
+def stream_precision(streams: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on the streams' device: gates, reads, mixes and writes compute in the
+    streams' dtype. Without it, autocast would run each einsum in bf16 and hand the block a
+    bf16 residual stream."""
+    return torch.autocast(streams.device.type, enabled=False)
 
 
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -76,10 +87,12 @@ class HyperloopConnection(nn.Module):
         return torch.sigmoid(pre), 2 * torch.sigmoid(post), torch.sigmoid(res)
 
     def forward(self, streams: torch.Tensor, update: Update) -> torch.Tensor:
-        h_pre, h_post, h_res = self.mixing(streams)
-        x = torch.einsum("btn,btnc->btc", h_pre, streams)
-        out = update(x) + self.loop_embedding
-        return h_res.unsqueeze(-1) * streams + h_post.unsqueeze(-1) * out.unsqueeze(-2)
+        with stream_precision(streams):
+            h_pre, h_post, h_res = self.mixing(streams)
+            x = torch.einsum("btn,btnc->btc", h_pre, streams)
+        out = (update(x) + self.loop_embedding).to(streams.dtype)
+        with stream_precision(streams):
+            return h_res.unsqueeze(-1) * streams + h_post.unsqueeze(-1) * out.unsqueeze(-2)
 
 
 class Hyperloop(nn.Module):
@@ -122,10 +135,12 @@ class Lanes(nn.Module):
         return expand_streams(x, self.n)
 
     def step(self, lanes: torch.Tensor, index: int, body: Update) -> torch.Tensor:
-        u = torch.einsum("k,btkc->btc", self.read[index], lanes)
-        mixed = torch.einsum("jk,btkc->btjc", self.mix[index], lanes)
-        written = body(u) if self.whole_output else body(u) - u
-        return mixed + self.write[index].unsqueeze(-1) * written.unsqueeze(-2)
+        with stream_precision(lanes):
+            u = torch.einsum("k,btkc->btc", self.read[index], lanes)
+            mixed = torch.einsum("jk,btkc->btjc", self.mix[index], lanes)
+        written = (body(u) if self.whole_output else body(u) - u).to(lanes.dtype)
+        with stream_precision(lanes):
+            return mixed + self.write[index].unsqueeze(-1) * written.unsqueeze(-2)
 
     def finish(self, lanes: torch.Tensor) -> torch.Tensor:
         return lanes.sum(dim=-2)
@@ -147,10 +162,13 @@ class MHCConnection(nn.Module):
         return torch.sigmoid(pre), 2 * torch.sigmoid(post), h_res
 
     def forward(self, streams: torch.Tensor, sublayer: Update) -> torch.Tensor:
-        h_pre, h_post, h_res = self.mixing(streams)
-        x = torch.einsum("btn,btnc->btc", h_pre, streams)
-        mixed = torch.einsum("btij,btjc->btic", h_res, streams)
-        return mixed + h_post.unsqueeze(-1) * sublayer(x).unsqueeze(-2)
+        with stream_precision(streams):
+            h_pre, h_post, h_res = self.mixing(streams)
+            x = torch.einsum("btn,btnc->btc", h_pre, streams)
+            mixed = torch.einsum("btij,btjc->btic", h_res, streams)
+        out = sublayer(x).to(streams.dtype)
+        with stream_precision(streams):
+            return mixed + h_post.unsqueeze(-1) * out.unsqueeze(-2)
 
 
 class MHCBlock(nn.Module):

@@ -33,9 +33,9 @@ def check_jobs(jobs: int, executor: str) -> None:
         raise ConfigError(f"--jobs {jobs} trains runs side by side in worker processes of the "
                           f"in-process executor, not with --executor {executor}; drop --jobs or "
                           "the executor.")
-    from megaloop.device import default_device
+    from megaloop.device import Device
 
-    if default_device().type != "cpu":
+    if not Device.of_this_process().is_cpu:
         raise ConfigError(f"--jobs {jobs} is for CPU machines, where tiny runs leave cores "
                           "idle; on a GPU each run takes the device: drop --jobs (or use "
                           "--executor slurm for one run per node).")

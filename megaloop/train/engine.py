@@ -5,10 +5,11 @@ micro-batch, the optimizer step with its lr and the gradient norm, evaluation, s
 a checkpoint, the consolidated weights, the device and the few reductions the loop needs. None
 of them imports DeepSpeed or asks `torch.cuda` (cluster.py counts devices for the launcher).
 
-The device and the collective backend come from one place, DeepSpeed's accelerator
-(`DS_ACCELERATOR`, else what DeepSpeed detects; megaloop/device.py, which inference also asks for
-its default device): `DS_ACCELERATOR=cpu` means the CPU and gloo everywhere, also on a machine
-with GPUs.
+The device and the collective backend come from one place, `megaloop.device.Device`, which
+asks DeepSpeed's accelerator (`DS_ACCELERATOR`, else what DeepSpeed detects):
+`DS_ACCELERATOR=cpu` means the CPU and gloo everywhere, also on a machine with GPUs. Every
+branch on the device's kind is the Device's; the Engine may be given one (the tests give it a
+CUDA Device whose tensors stay on the CPU, to run the GPU branches here).
 
 Precision (`train.precision`, resolved here on the training machine: `auto` is bf16 where the
 device computes bf16 natively, else fp32; `Engine.precision` and `Engine.config` hold the
@@ -45,13 +46,7 @@ import torch.distributed as dist
 from megaloop.atomic import atomic_write_hashed
 from megaloop.cluster import loopback_interface
 from megaloop.config import RunConfig
-from megaloop.device import (
-    accelerator,
-    default_device,
-    local_rank,
-    resolve_precision,
-    synchronize,
-)
+from megaloop.device import Device, PeakMemory, resolve_precision
 from megaloop.errors import CheckpointError, ConfigError
 from megaloop.local_ranks import RENDEZVOUS
 from megaloop.model.looped import LoopedLM
@@ -88,18 +83,20 @@ def gloo_on_loopback() -> Iterator[None]:
             os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
-def join_process_group() -> tuple[int, int, bool]:
+def join_process_group(device: Device | None = None) -> tuple[int, int, bool]:
     """Join the process group set up by a launcher (RANK, WORLD_SIZE, ...), or form a group of
-    one for a plain process, on the accelerator's backend (NCCL on CUDA, gloo on the CPU).
-    Returns (rank, world_size, whether this call created the group).
+    one for a plain process, on the device's backend (NCCL on CUDA, gloo on the CPU), and make
+    this rank's device the current one. Returns (rank, world_size, whether this call created
+    the group).
 
     A group that exists already (several runs in one process) is reused: DeepSpeed keeps
     references to it, so it must outlive the runs."""
     import deepspeed
 
+    device = device or Device.of_this_process()
     created = not dist.is_initialized()
     if created:
-        backend = accelerator().communication_backend_name()
+        backend = device.communication_backend()
         if RENDEZVOUS in os.environ:  # the local ranks of launch.sh: a file store, no socket
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        verbose=False, rank=int(os.environ["RANK"]),
@@ -120,7 +117,7 @@ def join_process_group() -> tuple[int, int, bool]:
                 deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                            verbose=False, rank=0, world_size=1,
                                            init_method=f"file://{_store_folder}/store")
-    accelerator().set_device(local_rank())
+    device.make_current()
     return dist.get_rank(), dist.get_world_size(), created
 
 
@@ -144,10 +141,10 @@ def leave_process_group(created: bool) -> None:
         _store_folder = None
 
 
-def set_matmul_precision(device: torch.device, precision: str) -> str:
+def set_matmul_precision(device: Device, precision: str) -> str:
     """TF32 for fp32 matmuls and convolutions on CUDA (on an H100 about 7x fp32's rate); the
     CPU keeps full fp32. Returns what was set, for the run's tags."""
-    if device.type != "cuda" or precision != "fp32":
+    if not device.is_cuda or precision != "fp32":
         return "default"
     # the setting every torch reads: torch >= 2.9's per-backend `fp32_precision` makes later
     # reads of the older flags (compilers, libraries) raise
@@ -355,23 +352,26 @@ class Engine:
     `consolidated_state_dict` (DeepSpeed's ZeRO 1-3 step also reads, every step, whether its
     gradient norm is finite)."""
 
-    def __init__(self, config: RunConfig):
-        """Join the process group, choose the device, render the DeepSpeed config; `build`
-        makes the model (so that a run's data can be checked first, with `barrier`)."""
-        self.rank, self.world_size, self._owns_group = join_process_group()
+    def __init__(self, config: RunConfig, device: Device | None = None):
+        """Join the process group on `device` (default: this process's, as DeepSpeed's
+        accelerator names it), render the DeepSpeed config; `build` makes the model (so that a
+        run's data can be checked first, with `barrier`)."""
+        self.hardware = device or Device.of_this_process()
+        self.device = self.hardware.tensors  # where the model and the batches go
+        self.rank, self.world_size, self._owns_group = join_process_group(self.hardware)
         self._ds: Any = None
         self._whole_matrices: MuonH | None = None
         self._files: CheckpointFiles | None = None
         self.trust_checkpoints = False  # --trust-checkpoint: unpickle checkpoint files fully
         try:
-            self.device = default_device()
-            self.precision = resolve_precision(config.train.precision, self.device)
+            hardware = self.hardware
+            self.precision = resolve_precision(config.train.precision, hardware)
             self.config = config = config.with_precision(self.precision)
-            self.host_allocator = (tune_for_cpu_training() if self.device.type == "cpu"
-                                   else self.device.type.upper())
-            self.matmul_precision = set_matmul_precision(self.device, config.train.precision)
+            self.host_allocator = (tune_for_cpu_training() if hardware.is_cpu
+                                   else hardware.kind.upper())
+            self.matmul_precision = set_matmul_precision(hardware, config.train.precision)
             self.ds_config = render_ds_config(config, self.world_size,
-                                              pin_memory=self.device.type == "cuda")
+                                              pin_memory=hardware.is_cuda)
         except BaseException:
             self.close()
             raise
@@ -415,15 +415,12 @@ class Engine:
         entered inside this one, keeps its cache setting."""
         return bf16_autocast(self.device.type) if self.autocast else contextlib.nullcontext()
 
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, non_blocking=True)
-
     def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor,
                          recurrences: int) -> torch.Tensor:
         """Loss and gradients of one micro-batch (added to those of the step's earlier ones);
         returns the loss, detached, on the device."""
         with self._compute():
-            loss = self._ds(self._to_device(tokens), self._to_device(targets),
+            loss = self._ds(self.hardware.to_device(tokens), self.hardware.to_device(targets),
                             recurrences=recurrences)
         self._ds.backward(loss)
         if not self._ds.is_gradient_accumulation_boundary():
@@ -469,7 +466,7 @@ class Engine:
              recurrences: int | None = None) -> torch.Tensor:
         """The mean loss of a batch, on the device (under `evaluating()` for validation)."""
         with self._compute():
-            loss = self._ds(self._to_device(tokens), self._to_device(targets),
+            loss = self._ds(self.hardware.to_device(tokens), self.hardware.to_device(targets),
                             recurrences=recurrences)
         return loss.detach()
 
@@ -487,7 +484,7 @@ class Engine:
         return gathered
 
     def synchronize(self) -> None:
-        synchronize(self.device)
+        self.hardware.synchronize()
 
     def sum_over_ranks(self, summed: Sequence[torch.Tensor | float],
                        read: Sequence[torch.Tensor] = ()) -> tuple[list[float], list[float]]:
@@ -504,25 +501,18 @@ class Engine:
             return value.detach().reshape(()).to(self.device, torch.float64)
         return torch.tensor(float(value), dtype=torch.float64, device=self.device)
 
-    def peak_memory_gb(self) -> float:
-        """Peak device memory allocated (on the CPU: the process's peak resident set)."""
-        if self.device.type != "cpu":
-            return accelerator().max_memory_allocated() / 2**30
-        import resource
-
-        factor = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * factor / 2**30
+    def peak_memory(self) -> PeakMemory:
+        """Peak device memory, allocated and reserved, in GiB (on the CPU: the peak RSS)."""
+        return self.hardware.peak_memory()
 
     def device_name(self) -> str:
-        return accelerator().get_device_name() if self.device.type != "cpu" else "cpu"
+        return self.hardware.name()
 
     def device_rng_state(self) -> torch.Tensor | None:
-        """The device's generator state (None on the CPU, whose generator is torch's own)."""
-        return accelerator().get_rng_state() if self.device.type != "cpu" else None
+        return self.hardware.rng_state()
 
     def set_device_rng_state(self, state: torch.Tensor | None) -> None:
-        if state is not None and self.device.type != "cpu":
-            accelerator().set_rng_state(state)
+        self.hardware.set_rng_state(state)
 
     # ---- checkpoints and weights ------------------------------------------------------------
 

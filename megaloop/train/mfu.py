@@ -4,9 +4,10 @@ the matmul peak measured on the run's device at start (the CPU, or a GPU in fp32
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
+
+from megaloop.device import CPU, Device
 
 # Dense bf16 tensor-core peaks per GPU from the vendors' data sheets (half the "with sparsity"
 # figures). A name matches an entry when it holds all of the entry's words; the first match
@@ -38,35 +39,32 @@ def known_gpu_peak(name: str) -> float | None:
 
 
 def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024,
-                        seconds: float = 0.3, device: torch.device | str = "cpu",
-                        synchronize: Callable[[], None] = lambda: None) -> float:
-    """Best FLOP/s of square matmuls on `device` over about `seconds`; `synchronize` waits for
-    the device's queued work (the engine's, for a GPU)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
+                        seconds: float = 0.3, device: Device = CPU) -> float:
+    """Best FLOP/s of square matmuls on `device` over about `seconds` (its queued work waited
+    for around each product)."""
+    a = torch.randn(size, size, dtype=dtype, device=device.tensors)
+    b = torch.randn(size, size, dtype=dtype, device=device.tensors)
     best, deadline = 0.0, time.perf_counter() + seconds
     torch.mm(a, b)  # warm-up
     while time.perf_counter() < deadline or best == 0.0:
-        synchronize()
+        device.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
-        synchronize()
+        device.synchronize()
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
 
-def peak_flops(given: float | None, precision: str, device: torch.device | str = "cpu",
-               device_name: str = "cpu",
-               synchronize: Callable[[], None] = lambda: None) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+def peak_flops(given: float | None, precision: str, device: Device = CPU) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from): given, the table's dense bf16
+    peak of a known CUDA card in bf16, else the matmul rate measured on the device."""
     if given is not None:
         return given, "given"
-    device = torch.device(device)
-    if device.type == "cuda" and precision == "bf16":
-        table = known_gpu_peak(device_name)
+    if device.is_cuda and precision == "bf16":
+        name = device.name()
+        table = known_gpu_peak(name)
         if table is not None:
-            return table, f"table ({device_name})"
+            return table, f"table ({name})"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    size = 1024 if device.type == "cpu" else 4096
-    return measure_matmul_peak(dtype, size, device=device, synchronize=synchronize), \
-        "measured matmul peak"
+    size = 1024 if device.is_cpu else 4096
+    return measure_matmul_peak(dtype, size, device=device), "measured matmul peak"

@@ -32,7 +32,7 @@ from megaloop.data.dataset import open_run_data
 from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted_tokens
 from megaloop.display import duration
 from megaloop.errors import CheckpointError, ConfigError, TrainingError
-from megaloop.model.accounting import account
+from megaloop.model.accounting import account, causal_flops_per_token
 from megaloop.track import open_tracker
 from megaloop.train.checkpoint import Checkpoints
 from megaloop.train.ds_config import batch_geometry, total_steps
@@ -83,19 +83,22 @@ def non_finite_count(norms: list[torch.Tensor]) -> torch.Tensor | float:
 
 @dataclass
 class ThroughputMeter:
-    """Tokens and FLOPs of the training steps since the last report, over the time they took.
+    """Tokens and FLOPs of the training steps since the last report, over the time they took:
+    FLOPs as the papers count them (attention in full) and with attention counted causally.
     The loop pauses it right after each sync point (where the host has waited for the device,
     so queued work is counted where it ran) and resumes it when logging, evaluation and the
     checkpoint are done: none of them counts as training time."""
 
     tokens: int = 0
     flops: float = 0.0
+    causal_flops: float = 0.0
     seconds: float = 0.0
     started: float | None = field(default_factory=time.perf_counter)
 
-    def add(self, tokens: int, flops: float) -> None:
+    def add(self, tokens: int, flops: float, causal_flops: float) -> None:
         self.tokens += tokens
         self.flops += flops
+        self.causal_flops += causal_flops
 
     def pause(self) -> None:
         if self.started is not None:
@@ -105,14 +108,14 @@ class ThroughputMeter:
     def resume(self) -> None:
         self.started = time.perf_counter()
 
-    def report(self) -> tuple[float, float]:
-        """(tokens/s, FLOP/s) since the last report, which empties the meter; it stays paused
-        until `resume`."""
+    def report(self) -> tuple[float, float, float]:
+        """(tokens/s, FLOP/s, causal FLOP/s) since the last report, which empties the meter;
+        it stays paused until `resume`."""
         self.pause()
-        tokens_per_s = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        flops_per_s = self.flops / self.seconds if self.seconds > 0 else 0.0
-        self.tokens, self.flops, self.seconds = 0, 0.0, 0.0
-        return tokens_per_s, flops_per_s
+        per_s = [value / self.seconds if self.seconds > 0 else 0.0
+                 for value in (self.tokens, self.flops, self.causal_flops)]
+        self.tokens, self.flops, self.causal_flops, self.seconds = 0, 0.0, 0.0, 0.0
+        return per_s[0], per_s[1], per_s[2]
 
 
 class Trainer:
@@ -155,13 +158,12 @@ class Trainer:
         self.model = engine.model
         self.checkpoints = Checkpoints(self.folder.path, config.train.keep_checkpoints, engine,
                                        trust=trust_checkpoint, reshard=accept_changes)
-        self.peak, self.peak_source = peak_flops(
-            peak or config.train.peak_flops, engine.precision, engine.device,
-            engine.device_name(), engine.synchronize)
+        self.peak, self.peak_source = peak_flops(peak or config.train.peak_flops,
+                                                 engine.precision, engine.hardware)
         self.step = 0
         self.flops_seen = 0.0  # training FLOPs of every step so far (sampled r: each its own)
         self.tracker = None
-        self.flops_by_r = {config.model.recurrences: self.accounting["flops_per_token"]}
+        self.flops_by_r: dict[int, tuple[float, float]] = {}  # r: (full, causal) per token
         self.intervals: list[dict[str, float]] = []  # throughput per log interval: summary
         self.pending: list[StepResult] = []  # steps since the last sync
         self.stop_signalled = False  # SIGTERM reached this rank
@@ -278,12 +280,13 @@ class Trainer:
         norm = self.engine.optimizer_step(lr)
         return StepResult(self.step + 1, loss / self.geometry.grad_accum, norm, r, lr)
 
-    def flops_per_token(self, recurrences: int) -> float:
+    def flops_per_token(self, recurrences: int) -> tuple[float, float]:
         """Training FLOPs per token of a step that ran `recurrences` (sampled r differs from
-        the configured mean)."""
+        the configured mean): as the papers count them, and with attention counted causally."""
         if recurrences not in self.flops_by_r:
             model = dataclasses.replace(self.config.model, recurrences=recurrences)
-            self.flops_by_r[recurrences] = account(model)["flops_per_token"]
+            self.flops_by_r[recurrences] = (account(model)["flops_per_token"],
+                                            causal_flops_per_token(model))
         return self.flops_by_r[recurrences]
 
     def sync(self) -> SyncedStep:
@@ -359,8 +362,9 @@ class Trainer:
             self.pending.append(result)
             self.step += 1
             tokens = self.geometry.tokens_per_step
-            flops = tokens * self.flops_per_token(result.recurrences)
-            meter.add(tokens, flops)
+            full, causal = self.flops_per_token(result.recurrences)
+            flops = tokens * full
+            meter.add(tokens, flops, tokens * causal)
             self.flops_seen += flops
             bar.update()
             log_due = self.step % train.log_interval == 0 or self.step == self.total_steps
@@ -397,16 +401,22 @@ class Trainer:
                 "intervals": self.intervals}
 
     def log_train(self, synced: SyncedStep, meter: ThroughputMeter) -> None:
-        tokens_per_s, flops_per_s = meter.report()
+        tokens_per_s, flops_per_s, causal_flops_per_s = meter.report()
         mfu = flops_per_s / (self.peak * self.world_size)
+        mfu_causal = causal_flops_per_s / (self.peak * self.world_size)
+        memory = self.engine.peak_memory()
         metrics = {"train/loss": synced.loss, "train/lr": synced.lr,
                    "train/tokens_per_s": tokens_per_s, "train/mfu": mfu,
-                   "train/peak_mem_gb": self.engine.peak_memory_gb(),
+                   "train/mfu_causal": mfu_causal,
+                   "train/peak_mem_gib": memory.allocated_gib,
                    "train/recurrences": synced.recurrences}
+        if memory.reserved_gib is not None:
+            metrics["train/peak_mem_reserved_gib"] = memory.reserved_gib
         self.intervals.append({"step": self.step, "loss": synced.loss,
                                "recurrences": synced.recurrences,
                                "tokens_per_s": tokens_per_s, "mfu": mfu,
-                               "peak_mem_gb": metrics["train/peak_mem_gb"]})
+                               "mfu_causal": mfu_causal, "peak_mem_gib": memory.allocated_gib,
+                               "peak_mem_reserved_gib": memory.reserved_gib})
         if synced.grad_norm is not None:
             metrics["train/grad_norm"] = synced.grad_norm
         metrics["train/tokens_seen"] = self.step * self.geometry.tokens_per_step
