@@ -44,15 +44,19 @@ class ModelConfig:
     injection: Literal["linear", "additive", "passthrough"] = "linear"
     hyper: Literal["none", "hyperloop", "lanes", "mhc"] = "none"
     hyper_streams: int = 4
+    hyper_write: Literal["output", "update"] = "output"  # what Hyperloop's connection writes to
+    #   the streams: the middle block's output F (the paper's) or its update F - input (the
+    #   residual increment, megaloop's form before; configs saved without the key meant it)
     bptt_k: int | None = None  # None: every recurrence gets gradients
     recurrence_sampling: Literal["fixed", "poisson_lognormal"] = "fixed"
     attention: Literal["auto", "flash", "sdpa"] = "auto"
     activation_checkpointing: Literal["none", "per_recurrence", "per_layer"] = "none"
     init: Literal["gpt2", "isodepth"] = "gpt2"  # isodepth: the iso-depth paper's (model/looped.py)
     embedding_norm: bool = False  # an RMSNorm after the embedding (the iso-depth paper's)
-    recurrence_norm: Literal["linear", "every"] = "linear"  # after each recurrence: for linear
-    #   injection only, or in every injection mode (the iso-depth paper's; lanes then take
-    #   norm(block(u)), the paper's lanes, instead of block(u) - u)
+    recurrence_norm: Literal["linear", "every", "always"] = "linear"  # after each recurrence:
+    #   for linear injection only; in every injection mode of a looped model (lanes then take
+    #   norm(block(u)), the paper's lanes, instead of block(u) - u); or always, also after the
+    #   single pass of an r = 1 model (the iso-depth paper's norm_recur, at every r)
 
     @property
     def kv_heads(self) -> int:
@@ -81,6 +85,14 @@ class ModelConfig:
             self.recurrences > 1 or self.recurrence_sampling != "fixed"
         )
 
+    @property
+    def has_loop_norm(self) -> bool:
+        """Whether an RMSNorm ends each pass of the loop block (`recurrence_norm`; linear
+        injection always has one)."""
+        if self.recurrence_norm == "always":
+            return self.loop_layers > 0
+        return self.is_looped and (self.recurrence_norm == "every" or self.injection == "linear")
+
     def validate(self) -> None:
         positive = ["vocab_size", "d_model", "n_heads", "max_seq_len", "hyper_streams",
                     "rope_theta"]
@@ -88,8 +100,14 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"model.{key} = {value} must be positive; set it to a value > 0.")
-        if self.recurrence_norm == "every" and self.hyper in ("hyperloop", "mhc"):
-            raise ConfigError(f"model.recurrence_norm = every with model.hyper = {self.hyper}: "
+        if self.hyper_write != "output" and self.hyper != "hyperloop":
+            raise ConfigError(f"model.hyper_write = {self.hyper_write} is Hyperloop's choice "
+                              f"(model.hyper = hyperloop), not {self.hyper}'s: lanes write "
+                              "norm(block(u)) or block(u) - u by model.recurrence_norm. Remove "
+                              "model.hyper_write.")
+        if self.recurrence_norm != "linear" and self.hyper in ("hyperloop", "mhc"):
+            raise ConfigError(f"model.recurrence_norm = {self.recurrence_norm} with model.hyper "
+                              f"= {self.hyper}: "
                               "its streams carry the loop's state and add the block's update; "
                               "only lanes take a normalised block output (the iso-depth "
                               "paper's). Set model.recurrence_norm: linear.")
@@ -465,6 +483,18 @@ def _build_section(section: str, cls: type, values: Any) -> Any:
                           f"{', '.join(hints)}.")
     kwargs = {key: _coerce(section, key, value, hints[key]) for key, value in values.items()}
     return cls(**kwargs)
+
+
+def upgrade_saved(raw: Any) -> Any:
+    """A config saved by an earlier megaloop (a checkpoint, an export, a run folder's record)
+    with the keys added since filled in as that version trained: a Hyperloop model saved
+    without `model.hyper_write` wrote the block's update."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        return raw
+    model = raw["model"]
+    if model.get("hyper") == "hyperloop" and "hyper_write" not in model:
+        return {**raw, "model": {**model, "hyper_write": "update"}}
+    return raw
 
 
 def from_dict(raw: Any) -> RunConfig:

@@ -453,7 +453,7 @@ def test_the_two_recipes_are_the_papers():
     iso, model = iso_config.train, iso_config.model
     assert iso_config.data.packing == "bos_best_fit"
     assert (model.init, model.embedding_norm, model.recurrence_norm, model.qk_norm_mode) == (
-        "isodepth", True, "every", "free_after_rope")
+        "isodepth", True, "always", "free_after_rope")
     assert (iso.optimizer, iso.matrix_lr, iso.muon_momentum, iso.embedding_lr, iso.unembedding_lr,
             iso.norm_lr, iso.hyper_lr) == ("muonh", 0.014, 0.95, 0.3, 0.004, 0.005, 0.01)
     assert (iso.beta1, iso.beta2, iso.eps, iso.weight_decay, iso.warmup_steps, iso.schedule,

@@ -80,7 +80,7 @@ def test_a_model_llama_cannot_express_is_refused_as_llama_naming_every_feature(t
                  "--format", "llama"]) == 2
     err = capsys.readouterr().err
     for feature in ("the relu2 MLP", "QK-norm", "the logit soft-cap", "linear input injection",
-                    "the RMSNorm after every recurrence"):
+                    "the RMSNorm that ends each pass of the loop"):
         assert feature in err, feature
     assert "--format megaloop" in err and "Traceback" not in err
     assert not out.exists()
@@ -93,7 +93,9 @@ def test_a_model_llama_cannot_express_is_refused_as_llama_naming_every_feature(t
     (["model.recurrences=2", "model.injection=additive"], "additive input injection"),
     (["model.embedding_norm=true"], "the RMSNorm after the embedding"),
     (["model.recurrences=3", "model.injection=passthrough", "model.recurrence_norm=every"],
-     "the RMSNorm after every recurrence"),
+     "the RMSNorm that ends each pass of the loop"),
+    (["model.recurrences=1", "model.recurrence_norm=always"],
+     "the RMSNorm that ends each pass of the loop"),
     (["model.recurrences=2", "model.recurrence_sampling=poisson_lognormal",
       "model.injection=additive"], "sampled recurrences"),
 ])

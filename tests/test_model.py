@@ -142,6 +142,124 @@ def test_a_norm_after_every_recurrence_in_every_injection_mode(injection):
                     recurrence_norm="every")
 
 
+def papers_forward(ref: ReferenceTransformer, cfg, tokens: torch.Tensor,
+                   norm_recur: bool = True) -> torch.Tensor:
+    """The iso-depth paper's forward pass (kschwethelm/looped-lm-scaling, nanochat/gpt.py), from
+    its equations: x = norm_emb(wte(idx)); prelude; e = x; s = None; r times: u = state
+    transfer(e, s) (linear: inject([e ; s]) with s = e at first; additive: s + e from s = 0;
+    passthrough: s, from e), the recurrent blocks, s = norm_recur(u); then the coda, norm_final,
+    the LM head and the soft-cap. The r = 1 model runs its single pass through norm_recur too."""
+    x = ref.embed(tokens)
+    e = ref.layers(x, stack_names("prelude", cfg.prelude_layers))
+    s = None
+    for _ in range(cfg.recurrences):
+        if cfg.recurrences > 1 and cfg.injection == "linear":
+            u = torch.cat([e, e if s is None else s], dim=-1) @ ref.weights["injection.weight"].T
+        elif cfg.recurrences > 1 and cfg.injection == "additive":
+            u = (torch.zeros_like(e) if s is None else s) + e
+        else:
+            u = e if s is None else s
+        u = ref.layers(u, stack_names("loop", cfg.loop_layers))
+        s = rms_norm(u, ref.weights["loop_norm.weight"]) if norm_recur else u
+    return ref.logits(ref.layers(s, stack_names("coda", cfg.coda_layers)))
+
+
+PAPER_MODEL = {"recurrence_norm": "always", "embedding_norm": True, "init": "isodepth",
+               "qk_norm": True, "qk_norm_mode": "free_after_rope", "mlp": "relu2",
+               "mlp_ratio": 4.0, "logit_softcap": 15.0, "tie_embeddings": False}
+
+
+@pytest.mark.parametrize(("layout", "injection"), [
+    ((0, 4, 1, 0), "passthrough"),  # the paper's r = 1: 0-L-0 blocks, then norm_recur
+    ((1, 2, 2, 1), "linear"), ((1, 1, 4, 1), "linear"), ((1, 2, 2, 1), "additive")])
+def test_the_isodepth_model_is_the_papers_at_every_r(layout, injection):
+    """recurrence_norm = always (the isodepth recipe's): the same weights give the logits of
+    the paper's forward pass, r = 1 included, where a norm ends the single pass too."""
+    prelude, loop, r, coda = layout
+    model = make_model(perturb=0.1, **PAPER_MODEL, prelude_layers=prelude, loop_layers=loop,
+                       recurrences=r, coda_layers=coda, injection=injection)
+    assert "loop_norm.weight" in model.state_dict()
+    tokens = random_tokens(seq=12)
+    with torch.no_grad():
+        ours = model(tokens)
+    theirs = papers_forward(reference_of(model), model.cfg, tokens)
+    assert theirs.std() > 0.1
+    exact(ours, theirs, atol=1e-5, what=str(layout))
+
+
+def test_an_r1_model_without_the_papers_norm_stays_selectable():
+    """recurrence_norm = every keeps today's r = 1 model for other recipes: no norm after its
+    single pass, and its logits differ from the paper's form with the same weights."""
+    paper = make_model(perturb=0.1, **PAPER_MODEL, prelude_layers=0, loop_layers=4,
+                       coda_layers=0, recurrences=1, injection="passthrough")
+    plain = make_model(perturb=0.1, **{**PAPER_MODEL, "recurrence_norm": "every"},
+                       prelude_layers=0, loop_layers=4, coda_layers=0, recurrences=1,
+                       injection="passthrough")
+    assert "loop_norm.weight" not in plain.state_dict()
+    plain.load_state_dict({k: v for k, v in paper.state_dict().items() if k != "loop_norm.weight"})
+    tokens = random_tokens(seq=12)
+    with torch.no_grad():
+        exact(plain(tokens), papers_forward(reference_of(plain), plain.cfg, tokens,
+                                            norm_recur=False), atol=1e-5)
+        assert not torch.allclose(plain(tokens), paper(tokens), atol=1e-3)
+
+
+def hyperloop_by_the_papers_equations(model, tokens: torch.Tensor, write: str) -> torch.Tensor:
+    """Hyperloop written out from the paper's equations with reference blocks: y = n copies of
+    the begin block's output; per loop l, z = RMSNorm(flatten(y)), H_pre = sigma(a_pre W_pre z +
+    b_pre), H_post = 2 sigma(...), H_res = diag(sigma(...)), y <- H_res y + H_post (F(H_pre y)
+    + e_l), F the middle block's output (write = "output") or its update F - input ("update");
+    the end block reads the mean of the streams."""
+    ref, cfg = reference_of(model), model.cfg
+    n = cfg.hyper_streams
+    y = ref.layers(ref.embed(tokens), stack_names("prelude", cfg.prelude_layers))
+    y = torch.stack([y] * n, dim=-2)
+    for i in range(cfg.recurrences):
+        w = {k[len(f"hyper.loops.{i}."):]: v for k, v in ref.weights.items()
+             if k.startswith(f"hyper.loops.{i}.")}
+        z = rms_norm(y.flatten(-2), w["gates.norm.weight"])
+        logits = z @ w["gates.proj.weight"].T
+        pre, post, res = (w["gates.alpha"][g] * logits[..., g * n:(g + 1) * n]
+                          + w["gates.bias"][g * n:(g + 1) * n] for g in range(3))
+        u = (torch.sigmoid(pre).unsqueeze(-1) * y).sum(dim=-2)
+        out = ref.layers(u, stack_names("loop", cfg.loop_layers))
+        f = (out if write == "output" else out - u) + w["loop_embedding"]
+        y = torch.sigmoid(res).unsqueeze(-1) * y + 2 * torch.sigmoid(post).unsqueeze(-1) * \
+            f.unsqueeze(-2)
+    return ref.logits(ref.layers(y.mean(dim=-2), stack_names("coda", cfg.coda_layers)))
+
+
+def test_hyperloop_writes_the_middle_blocks_output_as_the_paper_does():
+    """model.hyper_write: output (the default) is the paper's y <- H_res y + H_post (F(H_pre y) +
+    e_l); `update` writes F - input, megaloop's form before; the two differ."""
+    model = make_model(perturb=0.1, **VARIANTS["hyperloop"])
+    assert model.cfg.hyper_write == "output"
+    tokens = random_tokens(seq=10)
+    with torch.no_grad():
+        ours = model(tokens)
+        exact(ours, hyperloop_by_the_papers_equations(model, tokens, "output"), atol=1e-5)
+        update = make_model(perturb=0.1, **VARIANTS["hyperloop"], hyper_write="update")
+        update.load_state_dict(model.state_dict())
+        exact(update(tokens), hyperloop_by_the_papers_equations(model, tokens, "update"),
+              atol=1e-5)
+        assert not torch.allclose(update(tokens), ours, atol=1e-3)
+    with pytest.raises(ConfigError, match="Remove model.hyper_write"):
+        make_config(**VARIANTS["lanes"], hyper_write="update")
+
+
+def test_a_hyperloop_saved_before_hyper_write_loads_as_it_trained():
+    """A config saved without model.hyper_write (an older checkpoint, export or run record)
+    meant the update form; upgrade_saved says so, and leaves other models and new saves be."""
+    from megaloop.config import upgrade_saved
+
+    saved = {"model": {"hyper": "hyperloop", "recurrences": 3}, "train": {"steps": 5}}
+    assert upgrade_saved(saved)["model"]["hyper_write"] == "update"
+    assert "hyper_write" not in saved["model"]  # the caller's dict is left as it was
+    assert upgrade_saved({"model": {"hyper": "lanes"}}) == {"model": {"hyper": "lanes"}}
+    new = {"model": {"hyper": "hyperloop", "hyper_write": "output"}}
+    assert upgrade_saved(new) == new
+
+
 def test_the_papers_lanes_take_the_normalised_block_output():
     """lanes <- M lanes + beta (x) norm(block(u)), u = alpha . lanes (the iso-depth paper's lanes,
     model.recurrence_norm = every), against a hand-written loop of reference blocks; megaloop's
@@ -230,8 +348,8 @@ def manual_recurrence(model, state, e, rope, index):
             u = layer(u, rope)
         return u
 
-    if model.hyper is not None:
-        return model.hyper.loops[index](state, lambda u: loop(u) - u)
+    if model.hyper is not None:  # Hyperloop writes the block's output (hyper_write = output)
+        return model.hyper.loops[index](state, loop)
     if model.cfg.injection == "additive":
         return loop(state + e)
     if model.injection is None:

@@ -43,7 +43,11 @@ def test_paper_spec_plans_the_116_runs(paper_runs):
         m, s = run.config.model, run.context["s"]
         assert m.d_model == math.ceil(64 * s / 128) * 128 and m.dim_per_head == 128
         r = m.recurrences
-        assert (m.prelude_layers, m.loop_layers * r, m.coda_layers) == (2, 16, 2)
+        # the paper's layouts (its shells/scaling_laws/scaling_laws.sh): r = 1 is 0 + 20 + 0,
+        # with the recurrent block's norm after its pass, as at every r
+        want = (2, 16, 2) if r > 1 else (0, 20, 0)
+        assert (m.prelude_layers, m.loop_layers * r, m.coda_layers) == want, run.name
+        assert m.recurrence_norm == "always" and m.has_loop_norm
         assert (m.mlp, m.mlp_ratio, m.qk_norm, m.logit_softcap) == ("relu2", 4.0, True, 15.0)
         assert (m.max_seq_len, m.vocab_size) == (2048, 32000)
         assert run.name == f"r{r}-s{s}-C{sci(run.budget_flops)}"

@@ -38,9 +38,10 @@ def llama_lacks(cfg: ModelConfig) -> list[str]:
     if cfg.embedding_norm:
         lacking.append("the RMSNorm after the embedding (model.embedding_norm = true): Llama "
                        "feeds the embedding to its first layer as it is")
-    if cfg.is_looped and (cfg.recurrence_norm == "every" or cfg.injection == "linear"):
-        lacking.append("the RMSNorm after every recurrence: the unrolled Llama layers would "
-                       "need a norm between the loop's repeats")
+    if cfg.has_loop_norm:
+        lacking.append("the RMSNorm that ends each pass of the loop (linear injection, or "
+                       f"model.recurrence_norm = {cfg.recurrence_norm}): the Llama layers would "
+                       "need a norm between the loop's passes and what follows")
     if cfg.is_looped and cfg.injection != "passthrough":
         lacking.append(f"{cfg.injection} input injection (model.injection = {cfg.injection} "
                        f"with r = {cfg.recurrences}): Llama layers cannot read the prelude "

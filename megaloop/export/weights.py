@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from megaloop.config import RunConfig, from_dict
+from megaloop.config import RunConfig, from_dict, upgrade_saved
 from megaloop.errors import CheckpointError, MegaloopError
 from megaloop.model.looped import LoopedLM
 from megaloop.train.checkpoint import MARKER, CheckpointWarning, step_folders, verify_share
@@ -142,7 +142,7 @@ def _client_state(states: dict[str, Any], file: Path) -> dict[str, Any]:
 
 def _config(raw: Any, where: Path) -> RunConfig:
     try:
-        return from_dict(raw)
+        return from_dict(upgrade_saved(raw))
     except MegaloopError as exc:
         raise CheckpointError(f"The config saved in {where} is not valid for this version of "
                               f"megaloop: {exc}") from None

@@ -3,7 +3,9 @@
 Conventions shared by all three (RESEARCH.md sections 2-4):
 - streams have shape (B, T, n, C); they start as n copies of the hidden state;
 - the function F that a connection wraps returns its *update* (output minus input), because the
-  connection itself carries the residual path (through H_res, M or the lane mix);
+  connection itself carries the residual path (through H_res, M or the lane mix), except where a
+  paper writes the whole output: Hyperloop's default (`model.hyper_write: output`) and the
+  iso-depth paper's lanes (norm(block(u)));
 - at initialisation each variant computes what the plain residual network computes, so training
   starts from the baseline and learns to depart from it;
 - the streams are the residual stream: they are read, mixed and written in their own dtype (fp32
@@ -66,10 +68,11 @@ class DynamicGates(nn.Module):
 
 
 class HyperloopConnection(nn.Module):
-    """One loop of Hyperloop: y <- H_res y + H_post (F(H_pre y) + e_l), H_res diagonal.
+    """One loop of Hyperloop: y <- H_res y + H_post (F(H_pre y) + e_l), H_res diagonal, where F
+    is what the loop's `write` function returns (the block's output, the paper's, or its update).
 
     H_pre = sigma(.) starts at 1/n (the block reads the mean of the streams), H_post = 2 sigma(.)
-    starts at 1 (the update reaches every stream), H_res = sigma(.) starts at 0.99.
+    starts at 1 (F reaches every stream), H_res = sigma(.) starts at 0.99.
     """
 
     def __init__(self, n: int, dim: int):
@@ -96,17 +99,21 @@ class HyperloopConnection(nn.Module):
 
 
 class Hyperloop(nn.Module):
-    """Hyper-connections applied once per loop, with loop-specific parameters."""
+    """Hyper-connections applied once per loop, with loop-specific parameters. `write`: what
+    the connection adds to the streams, the middle block's output F(u) (the paper's, "output")
+    or its update F(u) - u ("update")."""
 
-    def __init__(self, n: int, dim: int, recurrences: int):
+    def __init__(self, n: int, dim: int, recurrences: int, write: str = "output"):
         super().__init__()
-        self.n = n
+        self.n, self.write = n, write
         self.loops = nn.ModuleList(HyperloopConnection(n, dim) for _ in range(recurrences))
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         return expand_streams(x, self.n)
 
     def step(self, streams: torch.Tensor, index: int, body: Update) -> torch.Tensor:
+        if self.write == "output":
+            return self.loops[index](streams, body)
         return self.loops[index](streams, lambda u: body(u) - u)
 
     def finish(self, streams: torch.Tensor) -> torch.Tensor:

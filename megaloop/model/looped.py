@@ -54,11 +54,10 @@ class LoopedLM(nn.Module):
         self.coda = self._stack(cfg.coda_layers)
         linear_injection = cfg.is_looped and cfg.injection == "linear"
         self.injection = LinearInjection(d) if linear_injection else None
-        every = cfg.is_looped and cfg.recurrence_norm == "every"
-        self.loop_norm = RMSNorm(d) if self.injection is not None or every else None
+        self.loop_norm = RMSNorm(d) if cfg.has_loop_norm else None
         self.hyper = None
         if cfg.hyper == "hyperloop":
-            self.hyper = Hyperloop(cfg.hyper_streams, d, cfg.recurrences)
+            self.hyper = Hyperloop(cfg.hyper_streams, d, cfg.recurrences, cfg.hyper_write)
         elif cfg.hyper == "lanes":
             self.hyper = Lanes(cfg.hyper_streams, cfg.recurrences,
                                whole_output=self.loop_norm is not None)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from megaloop.atomic import atomic_write_json
-from megaloop.config import GROUP_ROLES, LR_ROLES, RunConfig
+from megaloop.config import GROUP_ROLES, LR_ROLES, RunConfig, upgrade_saved
 from megaloop.errors import CheckpointError, ConfigError
 from megaloop.train.checkpoint import step_folders
 
@@ -58,7 +58,7 @@ CHANGES_ON_PURPOSE = frozenset({  # what is trained from here on: --accept-chang
 
 def config_changes(recorded: dict[str, Any], config: RunConfig) -> dict[str, tuple[Any, Any]]:
     """`{"train.steps": (20, 30), ...}`: the flat keys whose value differs from the record."""
-    before = {f"{section}.{key}": value for section, values in recorded.items()
+    before = {f"{section}.{key}": value for section, values in upgrade_saved(recorded).items()
               for key, value in values.items()}
     now = config.flat()
     return {key: (before.get(key), now.get(key)) for key in sorted(set(before) | set(now))
