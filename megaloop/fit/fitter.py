@@ -41,11 +41,13 @@ from megaloop.fit.inputs import Runs
 from megaloop.fit.law import (
     BOX,
     HUBER_DELTA,
+    TERMS,
     LawData,
     Objective,
     batch_objective,
     on_edge,
     predict_log_loss,
+    unidentified_terms,
 )
 from megaloop.fit.readout import result_json
 
@@ -176,6 +178,16 @@ def edge_warnings(fit: LawFit) -> list[str]:
             for name, value, (lo, hi) in on_edge(fit.theta, fit.n_free)]
 
 
+def term_warnings(fit: LawFit, data: LawData) -> list[str]:
+    """A warning per term of the law that the runs do not constrain (law.unidentified_terms)."""
+    return [f"the {term} term changes the predicted loss by at most {100 * variation:.2g}% "
+            f"across the runs: it is switched off or constant, so the runs do not constrain "
+            f"{TERMS[term]}. Add runs that vary "
+            f"{'the model size' if term == 'size' else 'the tokens'} (more sizes, budgets or "
+            "recurrences) before trusting the fit."
+            for term, variation in unidentified_terms(fit.theta, data)]
+
+
 def bootstrap_samples(runs: Runs, count: int, seed: int) -> tuple[list[np.ndarray], str]:
     """Index arrays of `count` resamples: of (budget, r) cells when every budget is known and
     there are 4 cells or more, else of runs. Returns the resamples and the unit."""
@@ -288,7 +300,7 @@ def fit(runs: Runs, *, fix_phi: float | None = None, restarts: int = 500, bootst
             again.n_starts += fits[None].n_starts
             fits[None] = again
     main = fits[main_phi]
-    warnings += edge_warnings(main)
+    warnings += edge_warnings(main) + term_warnings(main, data)
     per_r_fits = {}
     per_r_starts = np.concatenate([main.theta[None], *(f.minima[:, 1:] for f in fits.values()),
                                    starts[:PER_R_STARTS]])

@@ -110,6 +110,29 @@ def predict_loss(theta, n_once, n_rec, recurrences, tokens) -> np.ndarray:
     return np.exp(predict_log_loss(theta, data)).reshape(n_once.shape)
 
 
+# A term of the law whose share of the predicted loss varies by less than this across the runs
+# cannot be told from a constant (E): a tenth of the Huber delta, in log-loss units the smallest
+# change the objective weighs in full.
+TERM_VARIATION_FLOOR = 1e-4
+TERMS = {"size": "A, alpha and phi", "data": "B and beta"}  # each term's parameters
+
+
+def unidentified_terms(theta, data: LawData) -> list[tuple[str, float]]:
+    """(term, variation) of each term (size: A N_eff^-alpha, data: B D^-beta) whose share of
+    the predicted loss varies across the runs by less than TERM_VARIATION_FLOOR: switched off
+    (negligible) or constant (merged with E), wherever in its flat valley the optimiser stopped."""
+    a, b, _, alpha, beta, phi = theta
+    log_n, _ = log_n_eff(phi, data)
+    log_loss = predict_log_loss(theta, data)
+    out = []
+    for name, log_term in (("size", a - alpha * log_n), ("data", b - beta * data.log_tokens)):
+        share = np.exp(log_term - log_loss)
+        variation = float(share.max() - share.min()) if len(share) else 0.0
+        if variation < TERM_VARIATION_FLOOR:
+            out.append((name, variation))
+    return out
+
+
 def huber(residual: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
     """0.5 r^2 for |r| <= delta, delta (|r| - delta / 2) beyond."""
     c = np.clip(residual, -delta, delta)

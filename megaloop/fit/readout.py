@@ -20,12 +20,14 @@ import numpy as np
 
 from megaloop.fit.law import (
     NATURAL,
+    TERMS,
     log_n_eff,
     objective,
     on_edge,
     predict_log_loss,
     predict_loss,
     to_natural,
+    unidentified_terms,
 )
 
 LEVEL = 0.95
@@ -123,9 +125,12 @@ BOOTSTRAP_FITTED_AT_LEAST = 0.5  # of the resamples, for an interval to mean som
 
 def distrust(result) -> list[str]:
     """Why the fit's numbers are not to be trusted (empty: no reason found): a parameter on the
-    edge of its search box, or most bootstrap resamples not fitted."""
+    edge of its search box, a term of the law the runs do not constrain, or most bootstrap
+    resamples not fitted."""
     reasons = [f"{name} on the edge of its search box [{lo:g}, {hi:g}]"
                for name, _, (lo, hi) in on_edge(result.fit.theta, result.fit.n_free)]
+    reasons += [f"the {term} term unconstrained by the runs ({TERMS[term]})"
+                for term, _ in unidentified_terms(result.fit.theta, result.runs.law_data())]
     resamples = len(result.bootstrap)
     fitted = int(np.all(np.isfinite(result.bootstrap), axis=1).sum()) if resamples else 0
     if resamples and fitted < BOOTSTRAP_FITTED_AT_LEAST * resamples:
