@@ -99,13 +99,16 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     manifest = prepare(open_corpus(args.corpus, args.text_field), Tokenizer.load(args.tokenizer),
                        args.out, val_fraction=args.val_fraction, workers=args.workers,
                        part_tokens=args.part_tokens, packing=args.packing, seq_len=args.seq_len,
-                       pack_buffer=args.pack_buffer)
+                       pack_buffer=args.pack_buffer, val_files=args.val_files)
     splits = manifest["splits"]
     print(f"shards in {args.out}: " + ", ".join(
         f"{name} {info['tokens']:,} tokens / {info['documents']:,} documents"
         + (f" in {info['rows']:,} rows ({info['tokens_cropped']:,} tokens cropped, "
            f"{info['tokens_left_over']:,} left over)" if "rows" in info else "")
         for name, info in splits.items()) + f" ({manifest['dtype']})")
+    if manifest.get("val_files"):
+        print(f"validation: every document of {', '.join(manifest['val_files'])}; training: the "
+              f"other {manifest['corpus']['n_files'] - len(manifest['val_files'])} files")
     if not splits["val"]["documents"]:
         print(f"megaloop: warning: no document went to validation (--val-fraction "
               f"{args.val_fraction} of {splits['train']['documents']:,} documents): training "
@@ -129,6 +132,9 @@ def _add_data_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     prep.add_argument("--out", required=True, help="folder for the shards and manifest")
     prep.add_argument("--val-fraction", type=finite, default=0.01,
                       help="share of documents held out for validation (default: 0.01)")
+    prep.add_argument("--val-files", default="", metavar="NAME[,NAME...]",
+                      help="files of the corpus folder whose documents are the validation split "
+                           "(instead of --val-fraction; the iso-depth paper's: see configs/data/)")
     prep.add_argument("--workers", type=whole(1), default=2, help="encoding processes (default: 2)")
     prep.add_argument("--text-field", default="text", help="field or column holding the text")
     prep.add_argument("--part-tokens", type=whole(1), default=DEFAULT_PART_TOKENS,

@@ -190,6 +190,8 @@ class DataConfig:
     tokenizer: str | None = None  # a .model path or a name in tokenizer/; None: stdlib-4k
     text_field: str = "text"
     val_fraction: float = 0.01
+    val_files: str = ""  # comma-separated files of a folder corpus that are the validation split
+    #   (their every document; val_fraction is then not used): the iso-depth paper's last two
     cache_dir: str = "runs/data"
     workers: int = 2
     verify: bool = True  # check every shard's sha256 when a run starts

@@ -188,3 +188,76 @@ def test_bad_arguments(tmp_path, text_folder, tokenizer):
     with pytest.raises(DataError, match="val-fraction"):
         prepare(corpus, tokenizer, tmp_path, val_fraction=1.5, progress=False)
     assert not os.listdir(tmp_path)
+
+
+# ---- the validation split by files (the iso-depth paper's) -----------------------------------
+
+def parquet_shards(folder: Path, documents: list[str], files: int) -> list[list[str]]:
+    """`documents` dealt into `files` Parquet files shard_00000.parquet ..., as Karpathy's
+    pre-shuffled FineWeb-Edu is laid out; returns each file's documents."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    dealt = [documents[i::files] for i in range(files)]
+    for i, texts in enumerate(dealt):
+        pq.write_table(pa.table({"text": texts}), folder / f"shard_{i:05d}.parquet",
+                       row_group_size=2)
+    return dealt
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_named_files_are_the_validation_split_whole(tmp_path, text_folder, tokenizer,
+                                                         workers):
+    """--val-files: every document of the named files is validation, every other one training,
+    in corpus order, BOS-aligned best-fit rows as the paper packs them; the manifest names them."""
+    dealt = parquet_shards(tmp_path / "corpus", documents_of(text_folder), files=5)
+    names = "shard_00003.parquet,shard_00004.parquet"
+    manifest = prepare(open_corpus(str(tmp_path / "corpus")), tokenizer, tmp_path / "out",
+                       val_files=names, workers=workers, progress=False)
+    assert manifest["val_files"] == ["shard_00003.parquet", "shard_00004.parquet"]
+    assert manifest["val_fraction"] == 0.0
+    train = [text for texts in dealt[:3] for text in texts]
+    val = [text for texts in dealt[3:] for text in texts]
+    shards = TokenShards(tmp_path / "out")
+    corpus_order = documents_of(tmp_path / "corpus")
+    expected = {"train": [], "val": []}
+    for text in corpus_order:
+        expected["val" if text in val else "train"] += tokenizer.encode(text) + [tokenizer.eos_id]
+    for split, texts in (("train", train), ("val", val)):
+        assert manifest["splits"][split]["documents"] == len(texts)
+        assert stream_array(shards, split).tolist() == expected[split]
+    packed = prepare(open_corpus(str(tmp_path / "corpus")), tokenizer, tmp_path / "packed",
+                     val_files=names, packing="bos_best_fit", seq_len=64, progress=False)
+    assert packed["splits"]["val"]["documents"] == len(val)
+
+
+def test_named_validation_files_that_are_not_there_are_refused(tmp_path, text_folder, tokenizer):
+    parquet_shards(tmp_path / "corpus", documents_of(text_folder), files=3)
+    corpus = open_corpus(str(tmp_path / "corpus"))
+    with pytest.raises(DataError, match="has no file shard_01822.parquet of the validation"):
+        prepare(corpus, tokenizer, tmp_path / "out", val_files="shard_00002.parquet,"
+                "shard_01822.parquet", progress=False)
+    with pytest.raises(DataError, match="names every file"):
+        prepare(corpus, tokenizer, tmp_path / "out", val_files="shard_00000.parquet,"
+                "shard_00001.parquet,shard_00002.parquet", progress=False)
+    with pytest.raises(DataError, match="local folder corpus"):
+        prepare(open_corpus("stdlib"), tokenizer, tmp_path / "out", val_files="a.py",
+                progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_papers_data_preset_names_its_files_and_packing():
+    """configs/data/fineweb-edu-iso-depth.yaml: Karpathy's 1823 pre-shuffled files, the last two
+    held out, BOS-aligned best-fit rows with the paper's buffer, as scripts/prepack.py does."""
+    from tiny import REPO
+
+    from megaloop import config
+
+    preset = REPO / "configs" / "data" / "fineweb-edu-iso-depth.yaml"
+    data = config.load(preset).data
+    assert data.val_files == "shard_01821.parquet,shard_01822.parquet"
+    assert (data.packing, data.pack_buffer, data.text_field) == ("bos_best_fit", 1000, "text")
+    text = preset.read_text()
+    assert "karpathy/fineweb-edu-100b-shuffle" in text and "shard_01822.parquet" in text
+    assert "--val-files shard_01821.parquet,shard_01822.parquet" in text

@@ -145,6 +145,19 @@ class FileCorpus(Corpus):
         super().__init__(spec, text_field)
         self.root = Path(spec).expanduser()
         self.paths = _local_files(self.root)
+        self.reading: Path | None = None  # the file the last document came from
+
+    def named(self, names: list[str]) -> list[Path]:
+        """The corpus files with these names (relative to its folder); DataError naming every
+        one that is not there."""
+        by_name = {path.relative_to(self.root).as_posix() if self.root.is_dir() else path.name:
+                   path for path in self.paths}
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            raise DataError(f"corpus {self.spec!r} has no file {', '.join(missing)} of the "
+                            f"validation files named ({', '.join(names)}); download them into "
+                            "it (see configs/data/) or name files that are there.")
+        return [by_name[name] for name in names]
 
     def expected_documents(self) -> int | None:
         """A text file is one document, a JSON-lines file one per line (a fast count of its
@@ -168,6 +181,7 @@ class FileCorpus(Corpus):
 
     def _texts(self) -> Iterator[str]:
         for path in self.paths:
+            self.reading = path
             yield from _READERS[_suffix(path)](path, self.text_field)
 
     def _details(self) -> dict:

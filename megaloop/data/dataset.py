@@ -33,6 +33,8 @@ def cache_folder(config: RunConfig, tokenizer: Tokenizer) -> Path:
     packing: its T and buffer)."""
     data = config.data
     key = f"{data.corpus}|{data.text_field}|{tokenizer.sha256}|{data.val_fraction}"
+    if data.val_files:
+        key += f"|files:{data.val_files}"
     if data.packing != "stream":
         key += f"|{data.packing}|{config.model.max_seq_len}|{data.pack_buffer}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", Path(data.corpus).name or data.corpus).strip("-")
@@ -56,7 +58,7 @@ def open_run_data(config: RunConfig, rank: int = 0,
             prepare(open_corpus(data.corpus, data.text_field), tokenizer, folder,
                     val_fraction=data.val_fraction, workers=data.workers, progress=progress,
                     packing=data.packing, seq_len=config.model.max_seq_len if packed else None,
-                    pack_buffer=data.pack_buffer if packed else None)
+                    pack_buffer=data.pack_buffer if packed else None, val_files=data.val_files)
         if barrier is not None:
             barrier()
         shards = TokenShards(folder, verify_hashes=data.verify)

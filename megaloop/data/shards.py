@@ -7,7 +7,10 @@ progress file is rewritten after both files of a part are in place, so a crash l
 temporary file that is never read; re-running resumes after the last finished part.
 
 Documents go to the validation split evenly spread through the corpus: document i (0-based) is a
-validation document when floor((i + 1) f) > floor(i f), f = val_fraction.
+validation document when floor((i + 1) f) > floor(i f), f = val_fraction. Or, with `val_files`
+(names of files of a folder corpus, comma-separated), every document of those files is a
+validation document and every other one a training document (the iso-depth paper holds out the
+last two files of its pre-shuffled corpus; configs/data/).
 
 With packing `bos_best_fit` (format megaloop-packed-v1) each document is BOS followed by its ids
 and each split is packed into rows of exactly T + 1 tokens (megaloop.data.packing); a part holds
@@ -22,7 +25,8 @@ import hashlib
 import json
 import math
 import multiprocessing
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +37,7 @@ from tqdm import tqdm
 
 from megaloop import __version__
 from megaloop.atomic import atomic_write, atomic_write_json
-from megaloop.data.corpus import Corpus
+from megaloop.data.corpus import Corpus, FileCorpus
 from megaloop.data.packing import DEFAULT_BUFFER_DOCUMENTS, PACKINGS, BestFitPacker
 from megaloop.data.tokenizer import Tokenizer
 from megaloop.errors import DataError
@@ -215,9 +219,10 @@ def packing_of(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _identity(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, part_tokens: int,
-              packing: dict[str, Any]) -> dict[str, Any]:
+              packing: dict[str, Any], val_files: str = "") -> dict[str, Any]:
     """What makes two preparations interchangeable; a resumed one must match it exactly."""
-    return {
+    split = {"val_files": val_file_names(val_files)} if val_file_names(val_files) else {}
+    return {**split,
         "format": FORMAT if packing["mode"] == "stream" else FORMAT_PACKED,
         "source": {"spec": corpus.spec, "text_field": corpus.text_field},
         "tokenizer": {"sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size,
@@ -232,7 +237,8 @@ def _identity(corpus: Corpus, tokenizer: Tokenizer, val_fraction: float, part_to
 
 def _same_preparation(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keys = ("format", "dtype", "val_fraction", "part_tokens")
-    return (all(a[k] == b[k] for k in keys) and a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
+    return (all(a[k] == b[k] for k in keys) and a.get("val_files") == b.get("val_files")
+            and a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]
             and a["source"] == b["source"] and packing_of(a) == packing_of(b))
 
 
@@ -281,24 +287,59 @@ def _write_shard(out: Path, name: str, buffer: _SplitBuffer, dtype: np.dtype) ->
     return {**_write_file(out, name, data), **record}
 
 
+def val_file_names(val_files: str) -> list[str]:
+    """`"a.parquet, b.parquet"` -> ["a.parquet", "b.parquet"]."""
+    return [name.strip() for name in val_files.split(",") if name.strip()]
+
+
+def split_flags(corpus: Corpus, val_fraction: float, val_files: str
+                ) -> tuple[Iterator[str], Callable[[], bool]]:
+    """The corpus's documents, and a function that says, for each document in turn as the
+    encoder returns them, whether it is a validation document (module docstring)."""
+    names = val_file_names(val_files)
+    if not names:
+        index = iter(range(1 << 62))
+        return corpus.documents(), lambda: is_validation(next(index), val_fraction)
+    if not isinstance(corpus, FileCorpus):
+        raise DataError(f"--val-files names files of a local folder corpus; {corpus.spec!r} is "
+                        "not one. Use --val-fraction, or a folder of .txt/.jsonl/.parquet files.")
+    held_out = set(corpus.named(names))
+    if len(held_out) == len(corpus.paths):
+        raise DataError(f"--val-files names every file of {corpus.spec!r}: nothing is left to "
+                        "train on. Name fewer files.")
+    flags: deque[bool] = deque()
+
+    def documents() -> Iterator[str]:
+        for text in corpus.documents():
+            flags.append(corpus.reading in held_out)
+            yield text
+
+    return documents(), flags.popleft
+
+
 def prepare(corpus: Corpus, tokenizer: Tokenizer, out: str | Path, *, val_fraction: float = 0.01,
             workers: int = 2, part_tokens: int = DEFAULT_PART_TOKENS, progress: bool = True,
             packing: str = "stream", seq_len: int | None = None,
-            pack_buffer: int | None = None) -> dict[str, Any]:
+            pack_buffer: int | None = None, val_files: str = "") -> dict[str, Any]:
     """Encode `corpus` with `tokenizer` into shards under `out`; returns the manifest.
 
     `packing` stream: each document's ids followed by EOS, one stream per split. bos_best_fit:
     BOS then the ids of each document, packed best-fit from a buffer of `pack_buffer` documents
     (default DEFAULT_BUFFER_DOCUMENTS) into rows of `seq_len` + 1 tokens (megaloop.data.packing).
-    A folder that already holds a finished preparation of the same inputs is left as it is."""
+    The split: `val_fraction`, or with `val_files` the documents of those files (which then
+    decide alone). A folder that already holds a finished preparation of the same inputs is left
+    as it is."""
     out = Path(out)
     if not 0 <= val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction} must be in [0, 1), e.g. 0.01.")
+    if val_file_names(val_files):
+        val_fraction = 0.0  # the files decide
+    documents, is_val = split_flags(corpus, val_fraction, val_files)
     if part_tokens < 1 or workers < 1:
         raise DataError("--part-tokens and --workers must be >= 1.")
     layout = _packing(packing, seq_len, tokenizer, pack_buffer)
     packed = layout["mode"] != "stream"
-    identity = _identity(corpus, tokenizer, val_fraction, part_tokens, layout)
+    identity = _identity(corpus, tokenizer, val_fraction, part_tokens, layout, val_files)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = read_manifest(out)
@@ -342,13 +383,15 @@ def prepare(corpus: Corpus, tokenizer: Tokenizer, out: str | Path, *, val_fracti
                 for state in earlier.pop("states", {}).values():
                     (out / state["file"]).unlink(missing_ok=True)
 
-    documents = _skip(corpus.documents(), skip)
+    documents = _skip(documents, skip)
+    for _ in range(skip):  # the skipped documents' splits
+        is_val()
     expected = corpus.expected_documents() if progress else None
     bar = tqdm(desc=f"encoding {corpus.spec}", unit="doc", initial=skip, disable=not progress,
                total=expected)  # a total gives the bar its ETA
     index = skip
     for ids, n_bytes in encode_documents(documents, tokenizer, workers, bos=packed):
-        buffers["val" if is_validation(index, val_fraction) else "train"].add(ids, n_bytes)
+        buffers["val" if is_val() else "train"].add(ids, n_bytes)
         index += 1
         bar.update()
         if buffers["train"].tokens >= part_tokens:
