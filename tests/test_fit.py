@@ -604,3 +604,75 @@ def test_the_runs_collapse_onto_one_curve_in_n_eff_where_the_law_holds():
     result.fit.theta[5] = 0.0
     wrong = collapse(result)
     assert not np.allclose(wrong["loss"], wrong["law"], rtol=1e-3)
+
+
+def case_study(phi_b: float, noise: float, seed: int) -> tuple[Runs, Runs]:
+    """A baseline and a case study on the same grid that borrows its r = 1 runs: the looped runs
+    of B follow a law with phi_b, the r = 1 runs are the very same runs in both."""
+    a = simulate(noise=noise, seed=seed)
+    b = simulate({**PAPER_LAW, "phi": phi_b}, noise=noise, seed=seed + 100)
+    b.loss = np.where(b.recurrences == 1, a.loss, b.loss)
+    return a, b
+
+
+def with_seed(runs: Runs, seed: int) -> Runs:
+    runs.seeds = np.full(len(runs), float(seed))
+    return runs
+
+
+def concat(parts: list[Runs]) -> Runs:
+    from megaloop.fit.inputs import OPTIONAL, REQUIRED
+
+    join = {name: np.concatenate([getattr(p, name) for p in parts]) for name in REQUIRED}
+    optional = {name: None if getattr(parts[0], name) is None
+                else np.concatenate([getattr(p, name) for p in parts]) for name in OPTIONAL}
+    return Runs(**join, **optional, seeds=np.concatenate([p.seeds for p in parts]))
+
+
+def test_a_paired_bootstrap_draws_the_same_cells_and_narrows_delta_phi():
+    """Same cells in both (a case study on the baseline's grid): the resamples draw the same
+    cells, the shared r = 1 runs cancel, and the interval is narrower than an independent
+    draw's, both holding the true 0.2."""
+    from megaloop.fit.compare import compare
+
+    a, b = case_study(0.66, noise=0.01, seed=5)
+    settings = {"restarts": 40, "bootstrap": 60}
+    paired = compare(a, b, **settings)
+    independent = compare(a, b, paired=False, **settings)
+    assert paired["paired"] and not independent["paired"]
+    assert "paired resamples of the same cells" in paired["verdict"]
+    width = {name: s["delta_phi_ci"][1] - s["delta_phi_ci"][0]
+             for name, s in (("paired", paired), ("independent", independent))}
+    assert width["paired"] < width["independent"], width
+    for s in (paired, independent):
+        lo, hi = s["delta_phi_ci"]
+        assert lo < 0.2 < hi, s["delta_phi_ci"]
+    with pytest.raises(FitError, match="their cells differ"):
+        compare(a, b.subset(b.recurrences != 8), paired=True, **settings)
+
+
+def test_delta_phi_seed_by_seed_with_its_sign_test():
+    """Three seeds of a case study whose loop is worth more: each seed fitted on its own gives a
+    positive delta phi, and the sign test says what 3 of 3 can say (p = 0.25)."""
+    from megaloop.fit.compare import compare, sign_test
+
+    pairs = [case_study(0.86, noise=0.004, seed=seed) for seed in range(3)]
+    a = concat([with_seed(a, seed) for seed, (a, _) in enumerate(pairs)])
+    b = concat([with_seed(b, seed) for seed, (_, b) in enumerate(pairs)])
+    summary = compare(a, b, restarts=30, bootstrap=20)
+    assert [row["seed"] for row in summary["per_seed"]] == [0, 1, 2]
+    assert all(row["delta_phi"] == pytest.approx(0.4, abs=0.1) for row in summary["per_seed"])
+    assert summary["sign_test"] == {"positive": 3, "negative": 0, "p_two_sided": 0.25}
+    assert "seed by seed 3 up, 0 down (sign test p = 0.25)" in summary["verdict"]
+    assert sign_test(5, 0) == pytest.approx(0.0625) and sign_test(2, 1) == 1.0
+    assert "per_seed" not in compare(pairs[0][0], pairs[0][1], restarts=30, bootstrap=20)
+
+
+def test_a_runs_file_may_give_each_runs_seed(tmp_path):
+    path = tmp_path / "runs.csv"
+    path.write_text("n_once,n_rec,recurrences,tokens,loss,seed\n1e6,1e6,2,1e9,3.1,0\n"
+                    "1e6,1e6,4,1e9,3.0,1\n1e6,0,1,1e9,3.2,\n")
+    runs = read_csv(path)
+    assert runs.seeds[:2].tolist() == [0.0, 1.0] and np.isnan(runs.seeds[2])
+    assert runs.seed_values() == []  # one run's seed is unknown: no seed-by-seed comparison
+    assert runs.subset(np.array([0, 1])).seed_values() == [0.0, 1.0]

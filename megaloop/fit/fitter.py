@@ -188,6 +188,15 @@ def term_warnings(fit: LawFit, data: LawData) -> list[str]:
             for term, variation in unidentified_terms(fit.theta, data)]
 
 
+def cells_of(runs: Runs) -> list[tuple[float, float]] | None:
+    """The (budget, r) cells of the runs, sorted, where every budget is known; else None.
+    Two sets of runs with the same cells draw the same cells from the same bootstrap seed."""
+    if not runs.budgets_known:
+        return None
+    return sorted({(float(c), float(r)) for c, r in zip(runs.budget_flops, runs.recurrences,
+                                                       strict=True)})
+
+
 def bootstrap_samples(runs: Runs, count: int, seed: int) -> tuple[list[np.ndarray], str]:
     """Index arrays of `count` resamples: of (budget, r) cells when every budget is known and
     there are 4 cells or more, else of runs. Returns the resamples and the unit."""

@@ -2,8 +2,9 @@
 
 CSV columns (DESIGN.md "Fit input"): `n_once, n_rec, recurrences, tokens, loss`, optionally
 `budget_flops` and `flops_per_token` (other columns are ignored; an empty optional cell means
-unknown). From MLflow: the params of the same names and the final metric `val/loss` of runs
-tagged `megaloop.status=finished`; the others are skipped and counted by reason.
+unknown) and `seed` (the training seed, which `fit --against` compares seed by seed). From
+MLflow: the params of the same names (the seed: `train.seed`) and the final metric `val/loss` of
+runs tagged `megaloop.status=finished`; the others are skipped and counted by reason.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Runs:
     flops_per_token: np.ndarray | None = None
     names: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)  # MLflow's, one per run (none from a CSV)
+    seeds: np.ndarray | None = None  # each run's training seed, where known (NaN: unknown)
     source: str = ""
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (MLflow)
 
@@ -46,6 +48,8 @@ class Runs:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, np.asarray(value, dtype=float).ravel())
+        if self.seeds is not None:
+            self.seeds = np.asarray(self.seeds, dtype=float).ravel()
         if not self.names:
             self.names = [f"run {i + 1}" for i in range(len(self.loss))]
         validate(self)
@@ -64,7 +68,14 @@ class Runs:
         optional = {name: None if getattr(self, name) is None else getattr(self, name)[keep]
                     for name in OPTIONAL}
         return Runs(**{name: getattr(self, name)[keep] for name in REQUIRED}, **optional,
-                    names=[self.names[i] for i in keep], source=self.source)
+                    names=[self.names[i] for i in keep], source=self.source,
+                    seeds=None if self.seeds is None else self.seeds[keep])
+
+    def seed_values(self) -> list[float]:
+        """The distinct seeds of the runs, where every run's is known; else []."""
+        if self.seeds is None or not np.all(np.isfinite(self.seeds)):
+            return []
+        return sorted(set(self.seeds.tolist()))
 
     @property
     def n_unique(self) -> np.ndarray:
@@ -155,8 +166,11 @@ def read_csv(path: str | Path) -> Runs:
             columns[name].append(_number(text, name, where) if text else math.nan)
     optional = {name: columns[name] if name in header else None for name in OPTIONAL}
     names = [f"{path.name} line {line}" for line in range(2, len(rows) + 2)]
+    seeds = ([_number(row["seed"], "seed", f"{path} line {line}") if row.get("seed")
+              else math.nan for line, row in enumerate(rows, start=2)]
+             if "seed" in header else None)
     return Runs(**{name: columns[name] for name in REQUIRED}, **optional, names=names,
-                source=str(path))
+                source=str(path), seeds=seeds)
 
 
 def parse_filters(filters: list[str] | None) -> dict[str, str]:
@@ -203,6 +217,7 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
     columns: dict[str, list[float]] = {name: [] for name in (*REQUIRED, *OPTIONAL)}
     names: list[str] = []
     run_ids: list[str] = []
+    seeds: list[float] = []
     for run in every:
         if run["status"] != "finished":
             skipped[f"not finished (megaloop.status={run['status'] or 'unset'})"] += 1
@@ -230,6 +245,10 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
                 columns[name].append(math.nan)
         names.append(f"run {run['name'] or run['run_id']}")
         run_ids.append(run["run_id"])
+        try:
+            seeds.append(float(run["params"].get("train.seed", "nan")))
+        except ValueError:
+            seeds.append(math.nan)
     where = f"MLflow experiment '{experiment}' at {uri}" + (
         f" (filter {', '.join(f'{k}={v}' for k, v in filter_tags.items())})"
         if filter_tags else "") + "".join(
@@ -242,4 +261,5 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
                           " (no runs at all: check the experiment name, the filter and "
                           "MLFLOW_TRACKING_URI)")
                        + ". Wait for runs to finish, or fit a CSV file with --runs.")
-    return Runs(**columns, names=names, run_ids=run_ids, source=where, skipped=dict(skipped))
+    return Runs(**columns, names=names, run_ids=run_ids, source=where, skipped=dict(skipped),
+                seeds=seeds)
