@@ -3,9 +3,12 @@ KV cache that attention fills during incremental decoding."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megaloop.config import ModelConfig
 from megaloop.errors import ConfigError
@@ -104,6 +107,19 @@ def native_gqa(q: torch.Tensor, masked: bool) -> bool:
             and q.shape[-1] <= FUSED_GQA_MAX_HEAD_DIM)
 
 
+@functools.cache
+def cpu_bf16_flash_refused() -> bool:
+    """Whether SDPA's CPU flash kernel refuses bf16 here: on a CPU with AVX512 whose kernels
+    ATEN_CPU_CAPABILITY holds below it (as the tests emulate a CPU without AVX512), torch 2.13
+    raises "pack_vnni2 is only supported when avx512 is supported". A CPU that lacks AVX512
+    takes another path and is not affected."""
+    try:
+        return bool(torch.cpu._is_avx512_supported()) and \
+            "AVX512" not in torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # a torch without these probes
+        return False
+
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention over (B, H, T, D) tensors; k and v may have fewer (grouped) heads.
 
@@ -119,6 +135,10 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
         repeats = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         gqa = False
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and cpu_bf16_flash_refused():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                           enable_gqa=gqa)
 
