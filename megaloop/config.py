@@ -202,6 +202,11 @@ class DataConfig:
     def validate(self) -> None:
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"data.val_fraction = {self.val_fraction} must be in [0, 1).")
+        if self.shards is None and self.val_fraction == 0 and not self.val_files.strip():
+            raise ConfigError(f"data.val_fraction = 0 holds out no document of {self.corpus} "
+                              "for validation, and a run needs a validation split: set "
+                              "data.val_fraction (e.g. 0.01), or data.val_files, or point "
+                              "data.shards at prepared shards.")
         if self.workers < 1:
             raise ConfigError(f"data.workers = {self.workers} must be >= 1.")
         if self.pack_buffer < 1:

@@ -4,6 +4,7 @@ The table grows with every case found."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,97 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys, argv, message
     assert "Traceback" not in err
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before, "a refused command left files behind"
+
+
+# ---- a refused `megaloop train` leaves its working directory as it found it -------------------
+
+@pytest.fixture(scope="module")
+def refused_inputs(stdlib_shards, small_tokenizer, tmp_path_factory) -> dict[str, str]:
+    """Bad inputs made from real shards: empty, corrupt, truncated and flipped shard folders, a
+    garbage tokenizer, an empty config, a folder that is no checkpoint."""
+    import shutil
+
+    inputs = tmp_path_factory.mktemp("refused-inputs")
+    (inputs / "empty").mkdir()
+    (inputs / "corrupt").mkdir()
+    (inputs / "corrupt" / "manifest.json").write_text("garbage")
+    for name in ("truncated", "flipped"):
+        shutil.copytree(stdlib_shards, inputs / name)
+    shard = sorted((inputs / "truncated").glob("train_*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    shard = sorted((inputs / "flipped").glob("train_*.bin"))[0]
+    data = bytearray(shard.read_bytes())
+    data[100:104] = bytes(255 - b for b in data[100:104])
+    shard.write_bytes(bytes(data))
+    (inputs / "garbage.model").write_text("not a model")
+    (inputs / "empty.yaml").write_text("")
+    (inputs / "no-checkpoint").mkdir()
+    manifest = json.loads((stdlib_shards / "manifest.json").read_text())
+    val_tokens = manifest["splits"]["val"]["tokens"]
+    return {"shards": str(stdlib_shards), "inputs": str(inputs), "tiny": TINY,
+            "small_tokenizer": str(small_tokenizer.path), "long_seq": str(val_tokens // 2)}
+
+
+S = "data.shards={shards}"
+REFUSED_TRAINING = [  # (arguments after `megaloop train`, what the error says)
+    (["{tiny}", "--set", S, "--set", "model.vocab_size=1000"],
+     "use a tokenizer of 4096 tokens but model.vocab_size = 1000; set model.vocab_size=4096"),
+    (["{tiny}", "--set", "data.shards={inputs}/empty"], "is not a prepared shard folder"),
+    (["{tiny}", "--set", "data.shards={inputs}/corrupt"], "manifest.json is corrupt"),
+    (["{tiny}", "--set", "data.shards={inputs}/truncated"], "is truncated or damaged"),
+    (["{tiny}", "--set", "data.shards={inputs}/flipped"], "its sha256 differs from the manifest"),
+    (["{tiny}", "--set", S, "--set", "data.tokenizer={small_tokenizer}"],
+     "tokenizer"),
+    (["{tiny}", "--set", "data.tokenizer={inputs}/garbage.model"],
+     "is not a sentencepiece model"),
+    (["{inputs}/empty.yaml", "--set", S], "model.vocab_size = 32000; set model.vocab_size=4096"),
+    (["{tiny}", "--set", S, "--set", "model.max_seq_len={long_seq}", "--set",
+      "train.micro_batch=4", "--set", "train.global_batch=4"],
+     "fewer than the 4 one step needs"),
+    (["{tiny}", "--set", S, "--resume", "{inputs}/no-checkpoint"],
+     "is not a complete megaloop checkpoint"),
+    (["{tiny}", "--set", S, "--resume", "{inputs}/missing"], "there is no folder"),
+    (["{tiny}", "--set", S, "--resume", "aut"], "(did you mean --resume auto?)"),
+    (["{tiny}", "--set", "data.val_fraction=0"], "data.val_fraction = 0 holds out no document"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), REFUSED_TRAINING,
+                         ids=[str(i) for i in range(len(REFUSED_TRAINING))])
+def test_a_refused_training_leaves_its_working_directory_empty(
+        refused_inputs, process_group, tmp_path, monkeypatch, capsys, argv, message):
+    """Every check that can run before the run folder is written runs before it: the command
+    exits 2 with the error and its mend, no traceback, and the empty working directory it ran
+    in (where runs/checkpoints/, runs/data/ and runs/mlflow.db would go) stays empty."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", *(a.format(**refused_inputs) for a in argv), "--no-progress",
+            "--set", "train.steps=2", "--set", "track.enabled=false"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message.format(**refused_inputs) in err, err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_removes_its_folder(
+        stdlib_shards, process_group, tmp_path, monkeypatch, capsys):
+    """The run folder a start made goes when the run fails before any checkpoint (here its
+    model cannot be built: an unknown DeepSpeed template key), with the parents it made; a
+    folder that holds a checkpoint stays."""
+    from megaloop.train.run_folder import RunFolder
+
+    monkeypatch.chdir(tmp_path)
+    template = tmp_path.parent / f"{tmp_path.name}-bad.json.j2"
+    template.write_text('{"train_batch_size": {{ global_batch }}, "zero_optimization": '
+                        '{"stage": 0, "no_such_key": 1}}')
+    code = main(["train", TINY, "--no-progress", "--set", f"data.shards={stdlib_shards}",
+                 "--set", "train.steps=2", "--set", "track.enabled=false",
+                 "--set", f"train.ds_config={template}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no_such_key" in err, err  # refused by DeepSpeed, after the claim
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    kept = RunFolder(tmp_path / "a" / "run")
+    kept.lock()
+    (kept.path / "step_00000002").mkdir()
+    assert kept.remove_if_new() is False and kept.path.is_dir()

@@ -126,6 +126,21 @@ def step_folders(run: Path, marked_only: bool = False) -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
+def check_resume_target(which: str | None, trust: bool = False) -> None:
+    """`--resume`: `auto`, or a checkpoint folder (with its marker, unless `trust`); else a
+    CheckpointError that says which, before a run writes anything."""
+    if which is None or which == "auto":
+        return
+    path = Path(which)
+    if not path.is_dir():
+        hint = " (did you mean --resume auto?)" if "auto".startswith(which.lower()[:2]) else ""
+        raise CheckpointError(f"--resume {which}: there is no folder {path}{hint}. Pass --resume "
+                              "auto for the run's newest checkpoint, or a step_* folder of a run.")
+    if not (path / MARKER).exists() and not trust:
+        raise CheckpointError(f"{path} is not a complete megaloop checkpoint (no {MARKER}); pass "
+                              "a step_* folder of a run, or --resume auto.")
+
+
 def set_aside(path: Path, reason: str) -> Path:
     """Rename checkpoint `path` to `<tag>.<reason>` (a free name): kept for inspection, never
     loaded, pruned or overwritten."""
@@ -238,11 +253,8 @@ class Checkpoints:
     def _candidates(self, which: str) -> list[Path]:
         """The checkpoints to try, newest first: the same list on every rank, or an error."""
         if which != "auto":
-            path = Path(which)
-            if not (path / MARKER).exists() and not self.trust:
-                raise CheckpointError(f"{path} is not a complete megaloop checkpoint (no {MARKER});"
-                                      " pass a step_* folder of a run, or --resume auto.")
-            return [path]
+            check_resume_target(which, self.trust)
+            return [Path(which)]
         names = [p.name for p in self.complete()]
         seen = self.engine.all_gather_objects(names)
         if any(other != names for other in seen):

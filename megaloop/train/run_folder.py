@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class RunFolder:
         self.path = Path(path)
         self.lock_file = self.path / LOCK
         self._locked = False
+        self._made: list[Path] = []  # the folders taking the lock created, innermost first
 
     # ---- the lock ---------------------------------------------------------------------------
 
@@ -110,7 +112,9 @@ class RunFolder:
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(),
                  "slurm": _slurm_task()}
         try:
+            made = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
+            self._made = self._made or made
             fd, draft = tempfile.mkstemp(prefix=".megaloop.lock.", dir=self.path)
         except OSError as exc:
             raise CheckpointError(
@@ -155,6 +159,23 @@ class RunFolder:
         if self._locked and self._owner().get("pid") == os.getpid():
             self.lock_file.unlink(missing_ok=True)
         self._locked = False
+
+    def remove_if_new(self) -> bool:
+        """After a start that failed before its first checkpoint: remove the folder if this
+        start made it (and the parents it made, where nothing else has arrived in them since),
+        so that the run name is free again and nothing is left behind. A folder that held a
+        run before, or holds a checkpoint now, stays. Returns whether it was removed."""
+        self.unlock()
+        if not self._made or not self.path.is_dir() or step_folders(self.path):
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self._made[1:]:
+            try:
+                parent.rmdir()  # only if empty: another run may have arrived meanwhile
+            except OSError:
+                break
+        self._made = []
+        return True
 
     # ---- the record -------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from megaloop.display import duration
 from megaloop.errors import CheckpointError, ConfigError, TrainingError
 from megaloop.model.accounting import account, causal_flops_per_token
 from megaloop.track import open_tracker
-from megaloop.train.checkpoint import Checkpoints
+from megaloop.train.checkpoint import Checkpoints, check_resume_target
 from megaloop.train.ds_config import batch_geometry, total_steps
 from megaloop.train.engine import Engine
 from megaloop.train.mfu import peak_flops
@@ -132,21 +132,26 @@ class Trainer:
         self.plain_lines = self.rank == 0 and wanted
         self.folder = RunFolder(run_folder(config))
         self.resume_from = resume
+        # everything that can be checked is checked before the run folder is written
+        check_resume_target(resume, trust_checkpoint)
+        engine.trust_checkpoints = trust_checkpoint
+        self._open_data()
         self.claim = self.claim_folder(resume, accept_changes)
         try:
             self._set_up(peak, trust_checkpoint, accept_changes)
         except BaseException:
-            self.folder.unlock()
+            self.release(failed=True)
             raise
 
-    def _set_up(self, peak: float | None, trust_checkpoint: bool,
-               accept_changes: bool) -> None:
-        config, engine = self.config, self.engine
-        engine.trust_checkpoints = trust_checkpoint
+    def _open_data(self) -> None:
+        """The run's shards and loaders, every check on them done (vocabulary, tokenizer,
+        packing, hashes, enough windows in each split); writes nothing but a corpus's prepared
+        shards in data.cache_dir."""
+        config = self.config
         self.geometry = batch_geometry(config, self.world_size)
         self.total_steps = total_steps(config, self.geometry)
         self.accounting = account(config.model)
-        shards = self.shards = open_run_data(config, self.rank, barrier=engine.barrier,
+        shards = self.shards = open_run_data(config, self.rank, barrier=self.engine.barrier,
                                              progress=self.progress)
         seq, micro = config.model.max_seq_len, self.geometry.micro_batch
         self.train_data = TrainLoader(shards, seq, micro, rank=self.rank,
@@ -154,6 +159,10 @@ class Trainer:
         self.val_data = ValLoader(shards, seq, micro, rank=self.rank, world_size=self.world_size,
                                   max_batches=config.train.eval_batches,
                                   max_windows=eval_windows(config))
+
+    def _set_up(self, peak: float | None, trust_checkpoint: bool,
+               accept_changes: bool) -> None:
+        config, engine = self.config, self.engine
         engine.build()
         self.model = engine.model
         self.checkpoints = Checkpoints(self.folder.path, config.train.keep_checkpoints, engine,
@@ -168,6 +177,14 @@ class Trainer:
         self.pending: list[StepResult] = []  # steps since the last sync
         self.stop_signalled = False  # SIGTERM reached this rank
         self.stopping = False  # some rank was signalled, as all ranks agreed at a sync
+
+    def release(self, failed: bool) -> None:
+        """Let the run folder go (rank 0 holds its lock). After a failure before the first
+        checkpoint, the folder this start made is removed: nothing is left behind, and the run
+        name is free for the next attempt."""
+        if self.rank == 0 and failed:
+            self.folder.remove_if_new()
+        self.folder.unlock()
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -453,6 +470,7 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
     `accept_changes` and `trust_checkpoint`: see train/run_folder.py and checkpoint.py."""
     engine = Engine(config)
     trainer = None
+    failed = True
     previous = signal.getsignal(signal.SIGTERM)
     try:
         trainer = Trainer(config, engine, progress=progress, lines=lines, peak=peak,
@@ -471,6 +489,7 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
             atomic_write_json(summary_json, {**summary, "device": engine.device_name(),
                                              "peak_flops": trainer.peak,
                                              "peak_flops_source": trainer.peak_source})
+        failed = False
         return summary
     except BaseException:
         if trainer is not None and trainer.tracker is not None:
@@ -479,5 +498,5 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
     finally:
         signal.signal(signal.SIGTERM, previous)
         if trainer is not None:
-            trainer.folder.unlock()
+            trainer.release(failed)
         engine.close()
