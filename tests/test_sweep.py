@@ -508,6 +508,13 @@ def test_slurm_resources_from_the_spec_and_the_cli(tmp_path, monkeypatch):
     assert main(["sweep", str(cpu), "--executor", "slurm", "--dry-run", "--nproc", "2"]) == 0
     script = (tmp_path / "runs" / "sweeps" / spec["experiment"] / "sweep.sbatch").read_text()
     assert "--gpus-per-node" not in script and "DS_ACCELERATOR=cpu srun" in script
+    # unless told, a task asks for cores for its ranks: a cluster's default of one CPU per task
+    # would put every rank (and its data workers) on one core
+    assert "#SBATCH --cpus-per-task=8" in script  # 2 ranks x 4
+    assert main(["sweep", str(write_spec(tmp_path)), "--executor", "slurm", "--dry-run",
+                 "--nproc", "8"]) == 0
+    script = (tmp_path / "runs" / "sweeps" / spec["experiment"] / "sweep.sbatch").read_text()
+    assert "#SBATCH --cpus-per-task=32" in script
 
 
 @pytest.mark.parametrize(("slurm", "cli", "message"), [

@@ -183,7 +183,8 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
         if todo:
             outcome.script = submit_slurm(sweep_folder(experiment), experiment,
                                           write_run_configs(experiment, todo), nproc,
-                                          slurm or SlurmResources(), dry_run)
+                                          slurm or SlurmResources(), dry_run,
+                                          max(run.config.data.workers for run in todo))
         return outcome
     if dry_run or not todo:
         return outcome

@@ -3,8 +3,9 @@ GPU per rank, and comes back after a preemption or its time limit.
 
 The batch script (`slurm_script`, printed by `megaloop sweep ... --executor slurm --dry-run`):
 - asks for what the spec's `slurm:` mapping and the CLI give (`SlurmResources`): GPUs per node
-  (default one per rank), CPUs per task, time limit, partition, account, and extra `#SBATCH`
-  options;
+  (default one per rank), CPUs per task (default `cpus_for`: the ranks and their data workers,
+  where a cluster's default of one CPU per task would put every rank on one core), time limit,
+  partition, account, and extra `#SBATCH` options;
 - gets SIGTERM 120 s before its time limit (`--signal=B:TERM@120`: to the batch shell only)
   and traps it: the signal goes on to the job step (srun passes it to launch.sh, whose ranks
   save a checkpoint and exit 0), the shell waits for the step, then requeues the task
@@ -31,6 +32,13 @@ REPO = Path(__file__).resolve().parents[2]
 OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s'\"\\]+)?$")  # one sbatch option, no shell
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 NAME = re.compile(r"^[A-Za-z0-9_.,-]+$")
+CPUS_PER_RANK = 4  # a rank's process, its host-side threads (OMP_NUM_THREADS = cores / ranks)
+
+
+def cpus_for(nproc: int, data_workers: int) -> int:
+    """CPUs a task asks for unless told: CPUS_PER_RANK per rank, and at least the encoding
+    workers (data.workers) that a run preparing its corpus starts besides its ranks."""
+    return nproc * CPUS_PER_RANK + max(0, data_workers - CPUS_PER_RANK)
 
 
 @dataclass
@@ -98,10 +106,12 @@ class SlurmResources:
                                   f"{option!r} is not one sbatch option: write it as "
                                   "--name or --name=value, without spaces or quotes.")
 
-    def sbatch_lines(self, nproc: int) -> list[str]:
+    def sbatch_lines(self, nproc: int, data_workers: int = 0) -> list[str]:
         gpus = nproc if self.gpus_per_node is None else self.gpus_per_node
         lines = [f"#SBATCH --gpus-per-node={gpus}"] if gpus else []
-        for key in ("cpus_per_task", "time", "partition", "account"):
+        cpus = self.cpus_per_task or cpus_for(nproc, data_workers)
+        lines.append(f"#SBATCH --cpus-per-task={cpus}")
+        for key in ("time", "partition", "account"):
             value = getattr(self, key)
             if value is not None:
                 lines.append(f"#SBATCH --{key.replace('_', '-')}={value}")
@@ -109,7 +119,7 @@ class SlurmResources:
 
 
 def slurm_script(experiment: str, listing: Path, count: int, nproc: int, log_folder: Path,
-                 resources: SlurmResources | None = None) -> str:
+                 resources: SlurmResources | None = None, data_workers: int = 0) -> str:
     """The array script: task i trains the config on line i + 1 of `listing`."""
     resources = resources or SlurmResources()
     cpu_ranks = resources.gpus_per_node == 0  # asked for no GPU: CPU ranks on purpose
@@ -123,7 +133,7 @@ def slurm_script(experiment: str, listing: Path, count: int, nproc: int, log_fol
         f"#SBATCH --array=0-{count - 1}",
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks-per-node=1",
-        *resources.sbatch_lines(nproc),
+        *resources.sbatch_lines(nproc, data_workers),
         "#SBATCH --requeue",
         "#SBATCH --signal=B:TERM@120",
         f"#SBATCH --output={shlex.quote(str(log_folder.resolve()))}/slurm-%A_%a.out",
@@ -155,12 +165,13 @@ def slurm_script(experiment: str, listing: Path, count: int, nproc: int, log_fol
 
 
 def submit_slurm(folder: Path, experiment: str, config_paths: list[Path], nproc: int,
-                 resources: SlurmResources, dry_run: bool) -> str:
+                 resources: SlurmResources, dry_run: bool, data_workers: int = 0) -> str:
     """Write the listing and the script into the sweep's `folder`; sbatch it unless
-    `dry_run`. Returns the script."""
+    `dry_run`. Returns the script. `data_workers`: the most any run prepares its data with."""
     listing = folder / "runs.txt"
     atomic_write_bytes(listing, "".join(f"{p.resolve()}\n" for p in config_paths).encode())
-    script = slurm_script(experiment, listing, len(config_paths), nproc, folder, resources)
+    script = slurm_script(experiment, listing, len(config_paths), nproc, folder, resources,
+                          data_workers)
     script_path = folder / "sweep.sbatch"
     atomic_write_bytes(script_path, script.encode())
     if not dry_run:
