@@ -7,6 +7,8 @@
 #   TORCH_CPU_INDEX    pip index of PyTorch's CPU wheels, used when no local CPU wheel is found
 #   MEGALOOP_VENV      where the environment goes (default .venv)
 #   MEGALOOP_EXTRAS    pip extras to install (default dev; add gpu on a CUDA machine)
+#   MEGALOOP_USE_UV    1 (default): install with uv where it is on PATH; 0: always with pip.
+#                      Both keep their download caches (~/.cache/pip, ~/.cache/uv) between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,20 +29,34 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-echo "megaloop setup: creating $venv (torch $torch_version, $flavour build, extras: $extras)"
-[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip)
+installer=pip
+if command -v uv >/dev/null 2>&1 && [ "${MEGALOOP_USE_UV:-1}" != 0 ]; then
+  installer=uv  # the same packages, resolved and installed several times faster
+fi
+echo "megaloop setup: creating $venv (torch $torch_version, $flavour build, extras: $extras," \
+  "with $installer)"
+if [ "$installer" = uv ]; then
+  [ -x "$venv/bin/python" ] || uv venv --quiet --python "$python" "$venv"
+  # uv reads no pip.conf: the local wheel folder pip is pointed at, if any, is uv's too
+  if [ -n "${PIP_FIND_LINKS:-}" ] && [ -z "${UV_FIND_LINKS:-}" ]; then
+    export UV_FIND_LINKS=$PIP_FIND_LINKS
+  fi
+  install() { uv pip install --quiet --python "$venv/bin/python" "$@"; }
+else
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  install() { "$venv/bin/python" -m pip install --quiet "$@"; }
+fi
 
 local_wheels=$(mktemp -d)
 trap 'rm -rf "$local_wheels"' EXIT
 if [ "$flavour" = cuda ]; then
-  "${pip[@]}" install --quiet "torch==$torch_version"
-elif "${pip[@]}" download --quiet --no-index --no-deps "torch==$torch_version" \
+  install "torch==$torch_version"
+elif "$python" -m pip download --quiet --no-index --no-deps "torch==$torch_version" \
        -d "$local_wheels" 2>/dev/null && compgen -G "$local_wheels/torch-*+cpu-*.whl" >/dev/null; then
-  "${pip[@]}" install --quiet "$local_wheels"/torch-*.whl  # a CPU wheel from pip's local links
+  install "$local_wheels"/torch-*.whl  # a CPU wheel from pip's local links
 else
   # PyPI's Linux wheel is the CUDA build: take the CPU build from PyTorch's own index.
-  "${pip[@]}" install --quiet "torch==$torch_version" --index-url "$torch_cpu_index"
+  install "torch==$torch_version" --index-url "$torch_cpu_index"
 fi
-"${pip[@]}" install --quiet -e ".[$extras]"
+install -e ".[$extras]"
 echo "$want" > "$stamp"

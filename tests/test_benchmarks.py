@@ -115,6 +115,7 @@ def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow  # tens of seconds: the default suite stays under 10 min on 2 cores
+@pytest.mark.serial  # it times itself: alone, not beside another test
 def test_trainer_ab_times_two_commits_and_cleans_up(tmp_path):
     """benchmarks/trainer_ab.py: the real trainer at two commits (here both HEAD), in worktrees
     that are removed afterwards."""
@@ -209,6 +210,7 @@ def test_the_gpu_session_runs_every_stage_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow  # about 25 s
+@pytest.mark.serial  # it times itself: alone, not beside another test
 def test_a_gpu_session_past_its_budget_stops_in_time_and_says_so(tmp_path):
     """A budget too short for every stage: the late stages are skipped (each recorded with exit
     124), summary.json is there, the script exits non-zero, and it ends near its deadline."""

@@ -247,7 +247,7 @@ def device_branch_lines(path: Path) -> set[int]:
     return found
 
 
-def test_the_branch_scan_finds_the_gpu_side():
+def test_the_branch_scan_finds_the_gpu_side(tmp_path):
     source = ("def f(device, state):\n"
               "    if device.is_cpu:\n"
               "        return 1\n"
@@ -257,12 +257,9 @@ def test_the_branch_scan_finds_the_gpu_side():
               "    if not device.is_cuda or state:\n"
               "        return 4\n"
               "    return 5\n")
-    path = REPO / "tests" / "__branch_scan_probe__.py"
-    try:
-        path.write_text(source)
-        assert device_branch_lines(path) == {4, 5, 6, 7, 8, 9}
-    finally:
-        path.unlink()
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    assert device_branch_lines(path) == {4, 5, 6, 7, 8, 9}
 
 
 @contextlib.contextmanager

@@ -308,6 +308,7 @@ def test_find_runs_returns_finished_runs_with_params_and_latest_metrics(store, t
     running.finish("FINISHED")
 
 
+@pytest.mark.serial  # it times itself: alone, not beside another test
 def test_log_metrics_is_queued_and_sent_in_batches(store):
     tracker = open_tracker(make_config(store), rank=0, world_size=1, derived=DERIVED)
     start = time.perf_counter()
