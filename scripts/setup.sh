@@ -7,8 +7,9 @@
 #   TORCH_CPU_INDEX    pip index of PyTorch's CPU wheels, used when no local CPU wheel is found
 #   MEGALOOP_VENV      where the environment goes (default .venv)
 #   MEGALOOP_EXTRAS    pip extras to install (default dev; add gpu on a CUDA machine)
-#   MEGALOOP_USE_UV    1 (default): install with uv where it is on PATH; 0: always with pip.
-#                      Both keep their download caches (~/.cache/pip, ~/.cache/uv) between runs.
+#   MEGALOOP_USE_UV    1 (default): install with uv (the one on PATH, else one put into the venv
+#                      by pip); 0: with pip. Both keep their download caches (~/.cache/pip,
+#                      ~/.cache/uv) between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,21 +30,27 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-installer=pip
-if command -v uv >/dev/null 2>&1 && [ "${MEGALOOP_USE_UV:-1}" != 0 ]; then
-  installer=uv  # the same packages, resolved and installed several times faster
+echo "megaloop setup: creating $venv (torch $torch_version, $flavour build, extras: $extras)"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+# uv installs the same packages as pip, several times faster (benchmarks/RESULTS.md): the one on
+# PATH, else one installed into the venv; pip where neither is possible or MEGALOOP_USE_UV=0
+uv=
+if [ "${MEGALOOP_USE_UV:-1}" != 0 ]; then
+  if command -v uv >/dev/null 2>&1; then
+    uv=$(command -v uv)
+  elif "$venv/bin/python" -m pip install --quiet uv >/dev/null 2>&1; then
+    uv=$venv/bin/uv
+  fi
 fi
-echo "megaloop setup: creating $venv (torch $torch_version, $flavour build, extras: $extras," \
-  "with $installer)"
-if [ "$installer" = uv ]; then
-  [ -x "$venv/bin/python" ] || uv venv --quiet --python "$python" "$venv"
+if [ -n "$uv" ]; then
+  echo "megaloop setup: installing with $uv"
   # uv reads no pip.conf: the local wheel folder pip is pointed at, if any, is uv's too
   if [ -n "${PIP_FIND_LINKS:-}" ] && [ -z "${UV_FIND_LINKS:-}" ]; then
     export UV_FIND_LINKS=$PIP_FIND_LINKS
   fi
-  install() { uv pip install --quiet --python "$venv/bin/python" "$@"; }
+  install() { "$uv" pip install --quiet --python "$venv/bin/python" "$@"; }
 else
-  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  echo "megaloop setup: installing with pip"
   install() { "$venv/bin/python" -m pip install --quiet "$@"; }
 fi
 
