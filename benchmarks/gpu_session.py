@@ -276,7 +276,7 @@ def stage_rope(args: argparse.Namespace) -> int:
     fp64 tables."""
     from megaloop import config
     from megaloop.train.ds_config import render_ds_config
-    from megaloop.train.engine import Engine, build_model
+    from megaloop.train.engine import Engine, build_training_model
 
     overrides = [f"model.{k}={v}" for k, v in (TOY | {"max_seq_len": 2048}).items()] \
         if args.smoke else []
@@ -289,7 +289,7 @@ def stage_rope(args: argparse.Namespace) -> int:
         ds_config = render_ds_config(cfg)
         ds_config["bf16"] = {"enabled": True}
         ds_config.pop("torch_autocast")
-        model = build_model(cfg, ds_config, engine.device)
+        model = build_training_model(cfg, ds_config, engine.device)
         model.bfloat16()  # as DeepSpeed's bf16 engine does
         results["deepspeed_bf16_zero_init"] = rope_check(model.rotary)
         del model

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 import traceback
 from typing import Any
@@ -207,67 +206,20 @@ def _add_train_parsers(sub: argparse._SubParsersAction, common: argparse.Argumen
     ds_config.set_defaults(func=cmd_ds_config)
 
 
-EXIT_STOPPED = 3  # a sweep stopped by SIGTERM before its last run: not an error, not done
-
-
-def stopped_sweep_summary(outcome: Any, argv: list[str], fit: bool) -> str:
-    """What a sweep stopped by SIGTERM trained, what is left, and how to go on."""
-    lines = [f"sweep {outcome.experiment}: stopped by SIGTERM"]
-    if outcome.interrupted:
-        lines.append(f"  interrupted: {outcome.interrupted} (its checkpoint is saved; it "
-                     "resumes from it)")
-    left = [*([outcome.interrupted] if outcome.interrupted else []), *outcome.left]
-    lines.append(f"  left: {len(left)} run(s): {', '.join(left)}")
-    if fit:
-        lines.append("  not fitted: the sweep is not complete")
-    lines.append(f"  continue with: megaloop {shlex.join(argv)} (finished runs are skipped)")
-    return "\n".join(lines)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from megaloop.device import CPU, resolve_precision
-    from megaloop.sweep.execute import execute
-    from megaloop.sweep.plan import plan, plan_rows, plan_table, read_spec
-    from megaloop.train.mfu import peak_flops
+    from megaloop.sweep.command import sweep
 
-    spec = read_spec(args.spec)
-    runs = plan(spec)
-    if args.dry_run and args.json:
-        print(json.dumps(plan_rows(runs), indent=2))
-    elif args.dry_run:
-        precision = resolve_precision(runs[0].config.train.precision if runs else "fp32",
-                                      CPU)
-        peak, _ = peak_flops(None, precision)
-        print(plan_table(runs, peak, assumed_mfu=0.4))
-    slurm = spec["slurm"].overridden(
-        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
-        partition=args.partition, account=args.account, extra=args.sbatch)
-    outcome = execute(runs, spec["experiment"], executor=args.executor, nproc=args.nproc,
-                      jobs=args.jobs,
-                      dry_run=args.dry_run, progress=not args.no_progress,
-                      borrow=spec["borrow"], slurm=slurm)
-    if outcome.script and args.dry_run:
-        print(outcome.script)
-    if not args.dry_run:
-        print(f"sweep {outcome.experiment}: {outcome.planned} runs planned, "
-              f"{len(outcome.skipped)} already finished, {len(outcome.trained)} trained")
-    if outcome.stopped:
-        print(stopped_sweep_summary(outcome, args.argv, args.fit))
-        return EXIT_STOPPED
-    if args.fit and not args.dry_run and args.executor != "slurm":
-        from megaloop.fit.command import run_fit
-        from megaloop.fit.report import format_summary
-        from megaloop.sweep.execute import sweep_folder
-        from megaloop.track import tracking_uri
-
-        folder = sweep_folder(outcome.experiment) / "fit"
-        _, summary = run_fit(experiment=outcome.experiment,
-                             tracking=tracking_uri(runs[0].config.track),
-                             report_dir=str(folder), json_out=str(folder / "fit.json"),
-                             restarts=args.fit_restarts, bootstrap=args.fit_bootstrap)
-        print(format_summary(summary))
-        print(f"report: {summary.get('report', folder)}")
-    return 0
+    report = sweep(args.spec, dry_run=args.dry_run, as_json=args.json, executor=args.executor,
+                   nproc=args.nproc, jobs=args.jobs, progress=not args.no_progress,
+                   slurm_options={"gpus_per_node": args.gpus_per_node,
+                                  "cpus_per_task": args.cpus_per_task, "time": args.time,
+                                  "partition": args.partition, "account": args.account,
+                                  "extra": args.sbatch},
+                   fit=args.fit, fit_restarts=args.fit_restarts,
+                   fit_bootstrap=args.fit_bootstrap, argv=args.argv)
+    for text in report.printed:
+        print(text)
+    return report.code
 
 
 def _add_sweep_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

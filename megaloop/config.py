@@ -404,6 +404,12 @@ class RunConfig:
         return {f"{section}.{key}": value
                 for section, values in self.to_dict().items() for key, value in values.items()}
 
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step reads over all ranks: train.global_batch_tokens, else
+        train.global_batch sequences of model.max_seq_len."""
+        return self.train.global_batch_tokens or self.train.global_batch * self.model.max_seq_len
+
     def hash(self) -> str:
         return config_hash(self)
 

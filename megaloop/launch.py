@@ -82,7 +82,7 @@ from megaloop.cluster import (
     parse_hostfile,
     slurm_placement,
 )
-from megaloop.local_ranks import SIGTERM_GRACE_S, report_stop
+from megaloop.local_ranks import SIGTERM_GRACE_S, stop_exit_status
 
 PROG = "launch.sh"
 DEFAULT_PORT = 29500
@@ -336,7 +336,7 @@ def run_torchrun(torchrun_argv: list[str]) -> int:
         torchrun_main(torchrun_argv)
         return 0
     except SignalException as exc:
-        return report_stop(int(exc.sigval), len(list(reports.glob("rank*.json"))), nproc)
+        return stop_exit_status(int(exc.sigval), len(list(reports.glob("rank*.json"))), nproc)
     except ChildFailedError as exc:  # a rank failed: its error is above, torchrun's table here
         print(exc.format_msg(), file=sys.stderr)
         return 1

@@ -123,7 +123,7 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def report_stop(signum: int, stopped: int, nproc: int) -> int:
+def stop_exit_status(signum: int, stopped: int, nproc: int) -> int:
     """One line on a stop by `signum` and the node's exit status: 0 when all `nproc` ranks
     reported their save (`stopped` of them did), else 128 + the signal."""
     name = signal.Signals(signum).name
@@ -154,7 +154,7 @@ def run(nproc: int, command: list[str]) -> int:
             failed = ranks.first_failure()
             return 0 if failed is None else exit_status(failed[1])
         ranks.wait_all(SIGTERM_GRACE_S)
-        return report_stop(ranks.signals[0], ranks.stopped_reports(), nproc)
+        return stop_exit_status(ranks.signals[0], ranks.stopped_reports(), nproc)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -27,7 +27,7 @@ from megaloop.errors import ConfigError
 from megaloop.model import LoopedLM
 from megaloop.model.blocks import Rotary
 from megaloop.train.ds_config import ZeroCompileWarning, ZeroPrefetchWarning, render_ds_config
-from megaloop.train.engine import Engine, build_model
+from megaloop.train.engine import Engine, build_training_model
 
 LONG = 1024  # positions: bf16 tables would round every position above 256
 
@@ -76,7 +76,7 @@ def test_the_engines_build_keeps_rope_exact_under_deepspeeds_bf16(process_group,
     ds_config = render_ds_config(cfg)
     ds_config["bf16"] = {"enabled": True}
     ds_config.pop("torch_autocast")
-    model = build_model(cfg, ds_config, torch.device("cpu"))
+    model = build_training_model(cfg, ds_config, torch.device("cpu"))
     assert_exact_rope(model)
     model.bfloat16()  # what deepspeed.initialize does to a bf16 model
     assert_exact_rope(model)

@@ -22,7 +22,7 @@ from training import assert_ok, child_env, history, run_training, stop_group
 from megaloop import config
 from megaloop.cli import main
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer
-from megaloop.export.weights import LoadedCheckpoint, load_checkpoint, write_export
+from megaloop.export.weights import LoadedCheckpoint, read_checkpoint, write_export
 from megaloop.model import LoopedLM
 
 TEXT = Path(json.__file__).parent / "decoder.py"  # real source, ~10 kB
@@ -51,6 +51,37 @@ def eval_json(capsys, *argv: str) -> dict:
     code, out, err = megaloop(capsys, "eval", *argv, "--json")
     assert code == 0, err
     return json.loads(out)
+
+
+WITHOUT_THE_TRAINER = """
+import json, sys
+import megaloop.export.hf, megaloop.export.weights, megaloop.infer.evaluate
+import megaloop.infer.generate
+from megaloop.export.weights import read_checkpoint
+loaded = read_checkpoint(sys.argv[1])
+print(json.dumps({"parameters": sum(t.numel() for t in loaded.state_dict.values()),
+                  "loaded": sorted(m for m in sys.modules
+                                   if m.split(".")[0] == "deepspeed" or
+                                   m.startswith("megaloop.train"))}))
+"""
+
+
+def load_without_the_trainer(checkpoint) -> dict:
+    """A checkpoint read by export and inference in a fresh process: what that imported."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THE_TRAINER, str(checkpoint)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_export_and_inference_read_a_checkpoint_without_the_trainer_or_deepspeed(trained):
+    """The checkpoint on disk has its own room (megaloop/ckpt): reading one imports neither
+    megaloop.train nor any of DeepSpeed (its pickled objects come back as plain data)."""
+    found = load_without_the_trainer(trained.run_dir)
+    assert found["parameters"] > 0 and found["loaded"] == []
 
 
 def test_eval_equals_the_trainers_last_validation_loss(trained, capsys):
@@ -98,7 +129,7 @@ def test_export_holds_the_weights_and_the_config(trained, capsys, tmp_path):
     out = tmp_path / "model.safetensors"
     code, _, err = megaloop(capsys, "export", "--checkpoint", trained.run_dir, "--out", out)
     assert code == 0, err
-    exported, original = load_checkpoint(out), load_checkpoint(trained.run_dir)
+    exported, original = read_checkpoint(out), read_checkpoint(trained.run_dir)
     assert exported.config == original.config and exported.step == 8
     assert exported.state_dict.keys() == original.state_dict.keys()
     for name, tensor in original.state_dict.items():
@@ -236,6 +267,7 @@ def test_a_zero3_two_rank_checkpoint_evaluates_in_one_process(stdlib_shards, tmp
     (run_dir,) = (tmp_path / "checkpoints").iterdir()
     assert (run_dir / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
     summary = eval_json(capsys, "--checkpoint", run_dir, "--shards", stdlib_shards)
+    assert load_without_the_trainer(run_dir)["loaded"] == []  # ZeRO-3's DeepSpeed objects too
     two_ranks = history(tmp_path, "val/loss")[4][0]
     assert summary["results"][0]["loss"] == pytest.approx(two_ranks, abs=1e-5)
     out = tmp_path / "zero3.safetensors"

@@ -27,8 +27,8 @@ from training import (
 )
 
 from megaloop import config
+from megaloop.ckpt.layout import MARKER, tag_of
 from megaloop.errors import CheckpointError, ConfigError
-from megaloop.train.checkpoint import MARKER, tag_of
 from megaloop.train.run_folder import LOCK, RECORD, RunFolder
 
 RUN = "the-run"  # every run here has this name: one folder, whatever its config
@@ -172,7 +172,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(stdlib_shards, tmp_path):
 def test_deepspeeds_own_loads_run_no_code_while_a_checkpoint_is_resharded(tmp_path):
     """DeepSpeed's universal-checkpoint conversion and loader call torch.load with
     weights_only=False themselves; inside `loads_without_code` they are refused code."""
-    from megaloop.train.engine import loads_without_code
+    from megaloop.ckpt.reading import loads_without_code
 
     sentinel, path = tmp_path / "code-ran", tmp_path / "optim_states.pt"
     torch.save({"state": torch.ones(2), "payload": Payload(str(sentinel))}, path)

@@ -469,3 +469,24 @@ def test_a_copied_store_finds_its_artifacts_after_relocate(tmp_path, migrated_st
     path = client(moved).download_artifacts(tracker.run_id, "note.txt", str(tmp_path / "got"))
     assert Path(path).read_text() == "hello"
     assert str(copy) in client(moved).get_run(tracker.run_id).info.artifact_uri
+
+
+def test_every_tag_and_metric_name_is_spelled_in_track_names_only():
+    """Tracking's vocabulary lives in one table (megaloop/track/names.py): no other module of
+    megaloop spells a tag or metric name as a string of its own."""
+    import ast
+
+    from tiny import REPO
+
+    from megaloop.track.names import Metric, Tag
+
+    names = {value for cls in (Tag, Metric) for key, value in vars(cls).items()
+             if key.isupper()}
+    spelled = []
+    for path in (REPO / "megaloop").rglob("*.py"):
+        if path.name == "names.py" and path.parent.name == "track":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                spelled.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value}")
+    assert not spelled, spelled

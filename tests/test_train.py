@@ -122,7 +122,7 @@ def test_sigkill_and_resume_logs_the_same_losses(stdlib_shards, tmp_path):
 
 
 def next_checkpoint_marker(workdir, step):
-    from megaloop.train.checkpoint import MARKER, tag_of
+    from megaloop.ckpt.layout import MARKER, tag_of
 
     run_dirs = workdir / "checkpoints"
     return _Lazy(run_dirs, tag_of(step), MARKER)

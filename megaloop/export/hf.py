@@ -28,8 +28,8 @@ from megaloop.export.remote_code import (
 )
 from megaloop.export.weights import (
     LoadedCheckpoint,
-    build_model,
-    load_checkpoint,
+    model_of,
+    read_checkpoint,
     save_safetensors,
 )
 
@@ -59,7 +59,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer_path: str | Pat
         raise CheckpointError(f"--format {format}: choose one of {', '.join(FORMATS)}.")
     out = Path(out)
     _check_out(out)
-    loaded = load_checkpoint(checkpoint)
+    loaded = read_checkpoint(checkpoint)
     cfg = loaded.config.model
     lacking = llama_lacks(cfg)
     if format == "llama" and lacking:
@@ -67,7 +67,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, tokenizer_path: str | Pat
                               + "; ".join(lacking) + ". Use --format megaloop (or auto), which "
                               "writes the megaloop model for transformers.")
     as_llama = format == "llama" or (format == "auto" and not lacking)
-    model = build_model(loaded)  # refuses weights that do not fit their config, before writing
+    model = model_of(loaded)  # refuses weights that do not fit their config, before writing
     tokenizer = Tokenizer.load(tokenizer_path or run_tokenizer(loaded.config))
     check_vocab(tokenizer, cfg.vocab_size)
     start_id = document_start_id(loaded.config, tokenizer)

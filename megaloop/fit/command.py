@@ -9,6 +9,7 @@ from megaloop.atomic import atomic_write_json
 from megaloop.errors import FitError
 from megaloop.fit.fitter import FitResult, fit
 from megaloop.fit.inputs import Runs, parse_filters, read_csv, read_mlflow
+from megaloop.track.names import Tag
 
 
 def read_runs(runs_csv: str | None, experiment: str | None, filters: list[str] | None,
@@ -97,10 +98,10 @@ def _log(experiment: str, filters, tracking, summary: dict, folder,
               "fit.fix_phi": settings["fix_phi"],
               "fit.bootstrap_unit": summary["bootstrap"]["unit"]}
     skipped = sum(summary["skipped"].values())
-    tags = {"megaloop.fit.experiment": experiment, "megaloop.fit.skipped_runs": str(skipped),
-            "megaloop.fit.n_runs": str(len(fitted))}
+    tags = {Tag.FIT_EXPERIMENT: experiment, Tag.FIT_SKIPPED_RUNS: str(skipped),
+            Tag.FIT_N_RUNS: str(len(fitted))}
     if len(run_ids) <= RUN_IDS_TAG_LIMIT:
-        tags["megaloop.fit.run_ids"] = run_ids
+        tags[Tag.FIT_RUN_IDS] = run_ids
     return log_fit_run(experiment, params=params, metrics=fit_metrics(summary),
                        artifact_dir=folder, tags=tags, tracking=tracking,
                        run_name=f"fit-{summary['law'].replace(', ', '-').replace(' ', '-')}")
@@ -145,6 +146,6 @@ def _log_compare(experiment: str, against: str, tracking: str | None, summary: d
                                                "fit.bootstrap": settings["bootstrap"],
                                                "fit.seed": settings["seed"]},
                            metrics=metrics, artifact_dir=folder, tracking=tracking,
-                           tags={"megaloop.fit.experiment": experiment,
-                                 "megaloop.fit.against": against},
+                           tags={Tag.FIT_EXPERIMENT: experiment,
+                                 Tag.FIT_AGAINST: against},
                            run_name=f"compare-against-{against}")

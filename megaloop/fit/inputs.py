@@ -19,11 +19,10 @@ import numpy as np
 
 from megaloop.errors import FitError
 from megaloop.fit.law import LawData
+from megaloop.track.names import Metric, Tag
 
 REQUIRED = ("n_once", "n_rec", "recurrences", "tokens", "loss")
 OPTIONAL = ("budget_flops", "flops_per_token")
-LOSS_METRIC = "val/loss"
-FIT_KIND_TAG = "megaloop.kind"  # = "fit" on the MLflow runs that hold fits (not training runs)
 
 
 @dataclass
@@ -194,18 +193,18 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
 
     from megaloop.config import TrackConfig
     from megaloop.track import find_runs, tracking_uri
-    from megaloop.track.runs import BORROW_TAG, experiment_tags
+    from megaloop.track.runs import experiment_tags
 
     uri = tracking or tracking_uri(TrackConfig(), create=False)
     every = [run for run in find_runs(experiment, tracking=uri, status=None,
                                       filter_tags=filter_tags)
-             if run["tags"].get(FIT_KIND_TAG) != "fit"]
-    borrowed = json.loads(experiment_tags(experiment, tracking=uri).get(BORROW_TAG, "[]"))
+             if run["tags"].get(Tag.KIND) != "fit"]
+    borrowed = json.loads(experiment_tags(experiment, tracking=uri).get(Tag.BORROW, "[]"))
     for source in borrowed:
         theirs = [dict(run, name=f"{source['experiment']}/{run['name'] or run['run_id']}")
                   for run in find_runs(source["experiment"], tracking=uri, status=None,
                                        filter_tags=filter_tags)
-                  if run["tags"].get(FIT_KIND_TAG) != "fit"
+                  if run["tags"].get(Tag.KIND) != "fit"
                   and run["params"].get("recurrences") in {str(r) for r in source["recurrences"]}]
         if not any(run["status"] == "finished" for run in theirs):
             rs = ", ".join(str(r) for r in source["recurrences"])
@@ -222,9 +221,9 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
         if run["status"] != "finished":
             skipped[f"not finished (megaloop.status={run['status'] or 'unset'})"] += 1
             continue
-        loss = run["metrics"].get(LOSS_METRIC)
+        loss = run["metrics"].get(Metric.VAL_LOSS)
         if loss is None or not math.isfinite(loss):
-            skipped[f"no finite final {LOSS_METRIC}"] += 1
+            skipped[f"no finite final {Metric.VAL_LOSS}"] += 1
             continue
         values, absent = {}, []
         for name in REQUIRED[:-1]:

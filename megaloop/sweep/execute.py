@@ -172,9 +172,10 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
 
         tracking = tracking_uri(runs[0].config.track)
     if borrow and not dry_run:
-        from megaloop.track.runs import BORROW_TAG, set_experiment_tag
+        from megaloop.track.names import Tag
+        from megaloop.track.runs import set_experiment_tag
 
-        set_experiment_tag(experiment, BORROW_TAG, json.dumps(borrow), tracking=tracking)
+        set_experiment_tag(experiment, Tag.BORROW, json.dumps(borrow), tracking=tracking)
     finished = finished_hashes(experiment, tracking)
     todo = [run for run in runs if run.config.hash() not in finished]
     skipped = [run.name for run in runs if run.config.hash() in finished]

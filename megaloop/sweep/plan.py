@@ -42,6 +42,7 @@ import jinja2.meta
 
 from megaloop import config as run_config
 from megaloop.config import LR_ROLES, RunConfig
+from megaloop.display import duration
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
 from megaloop.sweep.slurm import SlurmResources
@@ -294,14 +295,10 @@ def _load(spec: dict[str, Any], base: str | None, overrides: list[str], name: st
         raise ConfigError(f"Sweep {spec['experiment']}, run {name}: {exc}") from None
 
 
-def _tokens_per_step(cfg: RunConfig) -> int:
-    return cfg.train.global_batch_tokens or cfg.train.global_batch * cfg.model.max_seq_len
-
-
 def _tokens(spec: dict[str, Any], context: dict[str, Any], cfg: RunConfig, flops: float,
             name: str) -> int:
     """Tokens of one run in whole global batches: budget / flops_per_token, or given tokens."""
-    per_step = _tokens_per_step(cfg)
+    per_step = cfg.tokens_per_step
     budget = context["budget"]
     if budget is None:
         tokens = _variant(spec, context).get("tokens", spec.get("tokens"))
@@ -324,11 +321,11 @@ def plan_run(spec: dict[str, Any], context: dict[str, Any]) -> PlannedRun:
     counts = account(measured.model)
     flops = counts["flops_per_token"]
     tokens = _tokens(spec, context, measured, flops, name)
-    context = {**context, "tokens": tokens, "steps": tokens // _tokens_per_step(measured)}
+    context = {**context, "tokens": tokens, "steps": tokens // measured.tokens_per_step}
     overrides = _overrides(spec, context, name)
     cfg = _load(spec, base, overrides, name)
-    if (account(cfg.model)["flops_per_token"], _tokens_per_step(cfg)) != (
-            flops, _tokens_per_step(measured)):
+    if (account(cfg.model)["flops_per_token"], cfg.tokens_per_step) != (
+            flops, measured.tokens_per_step):
         raise ConfigError(f"Sweep {spec['experiment']}, run {name}: a value that depends on "
                           "tokens or steps changes the model or the batch, which set the "
                           "run's tokens; only settings such as learning rates may use them.")
@@ -366,7 +363,7 @@ def plan_rows(runs: list[PlannedRun]) -> list[dict[str, Any]]:
     return [{"name": run.name, "recurrences": run.config.model.recurrences,
              "d_model": run.config.model.d_model, "n_once": run.n_once, "n_rec": run.n_rec,
              "budget_flops": run.budget_flops, "tokens": run.tokens,
-             "steps": run.tokens // _tokens_per_step(run.config),
+             "steps": run.tokens // run.config.tokens_per_step,
              "flops_per_token": run.flops_per_token, "config_hash": run.config.hash(),
              "config": run.config.to_dict()}
             for run in runs]
@@ -385,18 +382,6 @@ def plan_table(runs: list[PlannedRun], peak_flops: float, assumed_mfu: float) ->
                      f"{row['flops_per_token']:>13.4g}")
     total = sum(run.compute for run in runs)
     seconds = total / (peak_flops * assumed_mfu)
-    lines.append(f"{len(runs)} runs, {total:.3g} FLOPs in all: about {_duration(seconds)} on one "
+    lines.append(f"{len(runs)} runs, {total:.3g} FLOPs in all: about {duration(seconds)} on one "
                  f"device of {peak_flops:.3g} FLOP/s at {assumed_mfu:.0%} MFU")
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    if seconds < 365 * 86400:
-        return f"{seconds / 86400:.1f} days"
-    return f"{seconds / (365 * 86400):,.0f} years"

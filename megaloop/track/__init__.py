@@ -2,7 +2,6 @@
 
 from megaloop.track.mlflow_tracker import (
     DEFAULT_TRACKING_URI,
-    STATUS_TAG,
     NullTracker,
     Tracker,
     open_tracker,
@@ -10,11 +9,13 @@ from megaloop.track.mlflow_tracker import (
     run_tags,
     tracking_uri,
 )
+from megaloop.track.names import Metric, Tag
 from megaloop.track.runs import find_runs
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
-    "STATUS_TAG",
+    "Metric",
+    "Tag",
     "NullTracker",
     "Tracker",
     "find_runs",

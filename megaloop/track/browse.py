@@ -18,11 +18,12 @@ from megaloop.config import TrackConfig
 from megaloop.display import duration
 from megaloop.errors import MegaloopError
 from megaloop.track.mlflow_tracker import open_client, sqlite_path, tracking_uri
+from megaloop.track.names import Metric, Tag
 from megaloop.track.runs import find_runs
 
 DEFAULT_UI_PORT = 5000  # MLflow's own default
 COLUMNS = ["name", "run_id", "status", "r", "d_model", "n_once", "n_rec", "tokens", "budget",
-           "val/loss", "duration"]
+           Metric.VAL_LOSS, "duration"]
 
 
 def store_uri(tracking: str | None = None) -> str:
@@ -62,7 +63,7 @@ def _row(experiment: str, run: dict[str, Any]) -> dict[str, Any]:
             "d_model": _int(params.get("model.d_model")), "n_once": _int(params.get("n_once")),
             "n_rec": _int(params.get("n_rec")), "tokens": _int(params.get("tokens")),
             "budget_flops": _float(params.get("budget_flops")),
-            "val/loss": run["metrics"].get("val/loss"), "duration_s": duration}
+            Metric.VAL_LOSS: run["metrics"].get(Metric.VAL_LOSS), "duration_s": duration}
 
 
 def _float(value: Any) -> float | None:
@@ -86,7 +87,7 @@ def list_runs(experiment: str | None = None, tracking: str | None = None) -> lis
         names = [experiment]
     return [_row(name, run) for name in names
             for run in find_runs(name, tracking=uri, status=None)
-            if run["tags"].get("megaloop.kind") != "fit"]  # fits are runs of their own kind
+            if run["tags"].get(Tag.KIND) != "fit"]  # fits are runs of their own kind
 
 
 def _count(value: int | None) -> str:
@@ -112,7 +113,7 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
                   str(row["d_model"] or "-"), _count(row["n_once"]), _count(row["n_rec"]),
                   _count(row["tokens"]),
                   "-" if row["budget_flops"] is None else f"{row['budget_flops']:.3g}",
-                  "-" if row["val/loss"] is None else f"{row['val/loss']:.4f}",
+                  "-" if row[Metric.VAL_LOSS] is None else f"{row[Metric.VAL_LOSS]:.4f}",
                   _duration(row["duration_s"])]
                  for row in rows if row["experiment"] == experiment]
         widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(COLUMNS)]

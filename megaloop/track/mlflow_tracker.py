@@ -27,9 +27,9 @@ from typing import Any
 
 from megaloop.config import RunConfig, TrackConfig, config_hash
 from megaloop.errors import MegaloopError
+from megaloop.track.names import Tag
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the working directory
-STATUS_TAG = "megaloop.status"  # running | finished | failed | killed | superseded
 STATUSES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch
 MAX_PARAMS_PER_BATCH = 100  # the same for params and for tags
@@ -78,15 +78,15 @@ def run_tags(world_size: int) -> dict[str, str]:
     found, dirty = source_commit()
     commit = found or "unknown"
     tags = {
-        "megaloop.git_commit": commit,
-        "megaloop.git_dirty": "unknown" if dirty is None else str(dirty).lower(),
-        "megaloop.host": socket.gethostname(),
-        "megaloop.world_size": str(world_size),
-        "megaloop.version.python": platform.python_version(),
-        "megaloop.version.torch": _version("torch"),
-        "megaloop.version.deepspeed": _version("deepspeed"),
-        "megaloop.version.mlflow": _version("mlflow"),
-        "megaloop.version.megaloop": __version__,
+        Tag.GIT_COMMIT: commit,
+        Tag.GIT_DIRTY: "unknown" if dirty is None else str(dirty).lower(),
+        Tag.HOST: socket.gethostname(),
+        Tag.WORLD_SIZE: str(world_size),
+        Tag.VERSION + "python": platform.python_version(),
+        Tag.VERSION + "torch": _version("torch"),
+        Tag.VERSION + "deepspeed": _version("deepspeed"),
+        Tag.VERSION + "mlflow": _version("mlflow"),
+        Tag.VERSION + "megaloop": __version__,
     }
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
@@ -326,7 +326,7 @@ class Tracker:
         try:
             self._sender.flush(close=True)
         finally:
-            self.client.set_tag(self.run_id, STATUS_TAG, STATUSES[status])
+            self.client.set_tag(self.run_id, Tag.STATUS, STATUSES[status])
             self.client.set_terminated(self.run_id, status)
 
     def __enter__(self) -> Tracker:
@@ -421,15 +421,15 @@ def _continue_run(client: Any, run: Any, params: dict[str, str], tags: dict[str,
     changed = {key for key, value in params.items() if key in old_params
                and old_params[key] != value}
     later = any(metric.step > resume_step for metric in history)
-    tags["megaloop.resumes"] = str(int(run.data.tags.get("megaloop.resumes", "0")) + 1)
+    tags[Tag.RESUMES] = str(int(run.data.tags.get(Tag.RESUMES, "0")) + 1)
     if not changed and not later:
         client.update_run(old_id, status="RUNNING")
         log_batch(client, old_id, params={k: v for k, v in params.items() if k not in old_params},
                   tags=tags)
         return old_id
-    tags.update({"megaloop.continues": old_id, "megaloop.resumed_at_step": str(resume_step)})
+    tags.update({Tag.CONTINUES: old_id, Tag.RESUMED_AT_STEP: str(resume_step)})
     if changes:
-        tags["megaloop.changes"] = "; ".join(
+        tags[Tag.CHANGES] = "; ".join(
             f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items())[:5000]
     new = client.create_run(run.info.experiment_id, run_name=run.info.run_name, tags=tags)
     new_id = new.info.run_id
@@ -437,7 +437,7 @@ def _continue_run(client: Any, run: Any, params: dict[str, str], tags: dict[str,
     kept = [metric for metric in history if metric.step <= resume_step]
     for i in range(0, len(kept), MAX_METRICS_PER_BATCH):
         client.log_batch(new_id, metrics=kept[i:i + MAX_METRICS_PER_BATCH])
-    log_batch(client, old_id, tags={"megaloop.continued_in": new_id, STATUS_TAG: "superseded"})
+    log_batch(client, old_id, tags={Tag.CONTINUED_IN: new_id, Tag.STATUS: "superseded"})
     client.set_terminated(old_id, "KILLED")
     return new_id
 
@@ -455,8 +455,8 @@ def open_tracker(config: RunConfig, *, rank: int, world_size: int, derived: dict
     uri = tracking_uri(config.track)
     client = open_client(uri)
     params = run_params(config, derived)
-    tags = {**run_tags(world_size), STATUS_TAG: "running",
-            "megaloop.config_hash": params["config_hash"]}
+    tags = {**run_tags(world_size), Tag.STATUS: "running",
+            Tag.CONFIG_HASH: params["config_hash"]}
     try:
         if resume_run_id:
             run = _resumable_run(client, resume_run_id, config.track.experiment, uri)

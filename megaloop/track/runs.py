@@ -12,7 +12,6 @@ from megaloop.config import TrackConfig
 from megaloop.errors import MegaloopError
 from megaloop.track.mlflow_tracker import (
     MAX_METRICS_PER_BATCH,
-    STATUS_TAG,
     experiment_id_of,
     log_batch,
     open_client,
@@ -20,6 +19,7 @@ from megaloop.track.mlflow_tracker import (
     sqlite_path,
     tracking_uri,
 )
+from megaloop.track.names import Tag
 
 
 def find_runs(experiment: str, *, tracking: str | None = None, status: str | None = "finished",
@@ -37,7 +37,7 @@ def find_runs(experiment: str, *, tracking: str | None = None, status: str | Non
         return []
     wanted = {key: str(value) for key, value in (filter_tags or {}).items()}
     if status is not None:
-        wanted[STATUS_TAG] = status
+        wanted[Tag.STATUS] = status
     plain = {k: v for k, v in wanted.items() if not set("'\"`\\") & set(k + v)}  # quotable
     query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in plain.items())
     runs, token = [], None
@@ -49,14 +49,13 @@ def find_runs(experiment: str, *, tracking: str | None = None, status: str | Non
         if not token:
             break
     return [{"run_id": run.info.run_id, "name": run.info.run_name,
-             "status": run.data.tags.get(STATUS_TAG), "run_status": run.info.status,
+             "status": run.data.tags.get(Tag.STATUS), "run_status": run.info.status,
              "experiment_id": run.info.experiment_id, "start_time": run.info.start_time,
              "end_time": run.info.end_time, "params": dict(run.data.params),
              "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}
             for run in runs if all(run.data.tags.get(k) == v for k, v in wanted.items())]
 
 
-BORROW_TAG = "megaloop.borrow"  # an experiment's: the runs of others that its fit also takes
 
 
 def set_experiment_tag(experiment: str, key: str, value: str, *,
@@ -93,7 +92,7 @@ def log_fit_run(experiment: str, *, params: dict, metrics: dict[str, float],
         experiment_id = experiment_id_of(client, experiment, uri)
         run_id = client.create_run(experiment_id, run_name=run_name or "fit",
                                    tags={**run_tags(1), **(tags or {}),
-                                         "megaloop.kind": "fit"}).info.run_id
+                                         Tag.KIND: "fit"}).info.run_id
     except MlflowException as exc:
         raise MegaloopError(f"MLflow at {uri} refused the fit run: {exc.message}") from exc
     try:

@@ -22,33 +22,30 @@ rank r takes the loader and RNG state of saved rank r mod the saved world size.
 
 from __future__ import annotations
 
-import json
 import random
-import re
 import shutil
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from megaloop.atomic import atomic_write_hashed, atomic_write_json, file_digest, fsync_files
+from megaloop.atomic import atomic_write_hashed, file_digest, fsync_files
+from megaloop.ckpt.layout import (
+    MARKER,
+    RESHARDED,
+    CheckpointWarning,
+    check_resume_target,
+    read_marker,
+    set_aside,
+    step_folders,
+    tag_of,
+    verify_share,
+    write_marker,
+)
+from megaloop.ckpt.reading import load_checkpoint_file
 from megaloop.errors import CheckpointError
-
-MARKER = "megaloop_complete.json"
-RESHARDED = "resharded"  # the universal checkpoint of a resume onto another number of ranks
-MARKER_FORMAT = "megaloop-checkpoint-v2"  # v1 (no "format" key) recorded sizes only
-TAG = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint was skipped because it is incomplete or damaged."""
-
-
-def tag_of(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state(engine: Any) -> dict[str, Any]:
@@ -70,86 +67,6 @@ def set_rng_state(engine: Any, state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-
-
-def read_marker(folder: Path) -> dict[str, Any]:
-    """The marker of checkpoint `folder`; CheckpointError when it is missing or unreadable."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-        if not isinstance(marker["files"], dict):
-            raise TypeError("'files' is not a mapping")
-        return marker
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"its marker {MARKER} is unreadable ({exc})") from None
-
-
-def file_problem(folder: Path, name: str, recorded: Any, sizes_only: bool = False) -> str | None:
-    """Why file `name` of checkpoint `folder` is not the one written (missing, another size,
-    other bytes), or None. `sizes_only`: a v1 marker's entry (a size)."""
-    file = folder / name
-    if not file.is_file():
-        return f"{name} is missing"
-    size = recorded if sizes_only else recorded.get("bytes")
-    if file.stat().st_size != size:
-        return f"{name} has {file.stat().st_size} bytes, {size} were written"
-    if not sizes_only and file_digest(file)["sha256"] != recorded.get("sha256"):
-        return f"{name} does not hold the bytes that were written (its SHA-256 differs)"
-    return None
-
-
-def verify_share(folder: Path, rank: int, world_size: int, trust: bool = False) -> str | None:
-    """Check this rank's share of checkpoint `folder`'s files (every world_size-th, from
-    `rank`) against its marker: the ranks read the checkpoint once between them. Returns the
-    first problem found, or None."""
-    try:
-        marker = read_marker(folder)
-    except CheckpointError as exc:
-        return str(exc)
-    sizes_only = marker.get("format") != MARKER_FORMAT
-    if sizes_only and not trust:
-        return ("its marker records file sizes only (an older megaloop wrote it), so its "
-                "contents cannot be verified; resume with --trust-checkpoint to load it anyway")
-    for name in sorted(marker["files"])[rank::world_size]:
-        problem = file_problem(folder, name, marker["files"][name], sizes_only)
-        if problem is not None:
-            return problem
-    return None
-
-
-def step_folders(run: Path, marked_only: bool = False) -> list[Path]:
-    """The step_* folders of run folder `run` (only those with a marker: `marked_only`),
-    newest first."""
-    if not run.is_dir():
-        return []
-    found = [p for p in run.iterdir()
-             if TAG.match(p.name) and (not marked_only or (p / MARKER).exists())]
-    return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def check_resume_target(which: str | None, trust: bool = False) -> None:
-    """`--resume`: `auto`, or a checkpoint folder (with its marker, unless `trust`); else a
-    CheckpointError that says which, before a run writes anything."""
-    if which is None or which == "auto":
-        return
-    path = Path(which)
-    if not path.is_dir():
-        hint = " (did you mean --resume auto?)" if "auto".startswith(which.lower()[:2]) else ""
-        raise CheckpointError(f"--resume {which}: there is no folder {path}{hint}. Pass --resume "
-                              "auto for the run's newest checkpoint, or a step_* folder of a run.")
-    if not (path / MARKER).exists() and not trust:
-        raise CheckpointError(f"{path} is not a complete megaloop checkpoint (no {MARKER}); pass "
-                              "a step_* folder of a run, or --resume auto.")
-
-
-def set_aside(path: Path, reason: str) -> Path:
-    """Rename checkpoint `path` to `<tag>.<reason>` (a free name): kept for inspection, never
-    loaded, pruned or overwritten."""
-    target = path.with_name(f"{path.name}.{reason}")
-    count = 1
-    while target.exists():
-        target, count = path.with_name(f"{path.name}.{reason}.{count}"), count + 1
-    path.rename(target)
-    return target
 
 
 class Checkpoints:
@@ -225,10 +142,7 @@ class Checkpoints:
                   if p.is_file() and p.name != MARKER and str(p.relative_to(folder)) not in files]
         fsync_files(others)
         files.update({str(p.relative_to(folder)): {**file_digest(p), "rank": 0} for p in others})
-        atomic_write_json(folder / MARKER, {
-            "format": MARKER_FORMAT, "step": step, "world_size": self.world_size,
-            "config_hash": config_hash, "files": files,
-            "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        write_marker(folder, step, self.world_size, config_hash, files)
 
     def complete(self) -> list[Path]:
         """Marked checkpoints, newest first."""
@@ -334,8 +248,6 @@ class Checkpoints:
                        "incomplete")
 
     def _load_verified(self, path: Path) -> dict[str, Any]:
-        from megaloop.train.engine import load_checkpoint_file
-
         marker = read_marker(path) if (path / MARKER).exists() else None
         saved_by = (marker or {}).get("world_size") or self.world_size
         try:

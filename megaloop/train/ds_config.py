@@ -43,13 +43,10 @@ class BatchGeometry:
 
 def batch_geometry(config: RunConfig, world_size: int) -> BatchGeometry:
     train, seq_len = config.train, config.model.max_seq_len
-    if train.global_batch_tokens is not None:
-        if train.global_batch_tokens % seq_len:
-            raise ConfigError(f"train.global_batch_tokens = {train.global_batch_tokens} is not a "
-                              f"multiple of model.max_seq_len = {seq_len}.")
-        global_batch = train.global_batch_tokens // seq_len
-    else:
-        global_batch = train.global_batch
+    if config.tokens_per_step % seq_len:
+        raise ConfigError(f"train.global_batch_tokens = {train.global_batch_tokens} is not a "
+                          f"multiple of model.max_seq_len = {seq_len}.")
+    global_batch = config.tokens_per_step // seq_len
     per_pass = train.micro_batch * world_size
     if global_batch % per_pass:
         raise ConfigError(f"The global batch of {global_batch} sequences is not a multiple of "

@@ -31,8 +31,8 @@ engine and the process group are torn down in that order, or a rank can abort at
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-import pickle
 import shutil
 import sys
 import tempfile
@@ -44,10 +44,11 @@ import torch
 import torch.distributed as dist
 
 from megaloop.atomic import atomic_write_hashed
+from megaloop.ckpt.reading import DEEPSPEED_PICKLED, load_checkpoint_file, loads_without_code
 from megaloop.cluster import loopback_interface
 from megaloop.config import RunConfig
 from megaloop.device import Device, PeakMemory, resolve_precision
-from megaloop.errors import CheckpointError, ConfigError
+from megaloop.errors import ConfigError
 from megaloop.local_ranks import RENDEZVOUS
 from megaloop.model.looped import LoopedLM
 from megaloop.train.ds_config import (
@@ -174,7 +175,8 @@ def make_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Opt
                             **adamw_settings(config))
 
 
-def build_model(config: RunConfig, ds_config: dict[str, Any], device: torch.device) -> LoopedLM:
+def build_training_model(config: RunConfig, ds_config: dict[str, Any],
+                         device: torch.device) -> LoopedLM:
     """The model on `device`. ZeRO 0-2: initialised on the CPU from the seed (the same weights
     on every machine), then moved. ZeRO-3: sharded as it is made, under zero.Init, then
     initialised module by module with its weights gathered."""
@@ -260,42 +262,6 @@ def check_ds_config(config: RunConfig, ds_config: dict[str, Any]) -> None:
 
 # ---- checkpoint files -------------------------------------------------------------------------
 
-_torch_load = torch.load  # torch's own, also while `loads_without_code` stands in for it
-
-def load_checkpoint_file(path: str | Path, map_location: Any = None, trust: bool = False) -> Any:
-    """`torch.load` of a checkpoint file that runs no code: tensors, plain data and the few
-    DeepSpeed classes its files hold (`checkpoint_pickle_globals`). `trust`: unpickle fully
-    (for a checkpoint of another tool, whose source the user trusts)."""
-    try:
-        with torch.serialization.safe_globals(checkpoint_pickle_globals()):
-            return _torch_load(path, map_location=map_location, weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        lines = str(exc).strip().splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
-        raise CheckpointError(
-            f"{path} holds pickled objects beyond tensors and plain data ({reason}). megaloop "
-            "loads no code from a checkpoint and writes none into its own; if you trust where "
-            "this one came from, resume with --trust-checkpoint.") from None
-
-
-@contextlib.contextmanager
-def loads_without_code(trust: bool) -> Iterator[None]:
-    """Every `torch.load` inside runs no code (`load_checkpoint_file`'s rule), unless `trust`.
-    DeepSpeed's universal-checkpoint conversion and loader unpickle fully and take no
-    checkpoint engine, so this is the one place to hold them to it."""
-    if trust:
-        yield
-        return
-    def load(path: Any, map_location: Any = None, **_: Any) -> Any:
-        return load_checkpoint_file(path, map_location)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = _torch_load
-
-
 def universal_checkpoint(source: Path, target: Path, trust: bool) -> None:
     """DeepSpeed's universal checkpoint of checkpoint folder `source` in `target` (every
     parameter's weights and optimizer moments whole, one folder each), which any number of
@@ -309,7 +275,7 @@ def universal_checkpoint(source: Path, target: Path, trust: bool) -> None:
                                      num_extract_workers=1, num_merge_workers=1,
                                      keep_temp_folder=False, strict=True,
                                      inject_missing_state=True)
-        with loads_without_code(trust):
+        with loads_without_code(trust, checkpoint_pickle_globals()):
             ds_to_universal.main(args)
 
 
@@ -317,7 +283,8 @@ class CheckpointFiles:
     """DeepSpeed's checkpoint engine with megaloop's file rules: every file written
     write-then-rename with its SHA-256 taken as it passes (`written`), a failed write (a full
     disk) kept in `failure` instead of raised inside DeepSpeed's collective save, and every
-    file read by `load_checkpoint_file`. Everything else is DeepSpeed's engine's."""
+    file read by `load_checkpoint_file` with DeepSpeed's own classes allowed. Everything else
+    is DeepSpeed's engine's."""
 
     def __init__(self, inner: Any, trust: bool):
         self._inner, self._trust = inner, trust
@@ -338,7 +305,8 @@ class CheckpointFiles:
             self.failure = f"writing {path} failed ({type(exc).__name__}: {exc})"
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        return load_checkpoint_file(path, map_location, self._trust)
+        return load_checkpoint_file(path, map_location, self._trust,
+                                    allowed=checkpoint_pickle_globals())
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -386,7 +354,7 @@ class Engine:
         if self.rank == 0:
             warn_about_zero3_costs(config, self.zero_stage)
         check_ds_config(config, self.ds_config)
-        self.model = build_model(config, self.ds_config, self.device)
+        self.model = build_training_model(config, self.ds_config, self.device)
         optimizer = make_optimizer(self.model, config)
         self._whole_matrices = (optimizer if isinstance(optimizer, MuonH)
                                 and optimizer.whole_matrices else None)
@@ -550,7 +518,7 @@ class Engine:
                     for group in self._ds.optimizer.param_groups]
         self._ds._config.load_universal_checkpoint = True
         try:
-            with loads_without_code(self.trust_checkpoints):
+            with loads_without_code(self.trust_checkpoints, checkpoint_pickle_globals()):
                 client = load()
         finally:
             self._ds._config.load_universal_checkpoint = False
@@ -584,12 +552,12 @@ class Engine:
 
 
 def checkpoint_pickle_globals() -> list[Any]:
-    """The DeepSpeed classes that ZeRO optimizer files pickle (data only: an enum, the loss
-    scaler's settings, a fragment's offset and size); allowlisted so that
-    `torch.load(weights_only=True)` accepts them."""
+    """The DeepSpeed classes that ZeRO optimizer files pickle (megaloop.ckpt.reading names
+    them), for loads whose state goes back to DeepSpeed's engine: the real classes, allowlisted
+    so that `torch.load(weights_only=True)` accepts them."""
     with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+        found = []
+        for name in DEEPSPEED_PICKLED:
+            module, _, attribute = name.rpartition(".")
+            found.append(getattr(importlib.import_module(module), attribute))
+    return found

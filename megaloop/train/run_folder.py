@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from megaloop.atomic import atomic_write_json
+from megaloop.ckpt.layout import step_folders
 from megaloop.config import GROUP_ROLES, LR_ROLES, RunConfig, upgrade_saved
 from megaloop.errors import CheckpointError, ConfigError
-from megaloop.train.checkpoint import step_folders
 
 RECORD = "megaloop_run.json"
 LOCK = "megaloop.lock"

@@ -26,6 +26,7 @@ import yaml
 from tqdm import tqdm
 
 from megaloop.atomic import atomic_write_json
+from megaloop.ckpt.layout import check_resume_target
 from megaloop.cluster import STOP_REPORTS
 from megaloop.config import RunConfig
 from megaloop.data.dataset import open_run_data
@@ -34,7 +35,8 @@ from megaloop.display import duration
 from megaloop.errors import CheckpointError, ConfigError, TrainingError
 from megaloop.model.accounting import account, causal_flops_per_token
 from megaloop.track import open_tracker
-from megaloop.train.checkpoint import Checkpoints, check_resume_target
+from megaloop.track.names import Metric, Tag
+from megaloop.train.checkpoint import Checkpoints
 from megaloop.train.ds_config import batch_geometry, total_steps
 from megaloop.train.engine import Engine
 from megaloop.train.mfu import peak_flops
@@ -239,13 +241,13 @@ class Trainer:
                                     derived=self.derived_params(), resume_run_id=run_id,
                                     resume_step=self.step, changes=self.claim.changes)
         # a tag, not a param: a peak measured at start differs a little on every resume
-        self.tracker.set_tags({"megaloop.peak_flops": f"{self.peak:.4g}",
-                               "megaloop.peak_flops_source": self.peak_source,
-                               "megaloop.host_allocator": self.engine.host_allocator,
-                               "megaloop.device": self.engine.device_name(),
-                               "megaloop.precision": self.engine.precision,
-                               "megaloop.matmul_precision": self.engine.matmul_precision,
-                               "megaloop.checkpoint_dir": str(self.folder.path.resolve())})
+        self.tracker.set_tags({Tag.PEAK_FLOPS: f"{self.peak:.4g}",
+                               Tag.PEAK_FLOPS_SOURCE: self.peak_source,
+                               Tag.HOST_ALLOCATOR: self.engine.host_allocator,
+                               Tag.DEVICE: self.engine.device_name(),
+                               Tag.PRECISION: self.engine.precision,
+                               Tag.MATMUL_PRECISION: self.engine.matmul_precision,
+                               Tag.CHECKPOINT_DIR: str(self.folder.path.resolve())})
         self.log_dataset()
         self.tracker.log_text(json.dumps(self.engine.ds_config, indent=2), "ds_config.json")
         self.tracker.log_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False),
@@ -275,7 +277,7 @@ class Trainer:
 
         runs = find_runs(self.config.track.experiment, status=None,
                          tracking=tracking_uri(self.config.track),
-                         filter_tags={"megaloop.config_hash": self.config.hash()})
+                         filter_tags={Tag.CONFIG_HASH: self.config.hash()})
         unfinished = [run for run in runs if run["status"] not in ("finished", "superseded")]
         return unfinished[-1]["run_id"] if unfinished else None
 
@@ -342,7 +344,8 @@ class Trainer:
         (loss_sum, count), _ = self.engine.sum_over_ranks([0.0 if total is None else total,
                                                            predicted])
         loss = loss_sum / count if count else math.nan
-        return {"val/loss": loss, "val/bpb": loss / math.log(2) / self.val_data.bytes_per_token}
+        bpb = loss / math.log(2) / self.val_data.bytes_per_token
+        return {Metric.VAL_LOSS: loss, Metric.VAL_BPB: bpb}
 
     def save(self) -> Path:
         self.tracker.flush()  # metrics up to a checkpoint survive a kill that follows it
@@ -411,8 +414,8 @@ class Trainer:
         if self.step % train.checkpoint_interval:
             self.save()
         self.tracker.finish("FINISHED")
-        self.say(f"finished {self.step} steps: val/loss {last_eval['val/loss']:.4f}, "
-                 f"val/bpb {last_eval['val/bpb']:.4f}")
+        self.say(f"finished {self.step} steps: val/loss {last_eval[Metric.VAL_LOSS]:.4f}, "
+                 f"val/bpb {last_eval[Metric.VAL_BPB]:.4f}")
         return {"step": self.step, "stopped": False, "run_id": self.tracker.run_id,
                 "checkpoint": str(self.checkpoints.folder), **last_eval,
                 "intervals": self.intervals}
@@ -422,22 +425,22 @@ class Trainer:
         mfu = flops_per_s / (self.peak * self.world_size)
         mfu_causal = causal_flops_per_s / (self.peak * self.world_size)
         memory = self.engine.peak_memory()
-        metrics = {"train/loss": synced.loss, "train/lr": synced.lr,
-                   "train/tokens_per_s": tokens_per_s, "train/mfu": mfu,
-                   "train/mfu_causal": mfu_causal,
-                   "train/peak_mem_gib": memory.allocated_gib,
-                   "train/recurrences": synced.recurrences}
+        metrics = {Metric.TRAIN_LOSS: synced.loss, Metric.LR: synced.lr,
+                   Metric.TOKENS_PER_S: tokens_per_s, Metric.MFU: mfu,
+                   Metric.MFU_CAUSAL: mfu_causal,
+                   Metric.PEAK_MEM_GIB: memory.allocated_gib,
+                   Metric.RECURRENCES: synced.recurrences}
         if memory.reserved_gib is not None:
-            metrics["train/peak_mem_reserved_gib"] = memory.reserved_gib
+            metrics[Metric.PEAK_MEM_RESERVED_GIB] = memory.reserved_gib
         self.intervals.append({"step": self.step, "loss": synced.loss,
                                "recurrences": synced.recurrences,
                                "tokens_per_s": tokens_per_s, "mfu": mfu,
                                "mfu_causal": mfu_causal, "peak_mem_gib": memory.allocated_gib,
                                "peak_mem_reserved_gib": memory.reserved_gib})
         if synced.grad_norm is not None:
-            metrics["train/grad_norm"] = synced.grad_norm
-        metrics["train/tokens_seen"] = self.step * self.geometry.tokens_per_step
-        metrics["train/flops_seen"] = self.flops_seen
+            metrics[Metric.GRAD_NORM] = synced.grad_norm
+        metrics[Metric.TOKENS_SEEN] = self.step * self.geometry.tokens_per_step
+        metrics[Metric.FLOPS_SEEN] = self.flops_seen
         self.tracker.log_metrics(metrics, self.step)
         if self.plain_lines:
             self.say(progress_line(self.step, self.total_steps, synced, tokens_per_s, mfu,
@@ -454,7 +457,7 @@ def progress_line(step: int, total: int, synced: SyncedStep, tokens_per_s: float
             f"ETA {duration(eta) if math.isfinite(eta) else '?'}")
 
 
-def report_stop(rank: int, step: int) -> None:
+def write_stop_report(rank: int, step: int) -> None:
     """Tell the launcher (launch.py's run_torchrun) that this rank saved and stopped."""
     reports = os.environ.get(STOP_REPORTS)
     if reports:
@@ -484,7 +487,7 @@ def train(config: RunConfig, *, resume: str | None = None, progress: bool = True
         trainer.start()
         summary = trainer.run()
         if summary["stopped"]:
-            report_stop(engine.rank, summary["step"])
+            write_stop_report(engine.rank, summary["step"])
         if summary_json is not None and engine.rank == 0:
             atomic_write_json(summary_json, {**summary, "device": engine.device_name(),
                                              "peak_flops": trainer.peak,
