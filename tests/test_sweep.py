@@ -418,7 +418,8 @@ def test_slurm_array_script(tmp_path, stdlib_shards):
     assert "#SBATCH --array=0-2" in script and "#SBATCH --requeue" in script
     assert "#SBATCH --gpus-per-node=4" in script  # a GPU for each of the 4 ranks of a run
     assert "#SBATCH --signal=B:TERM@120" in script
-    assert "--resume auto" in script and "--nproc 4" in script and "launch.sh" in script
+    assert "--resume auto" in script and "--nproc 4" in script
+    assert "-m megaloop.launch train" in script  # launch.sh's logic, found without the checkout
     listing = tmp_path / "runs" / "sweeps" / "tiny-sweep" / "runs.txt"
     configs = [Path(line) for line in listing.read_text().splitlines()]
     assert [p.stem for p in configs] == ["r1-d64", "r2-d64", "r4-d64"]
@@ -473,7 +474,8 @@ def test_an_array_task_passes_sigterm_to_its_step_and_requeues(tmp_path):
     out, err = task.communicate(timeout=30)
     assert task.returncode == 0, err
     argv, *events = step_log.read_text().splitlines()
-    assert argv.endswith("launch.sh train /configs/b.yaml --resume auto --no-progress --nproc 4")
+    assert argv.endswith("-m megaloop.launch train /configs/b.yaml --resume auto --no-progress "
+                         "--nproc 4")
     assert events == ["started", "TERM"]
     assert scontrol_log.read_text().split() == ["requeue", "555"]
     assert "requeueing job 555" in out

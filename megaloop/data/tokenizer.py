@@ -20,8 +20,9 @@ from tqdm import tqdm
 from megaloop.atomic import atomic_write_bytes
 from megaloop.data.corpus import Corpus
 from megaloop.errors import DataError
+from megaloop.resources import shipped
 
-SHIPPED_TOKENIZERS = Path(__file__).resolve().parents[2] / "tokenizer"  # see its README.md
+SHIPPED_TOKENIZERS = shipped("tokenizer")  # see its README.md
 DEFAULT_TOKENIZER = SHIPPED_TOKENIZERS / "stdlib-4k.model"
 MAX_LINE_CHARS = 1024
 DEFAULT_MAX_SENTENCES = 2_000_000

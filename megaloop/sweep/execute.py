@@ -27,7 +27,7 @@ from megaloop.local_ranks import die_with_parent
 from megaloop.sweep.plan import PlannedRun
 from megaloop.sweep.slurm import SlurmResources, submit_slurm
 
-REPO = Path(__file__).resolve().parents[2]
+LAUNCH = (sys.executable, "-m", "megaloop.launch")  # launch.sh's logic, in this environment
 SWEEPS_DIR = Path("runs") / "sweeps"
 
 
@@ -140,7 +140,7 @@ def run_local(runs: list[PlannedRun], experiment: str, nproc: int, progress: boo
             outcome.left = [r.name for r in runs[index:]]
             return
         bar.set_postfix_str(run.name)
-        argv = [str(REPO / "launch.sh"), "train", str(path), "--resume", "auto", "--no-progress",
+        argv = [*LAUNCH, "train", str(path), "--resume", "auto", "--no-progress",
                 "--nproc", str(nproc)]
         stop.child = subprocess.Popen(argv, preexec_fn=die_with_parent(os.getpid()))
         code = stop.child.wait()

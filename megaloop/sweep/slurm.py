@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,6 @@ from typing import Any
 from megaloop.atomic import atomic_write_bytes
 from megaloop.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[2]
 OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[^\s'\"\\]+)?$")  # one sbatch option, no shell
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 NAME = re.compile(r"^[A-Za-z0-9_.,-]+$")
@@ -123,7 +123,7 @@ def slurm_script(experiment: str, listing: Path, count: int, nproc: int, log_fol
     """The array script: task i trains the config on line i + 1 of `listing`."""
     resources = resources or SlurmResources()
     cpu_ranks = resources.gpus_per_node == 0  # asked for no GPU: CPU ranks on purpose
-    launch = [str(REPO / "launch.sh"), "train", '"$config"', "--resume", "auto",
+    launch = [sys.executable, "-m", "megaloop.launch", "train", '"$config"', "--resume", "auto",
               "--no-progress", "--nproc", str(nproc)]
     quoted = " ".join(part if part == '"$config"' else shlex.quote(part) for part in launch)
     env = "DS_ACCELERATOR=cpu " if cpu_ranks else ""

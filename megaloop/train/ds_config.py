@@ -23,9 +23,10 @@ import jinja2.sandbox
 from megaloop.config import RunConfig
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
+from megaloop.resources import shipped
 from megaloop.templating import render_or_refuse
 
-DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIGS = shipped("ds_configs")  # the templates megaloop ships
 MIN_REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's default; raised for larger loop blocks
 
 
