@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from megaloop.errors import MegaloopError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -107,7 +109,6 @@ def check_output(path: str | Path, option: str, folder: bool) -> None:
     """Refuse, before any work, an output path that cannot be written: a file where its
     folders go, a folder where a file goes (or the reverse), or a place this process cannot
     write. `option` names it in the message (e.g. "--report")."""
-    from megaloop.errors import MegaloopError
 
     path = Path(path)
     if path.exists() and path.is_dir() != folder:

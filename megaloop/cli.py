@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import sys
@@ -539,7 +540,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def explain_os_error(exc: OSError) -> str:
     """What went wrong with which path, and the fix, for an error the file system raised."""
-    import errno
 
     from megaloop.atomic import file_in_the_way
 

@@ -66,13 +66,17 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
+import tempfile
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaloop import local_ranks
+from megaloop.cli import main as megaloop_main
 from megaloop.cluster import (
     HOST,
     STOP_REPORTS,
@@ -312,7 +316,6 @@ def run_rank(payload: str) -> int:
     local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     if local_ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_cores() // local_ranks))
-    from megaloop.cli import main as megaloop_main
 
     return megaloop_main(argv)
 
@@ -322,8 +325,6 @@ def run_torchrun(torchrun_argv: list[str]) -> int:
     preemption) torchrun passes the signal to its ranks, waits for them and raises; here that
     ends in one line and exit 0 when every local rank saved its checkpoint and stopped (each
     leaves a report in $MEGALOOP_STOP_REPORTS), else 128 + the signal."""
-    import shutil
-    import tempfile
 
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -351,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [TORCHRUN]:
         return run_torchrun(argv[1:])
     if argv[:1] == [LOCAL_RANKS] and len(argv) > 2 and argv[1].isdigit():
-        from megaloop import local_ranks
 
         return local_ranks.run(int(argv[1]), [sys.executable, *argv[2:]])
     try:

@@ -19,6 +19,7 @@ What this process does, in the role of torchrun's agent:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -59,7 +60,6 @@ def die_with_parent(parent: int):
     def arm() -> None:
         if not sys.platform.startswith("linux"):
             return
-        import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl took effect

@@ -1,4 +1,4 @@
-"""One rank of a two-rank check (tests/test_engine.py runs it under torchrun): after one
+"""One rank of a two-rank check (tests/train/test_engine.py runs it under torchrun): after one
 micro-batch per rank in bf16, the engine's reduced gradient of a Linear weight of the loop block
 against the fp64 sum of both ranks' gradients, computed here by a plain model. Prints the
 relative error (rank 0) as JSON.

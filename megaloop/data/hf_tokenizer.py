@@ -15,6 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
 from megaloop.atomic import atomic_write_json
 from megaloop.data.tokenizer import Tokenizer
 from megaloop.errors import DataError, MegaloopError
@@ -31,7 +34,6 @@ PROBES = [
 def hf_tokenizer(model_file: Path) -> Any:
     """A `tokenizers.Tokenizer` that encodes like the sentencepiece BPE model `model_file`."""
     try:
-        from sentencepiece import sentencepiece_model_pb2
         from tokenizers import Regex, decoders, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers.models import BPE
@@ -79,7 +81,6 @@ def write_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int, start_id: 
     """tokenizer.model, tokenizer.json, tokenizer_config.json; True when the HF tokenizer encodes
     the probe texts exactly as sentencepiece does. The declared BOS is `start_id`, the token the
     run's documents follow, which transformers and lm-eval put before a text."""
-    import sentencepiece as spm
 
     shutil.copyfile(tokenizer.path, folder / "tokenizer.model")
     converted = hf_tokenizer(tokenizer.path)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
 from megaloop.ckpt.layout import resolve
 from megaloop.ckpt.zero import read_zero_weights
@@ -56,8 +58,6 @@ def _load_folder(folder: Path) -> LoadedCheckpoint:
 
 
 def _load_file(file: Path) -> LoadedCheckpoint:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
 
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -112,7 +112,6 @@ def load_model(path: str | Path,
 def save_safetensors(tensors: dict[str, torch.Tensor], out: Path,
                      metadata: dict[str, str]) -> None:
     """safetensors' save_file to a temporary name beside `out`, then a rename."""
-    from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -7,9 +7,12 @@ from pathlib import Path
 
 from megaloop.atomic import atomic_write_json
 from megaloop.errors import FitError
+from megaloop.fit.compare import compare
 from megaloop.fit.fitter import FitResult, fit
 from megaloop.fit.inputs import Runs, parse_filters, read_csv, read_mlflow
+from megaloop.fit.report import write_report
 from megaloop.track.names import Tag
+from megaloop.track.runs import log_fit_run
 
 
 def read_runs(runs_csv: str | None, experiment: str | None, filters: list[str] | None,
@@ -55,7 +58,6 @@ def run_fit(*, runs_csv: str | None = None, experiment: str | None = None,
 
 
 def write(result: FitResult, summary: dict, folder: str | Path) -> Path:
-    from megaloop.fit.report import write_report
 
     return write_report(result, summary, folder)
 
@@ -85,7 +87,6 @@ def _log(experiment: str, filters, tracking, summary: dict, folder,
          fitted: list[dict[str, str]]) -> str:
     """The fit as an MLflow run, with the runs it took: `fitted_runs.json` (run id and name of
     each) and, while short enough for a tag, `megaloop.fit.run_ids`."""
-    from megaloop.track.runs import log_fit_run
 
     atomic_write_json(Path(folder) / "fitted_runs.json", fitted)
     run_ids = ",".join(run["run_id"] for run in fitted)
@@ -113,7 +114,6 @@ def run_compare(*, against: str, runs_csv: str | None = None, experiment: str | 
                 json_out: str | None = None, log_to_mlflow: bool = True) -> dict:
     """Δφ of B (`runs_csv` or `experiment`) against A (`against`: a CSV, or an experiment of
     the same store); from MLflow it is logged as a fit run of B's experiment."""
-    from megaloop.fit.compare import compare
 
     if (runs_csv is None) == (experiment is None):
         raise FitError("Give the runs to compare: --runs FILE.csv --against OTHER.csv, or "
@@ -132,7 +132,6 @@ def run_compare(*, against: str, runs_csv: str | None = None, experiment: str | 
 
 
 def _log_compare(experiment: str, against: str, tracking: str | None, summary: dict) -> str:
-    from megaloop.track.runs import log_fit_run
 
     lo, hi = summary["delta_phi_ci"]
     metrics = {"delta_phi": summary["delta_phi"], "delta_phi_lo": lo, "delta_phi_hi": hi,

@@ -10,6 +10,7 @@ runs tagged `megaloop.status=finished`; the others are skipped and counted by re
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from megaloop.config import TrackConfig
 from megaloop.errors import FitError
 from megaloop.fit.law import LawData
+from megaloop.track import find_runs, tracking_uri
 from megaloop.track.names import Metric, Tag
+from megaloop.track.runs import experiment_tags
 
 REQUIRED = ("n_once", "n_rec", "recurrences", "tokens", "loss")
 OPTIONAL = ("budget_flops", "flops_per_token")
@@ -189,11 +193,7 @@ def read_mlflow(experiment: str, *, tracking: str | None = None,
     """The finished runs of an MLflow experiment, and those it borrows from others (its tag
     megaloop.borrow, set by the sweep whose spec says `borrow`: a case study's r = 1 baseline);
     `Runs.skipped` counts the others by reason."""
-    import json
 
-    from megaloop.config import TrackConfig
-    from megaloop.track import find_runs, tracking_uri
-    from megaloop.track.runs import experiment_tags
 
     uri = tracking or tracking_uri(TrackConfig(), create=False)
     every = [run for run in find_runs(experiment, tracking=uri, status=None,

@@ -31,10 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megaloop.data.dataset import document_start_id, tokenizer_path
 from megaloop.data.loader import PADDING, ValLoader, eval_windows, predicted_tokens
 from megaloop.data.shards import TokenShards
-from megaloop.data.tokenizer import Tokenizer
+from megaloop.data.tokenizer import Tokenizer, check_vocab
+from megaloop.device import default_device
 from megaloop.errors import ConfigError, DataError
+from megaloop.export.weights import load_model
 from megaloop.model.looped import LoopedLM
 
 
@@ -169,10 +172,6 @@ def evaluate_checkpoint(checkpoint: str | Path, *, text: str | Path | None = Non
     Defaults come from the checkpoint's config: batch size train.micro_batch; on shards the
     trainer's last validation: train.eval_tokens, else train.eval_batches x (ranks that
     trained it) batches."""
-    from megaloop.data.dataset import document_start_id, tokenizer_path
-    from megaloop.data.tokenizer import check_vocab
-    from megaloop.device import default_device
-    from megaloop.export.weights import load_model
 
     if (text is None) == (shards is None):
         raise ConfigError("Evaluate on one of --text FILE or --shards DIR.")

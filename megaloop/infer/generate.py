@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 
+from megaloop.data.dataset import document_start_id, tokenizer_path
+from megaloop.data.tokenizer import Tokenizer, check_vocab
+from megaloop.device import default_device
 from megaloop.errors import ConfigError, DataError
+from megaloop.export.weights import load_model
 from megaloop.model.early_exit import EarlyExit
 from megaloop.model.looped import LoopedLM
 
@@ -117,10 +121,6 @@ def generate_text(checkpoint: str | Path, prompt: str, sampling: Sampling, *,
                   tokenizer: str | Path | None = None, device: str | None = None,
                   use_cache: bool = True) -> dict:
     """`megaloop generate`: load the checkpoint and its tokenizer, sample a continuation."""
-    from megaloop.data.dataset import document_start_id, tokenizer_path
-    from megaloop.data.tokenizer import Tokenizer, check_vocab
-    from megaloop.device import default_device
-    from megaloop.export.weights import load_model
 
     sampling.validate()
     model, loaded = load_model(checkpoint, device or default_device())

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megaloop.device import CPU, resolve_precision
+from megaloop.fit.command import run_fit
+from megaloop.fit.report import format_summary
 from megaloop.sweep.execute import SweepOutcome, execute, sweep_folder
 from megaloop.sweep.plan import plan, plan_rows, plan_table, read_spec
+from megaloop.track import tracking_uri
 
 EXIT_STOPPED = 3  # a sweep stopped by SIGTERM before its last run: not an error, not done
 ASSUMED_MFU = 0.4  # for the plan's estimate of its time
@@ -76,9 +79,6 @@ def sweep(spec_path: str, *, dry_run: bool = False, as_json: bool = False,
 
 def fit_sweep(experiment: str, track: Any, restarts: int, bootstrap: int) -> list[str]:
     """The fit of a finished sweep, its report in the sweep's folder: what it prints."""
-    from megaloop.fit.command import run_fit
-    from megaloop.fit.report import format_summary
-    from megaloop.track import tracking_uri
 
     folder = sweep_folder(experiment) / "fit"
     _, summary = run_fit(experiment=experiment, tracking=tracking_uri(track),

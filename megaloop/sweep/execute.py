@@ -26,6 +26,9 @@ from megaloop.errors import ConfigError, MegaloopError
 from megaloop.local_ranks import die_with_parent
 from megaloop.sweep.plan import PlannedRun
 from megaloop.sweep.slurm import SlurmResources, submit_slurm
+from megaloop.track import find_runs, tracking_uri
+from megaloop.track.names import Tag
+from megaloop.track.runs import set_experiment_tag
 
 LAUNCH = (sys.executable, "-m", "megaloop.launch")  # launch.sh's logic, in this environment
 SWEEPS_DIR = Path("runs") / "sweeps"
@@ -80,7 +83,6 @@ def sweep_folder(experiment: str) -> Path:
 
 
 def finished_hashes(experiment: str, tracking: str | None) -> set[str]:
-    from megaloop.track import find_runs
 
     return {run["params"].get("config_hash") for run in find_runs(experiment, tracking=tracking)}
 
@@ -168,12 +170,9 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
 
     check_jobs(jobs, executor)
     if tracking is None and runs:
-        from megaloop.track import tracking_uri
 
         tracking = tracking_uri(runs[0].config.track)
     if borrow and not dry_run:
-        from megaloop.track.names import Tag
-        from megaloop.track.runs import set_experiment_tag
 
         set_experiment_tag(experiment, Tag.BORROW, json.dumps(borrow), tracking=tracking)
     finished = finished_hashes(experiment, tracking)

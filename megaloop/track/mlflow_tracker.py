@@ -12,7 +12,9 @@ global run, so several trackers may live in one process. mlflow is imported lazi
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import json
+import logging
 import os
 import platform
 import posixpath
@@ -25,9 +27,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from megaloop import __version__
 from megaloop.config import RunConfig, TrackConfig, config_hash
 from megaloop.errors import MegaloopError
 from megaloop.track.names import Tag
+from megaloop.version import source_commit
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"  # relative to the working directory
 STATUSES = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "killed"}
@@ -57,7 +61,6 @@ def run_params(config: RunConfig, derived: dict) -> dict[str, str]:
 
 
 def _version(package: str) -> str:
-    import importlib.metadata
 
     module = sys.modules.get(package)
     if module is not None and getattr(module, "__version__", None):
@@ -72,8 +75,6 @@ def run_tags(world_size: int) -> dict[str, str]:
     """Where and with what a run ran: the git commit of megaloop's own source tree (megaloop/
     version.py), host, world size, versions. `mlflow.source.git.commit` is MLflow's own name,
     shown by its UI."""
-    from megaloop import __version__
-    from megaloop.version import source_commit
 
     found, dirty = source_commit()
     commit = found or "unknown"
@@ -266,7 +267,6 @@ class Tracker:
         thread of MLflow's own, until `finish`. `resume`: go on from the run's last sample."""
         if interval <= 0:
             return
-        import logging
 
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 

@@ -46,6 +46,7 @@ from megaloop.ckpt.layout import (
 )
 from megaloop.ckpt.reading import load_checkpoint_file
 from megaloop.errors import CheckpointError
+from megaloop.train.engine import universal_checkpoint
 
 
 def rng_state(engine: Any) -> dict[str, Any]:
@@ -276,7 +277,6 @@ class Checkpoints:
         state whole in the model file) loads as it is."""
         if not any(name.endswith("optim_states.pt") for name in marker["files"]):
             return self.engine.load_checkpoint(path.parent, path.name)
-        from megaloop.train.engine import universal_checkpoint
 
         universal = self.folder / RESHARDED
         def convert() -> None:

@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,6 @@ def universal_checkpoint(source: Path, target: Path, trust: bool) -> None:
     """DeepSpeed's universal checkpoint of checkpoint folder `source` in `target` (every
     parameter's weights and optimizer moments whole, one folder each), which any number of
     ranks can load. One process: it reads every rank's files. Its chatter goes to stderr."""
-    import types
 
     with contextlib.redirect_stdout(sys.stderr):
         from deepspeed.checkpoint import ds_to_universal

@@ -25,7 +25,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megaloop.atomic import atomic_write_json
+from megaloop.atomic import atomic_write_json, file_digest
 from megaloop.ckpt.layout import check_resume_target
 from megaloop.cluster import STOP_REPORTS
 from megaloop.config import RunConfig
@@ -34,7 +34,7 @@ from megaloop.data.loader import TrainLoader, ValLoader, eval_windows, predicted
 from megaloop.display import duration
 from megaloop.errors import CheckpointError, ConfigError, TrainingError
 from megaloop.model.accounting import account, causal_flops_per_token
-from megaloop.track import open_tracker
+from megaloop.track import find_runs, open_tracker, tracking_uri
 from megaloop.track.names import Metric, Tag
 from megaloop.train.checkpoint import Checkpoints
 from megaloop.train.ds_config import batch_geometry, total_steps
@@ -256,7 +256,6 @@ class Trainer:
     def log_dataset(self) -> None:
         """The shards as the run's MLflow input: the manifest's digest, the tokenizer's hash,
         the tokens and documents per split, what a step reads."""
-        from megaloop.atomic import file_digest
 
         manifest = self.shards.manifest
         splits = {name: {"tokens": info["tokens"], "documents": info["documents"]}
@@ -273,7 +272,6 @@ class Trainer:
     def unfinished_run(self) -> str | None:
         """The MLflow run of an earlier attempt at this config that died before its first
         checkpoint: continued rather than duplicated."""
-        from megaloop.track import find_runs, tracking_uri
 
         runs = find_runs(self.config.track.experiment, status=None,
                          tracking=tracking_uri(self.config.track),

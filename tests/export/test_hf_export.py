@@ -1,7 +1,7 @@
 """`megaloop export-hf` as Llama: the folder loads in `transformers` as LlamaForCausalLM with a
 tokenizer that encodes like sentencepiece, and gives the loss `megaloop eval` gives; a model Llama
 cannot express is refused as Llama naming every feature, and written as the megaloop model by
-default (tests/test_hf_model.py tests that one). The declared BOS is the documents' start."""
+default (tests/export/test_hf_model.py tests that one). The declared BOS is the documents' start."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from megaloop.track import (
     tracking_uri,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DERIVED = {"n_once": 1000, "n_rec": 2000, "tokens": 65536, "budget_flops": 1.5e12,
            "flops_per_token": 30000.0}
 TINY = {"vocab_size": 4096, "d_model": 128, "n_heads": 4, "prelude_layers": 1, "loop_layers": 2,

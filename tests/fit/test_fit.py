@@ -19,7 +19,7 @@ from megaloop.fit.command import run_fit
 from megaloop.fit.law import from_natural
 from megaloop.fit.synthetic import PAPER_BUDGETS, PAPER_LAW, simulate
 
-CHINCHILLA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chinchilla" / \
+CHINCHILLA = Path(__file__).resolve().parents[3] / "shared" / "data" / "chinchilla" / \
     "svg_extracted_data.csv"
 DESIGN_KEYS = {"E", "A", "B", "alpha", "beta", "phi", "phi_ci", "r2", "objective", "n_runs"}
 QUICK = {"restarts": 50, "bootstrap": 0, "per_r": False}
@@ -487,7 +487,7 @@ def test_the_fit_room_imports_in_one_direction():
     import ast
 
     order = ["law", "inputs", "readout", "fitter", "compare", "command"]
-    folder = Path(__file__).resolve().parents[1] / "megaloop" / "fit"
+    folder = Path(__file__).resolve().parents[2] / "megaloop" / "fit"
     for position, name in enumerate(order):
         tree = ast.parse((folder / f"{name}.py").read_text())
         imported = {node.module.rsplit(".", 1)[-1] for node in ast.walk(tree)
