@@ -26,7 +26,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from benchmarks.machine import cpu_model
+from benchmarks.harness import cpu_model
 from megaloop.data.corpus import open_corpus
 from megaloop.data.shards import prepare
 from megaloop.data.tokenizer import DEFAULT_TOKENIZER, Tokenizer

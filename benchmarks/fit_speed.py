@@ -42,7 +42,7 @@ import scipy
 from scipy.optimize import minimize
 
 from benchmarks.contention import Monitor
-from benchmarks.machine import cpu_model
+from benchmarks.harness import cpu_model
 from megaloop.fit import fitter
 from megaloop.fit.inputs import Runs
 from megaloop.fit.law import BOX, HUBER_DELTA, LawData

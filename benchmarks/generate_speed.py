@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor
-from benchmarks.machine import cpu_model
+from benchmarks.harness import cpu_model
 from megaloop import config
 from megaloop.infer.evaluate import EvalSet, evaluate
 from megaloop.infer.generate import Sampling, generate

@@ -30,9 +30,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.trainer_runs import set_arguments, stdlib_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,18 +94,8 @@ def train_once(config: Path, settings: dict[str, object], workdir: Path, warmup:
             "device": summary["device"], "steps_measured": len(intervals)}
 
 
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    from benchmarks.machine import cpu_model
-
-    return f"CPU: {cpu_model()}"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "gpu_mfu")
     parser.add_argument("--config", type=Path, default=PAPER_MODEL)
     parser.add_argument("--shards", type=Path, help="prepared shards of the model's vocabulary")
     parser.add_argument("--steps", type=int, default=30)
@@ -116,7 +106,6 @@ def main() -> None:
     parser.add_argument("--checkpointing", default="none",
                         help="model.activation_checkpointing: none, per_recurrence, per_layer")
     parser.add_argument("--quick", action="store_true", help="a CPU smoke run of the harness")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks/out/gpu_mfu.json")
     args = parser.parse_args()
     if args.quick:
         args.config = REPO / "configs" / "runs" / "tiny.yaml"
@@ -132,8 +121,8 @@ def main() -> None:
                                                                    tmp / attention),
                                          tmp / attention, args.warmup)
                    for attention in backends(args.quick)}
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "device": device_name(), "config": str(args.config.relative_to(REPO)),
+    report = {"device": next(iter(results.values()))["device"],
+              "config": str(args.config.relative_to(REPO)),
               "settings": {k: str(v) if isinstance(v, Path) else v
                            for k, v in vars(args).items()},
               "results": results,
@@ -142,8 +131,7 @@ def main() -> None:
     if "flash" in results:
         report["flash_vs_sdpa_tokens_per_s"] = (results["flash"]["tokens_per_s"]
                                                 / results["sdpa"]["tokens_per_s"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    harness.write_report(args.json, report, quiet=True)
     print(f"{report['device']}, {report['config']}, {args.precision}, ZeRO-{args.zero_stage}, "
           f"micro batch {args.micro_batch}")
     print("| attention | MFU (attention in full) | MFU (causal) | tokens/s | peak allocated |")

@@ -12,16 +12,14 @@ memory is never returned) would show.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.trainer_runs import (
     metric_values,
     only_run,
@@ -62,10 +60,9 @@ def train(variant_env: dict[str, str], args, shards: Path, workdir: Path) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "host_allocator")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--json", default="benchmarks/out/host_allocator.json")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,14 +72,11 @@ def main() -> None:
             workdir.mkdir()
             results[name] = train(env, args, shards, workdir)
     reuse, system = (results[name] for name in VARIANTS)
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "model": {"layout": "tiny.yaml (1 + 2x2 + 1)", "d_model": args.d_model,
-                        "batch": [8, 256], "steps": args.steps},
-              "variants": results,
-              "step_time_ratio_reuse_vs_glibc": reuse["step_s_median"] / system["step_s_median"]}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    harness.write_report(args.json, {
+        "model": {"layout": "tiny.yaml (1 + 2x2 + 1)", "d_model": args.d_model,
+                  "batch": [8, 256], "steps": args.steps},
+        "variants": results,
+        "step_time_ratio_reuse_vs_glibc": reuse["step_s_median"] / system["step_s_median"]})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from tiny import VARIANTS, make_model, random_tokens  # noqa: E402
 
-from benchmarks.machine import cpu_model  # noqa: E402
+from benchmarks.harness import cpu_model  # noqa: E402
 from megaloop.device import cpu_has_native_bf16  # noqa: E402
 from megaloop.model import hyper  # noqa: E402
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor
-from benchmarks.machine import cpu_model
+from benchmarks.harness import cpu_model
 from megaloop import config as cfg
 from megaloop.model import build
 from megaloop.model.accounting import account

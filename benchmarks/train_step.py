@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor, wait_for_quiet
-from benchmarks.machine import cpu_model
+from benchmarks.harness import cpu_model
 from benchmarks.memory import peak_rss_increase, saved_tensor_bytes
 from benchmarks.reference_models import HFLlama, ReferenceLooped, ReferenceTransformer
 from megaloop.atomic import atomic_write_json

@@ -15,15 +15,14 @@ on both; the ratio is the median over rounds of head / base.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.trainer_runs import (
     metric_values,
     only_run,
@@ -31,7 +30,6 @@ from benchmarks.trainer_runs import (
     stdlib_shards,
     timed_run_settings,
 )
-from megaloop.atomic import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_INTERVAL = 10
@@ -62,7 +60,7 @@ def train(tree: Path, shards: Path, workdir: Path, args: argparse.Namespace) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "trainer_ab")
     parser.add_argument("--base", default="HEAD~1", help="the commit to compare against")
     parser.add_argument("--head", default="HEAD", help="the commit with the change")
     parser.add_argument("--rounds", type=int, default=2)
@@ -71,7 +69,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences of 256 tokens per step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both commits' runs (repeatable)")
-    parser.add_argument("--json", default=str(REPO / "benchmarks/out/trainer_ab.json"))
     args = parser.parse_args()
     if args.steps <= 3 * LOG_INTERVAL:
         raise SystemExit(f"--steps must exceed {3 * LOG_INTERVAL}: the first two logged "
@@ -94,13 +91,10 @@ def main() -> None:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
                                 str(path)], capture_output=True)
     ratios = [h / b for b, h in zip(steps["base"], steps["head"], strict=True)]
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "commits": commits, "d_model": args.d_model, "batch": args.batch,
-              "steps": args.steps, "overrides": args.set,
-              "step_s": steps, "head_over_base": ratios,
-              "head_over_base_median": statistics.median(ratios)}
-    atomic_write_json(args.json, result)
-    print(json.dumps(result, indent=2))
+    harness.write_report(args.json, {
+        "commits": commits, "d_model": args.d_model, "batch": args.batch, "steps": args.steps,
+        "overrides": args.set, "step_s": steps, "head_over_base": ratios,
+        "head_over_base_median": statistics.median(ratios)})
 
 
 if __name__ == "__main__":

@@ -15,16 +15,14 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import harness
 from benchmarks.trainer_runs import (
     metric_values,
     only_run,
@@ -118,11 +116,10 @@ def checkpoint_costs(widths: list[int], shards: Path, workdir: Path) -> list[dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, "trainer_costs")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--zero-widths", default="128,512", help="'' to skip this part")
     parser.add_argument("--widths", default="128,256,512,1024")
-    parser.add_argument("--json", default="benchmarks/out/trainer_costs.json")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,17 +133,7 @@ def main() -> None:
             zero.append({"d_model": width, **times, "ratio": times["zero3"] / times["zero0"]})
         widths = [int(w) for w in args.widths.split(",")]
         checkpoints = checkpoint_costs(widths, shards, tmp / "ckpt")
-    import torch
-
-    from benchmarks.machine import cpu_model
-
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
-              "two_ranks_step_s": zero,
-              "checkpoints": checkpoints}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    harness.write_report(args.json, {"two_ranks_step_s": zero, "checkpoints": checkpoints})
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from benchmarks.machine import cpu_model
+    from benchmarks.harness import cpu_model
 
     torch.set_num_threads(2)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
