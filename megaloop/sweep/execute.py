@@ -1,4 +1,5 @@
-"""Run a sweep plan: in this process, through launch.sh on local ranks, or as a SLURM array.
+"""Run a sweep plan: in this process (`--jobs N`: N worker processes), on local ranks through
+launch.sh's logic (`python -m megaloop.launch`), or as a SLURM array.
 
 Idempotent: a run whose config hash is finished in the experiment is skipped; an interrupted run
 resumes from its newest checkpoint (`--resume auto`) and continues its MLflow run.
@@ -88,7 +89,7 @@ def finished_hashes(experiment: str, tracking: str | None) -> set[str]:
 
 
 def write_run_configs(experiment: str, runs: list[PlannedRun]) -> list[Path]:
-    """Each run's resolved config as YAML (what launch.sh and SLURM tasks train)."""
+    """Each run's resolved config as YAML (what the launcher and SLURM tasks train)."""
     folder = sweep_folder(experiment) / "configs"
     paths = []
     for run in runs:

@@ -1,4 +1,5 @@
-"""A sweep as a SLURM array: task i trains run config i through launch.sh, on one node with a
+"""A sweep as a SLURM array: task i trains run config i through launch.sh's logic (`python -m
+megaloop.launch`, in the environment that submits), on one node with a
 GPU per rank, and comes back after a preemption or its time limit.
 
 The batch script (`slurm_script`, printed by `megaloop sweep ... --executor slurm --dry-run`):
@@ -7,11 +8,11 @@ The batch script (`slurm_script`, printed by `megaloop sweep ... --executor slur
   where a cluster's default of one CPU per task would put every rank on one core), time limit,
   partition, account, and extra `#SBATCH` options;
 - gets SIGTERM 120 s before its time limit (`--signal=B:TERM@120`: to the batch shell only)
-  and traps it: the signal goes on to the job step (srun passes it to launch.sh, whose ranks
+  and traps it: the signal goes on to the job step (srun passes it to the launcher, whose ranks
   save a checkpoint and exit 0), the shell waits for the step, then requeues the task
   (`scontrol requeue`), which continues with `--resume auto`.
 A hand-written script rather than submitit: it is text a user can read, change and submit by
-hand, it runs launch.sh's rank tree as any other job does, and no pickled callable travels
+hand, it runs the launcher's rank tree as any other job does, and no pickled callable travels
 between nodes.
 """
 

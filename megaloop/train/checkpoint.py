@@ -1,5 +1,7 @@
-"""Checkpoints: the engine state (DeepSpeed: weights, optimizer, ZeRO shards), the loader state,
-every RNG state, the MLflow run id and the resolved config.
+"""Checkpoints as a run saves and resumes them: the engine state (DeepSpeed: weights, optimizer,
+ZeRO shards), the loader state, every RNG state, the MLflow run id and the resolved config. What
+a checkpoint is on disk (its layout, marker and verification) is megaloop/ckpt's; this module
+writes and loads it through the run's Engine and agrees on it across the ranks.
 
 A checkpoint is the folder `<run>/step_00000100/`. Every rank writes its files write-then-rename,
 taking each file's SHA-256 as it is written; the ranks then agree that all of them succeeded,
