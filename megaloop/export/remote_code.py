@@ -32,6 +32,7 @@ CONFIGURATION_MODULE = "megaloop.export.hf_configuration"
 CONFIGURATION_FILE = "configuration_megaloop.py"
 MODELING_FILE = "modeling_megaloop.py"
 ALLOWED_IMPORTS = {"torch", "transformers", "flash_attn", "__future__", "math", "contextlib",
+                   "functools",
                    "dataclasses", "typing", "collections"}
 HEADER = '''"""The megaloop model{what} for transformers, written by `megaloop export-hf`
 ({version}).
