@@ -167,13 +167,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from megaloop import config
-    from megaloop.device import Device, resolve_precision
-    from megaloop.train.ds_config import render_ds_config
+    from megaloop.train.ds_config import render_on_this_machine
 
-    run = config.load(args.config, args.overrides)
-    device = Device.of_this_process()  # the config as this machine would train it
-    run = run.with_precision(resolve_precision(run.train.precision, device))
-    rendered = render_ds_config(run, args.world_size, pin_memory=device.is_cuda)
+    rendered = render_on_this_machine(config.load(args.config, args.overrides), args.world_size)
     print(json.dumps(rendered, indent=2))
     return 0
 

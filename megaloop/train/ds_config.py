@@ -21,6 +21,7 @@ import jinja2
 import jinja2.sandbox
 
 from megaloop.config import RunConfig
+from megaloop.device import Device, resolve_precision
 from megaloop.errors import ConfigError
 from megaloop.model.accounting import account
 from megaloop.resources import shipped
@@ -94,6 +95,14 @@ def template_variables(config: RunConfig, world_size: int,
         "max_live_parameters": reuse, "max_reuse_distance": reuse,
         "loop_block_parameters": loop_block, "world_size": world_size,
     }
+
+
+def render_on_this_machine(config: RunConfig, world_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config `config` trains with on this machine: its precision resolved on
+    this device (auto: bf16 where it is native), offloaded state pinned on a GPU."""
+    device = Device.of_this_process()
+    config = config.with_precision(resolve_precision(config.train.precision, device))
+    return render_ds_config(config, world_size, pin_memory=device.is_cuda)
 
 
 def render_ds_config(config: RunConfig, world_size: int = 1,
