@@ -1,5 +1,6 @@
-"""What every benchmark shares: its arguments' common part, the machine it ran on, a timer that
-waits for the device, and the JSON report it writes (write then rename), for RESULTS.md.
+"""What the benchmarks share: their arguments' common part, the machine they ran on, a timer that
+waits for the device, and the JSON report (written then renamed), for RESULTS.md. Scripts that
+predate it still write their own reports and take only `cpu_model` from here.
 
     parser = harness.parser(__doc__, "trainer_costs")      # ... --json benchmarks/out/NAME.json
     with harness.Timer(device) as timed: step()             # seconds, the device's work included

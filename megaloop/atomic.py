@@ -1,4 +1,6 @@
-"""Write-then-rename helpers: a reader never sees a half-written file."""
+"""Write-then-rename helpers, so that a reader never sees a half-written file; the SHA-256 of a
+file taken as it is written (a checkpoint's marker records it); and the refusal, before any
+work, of an output path that cannot be written (a file in the way, no permission)."""
 
 from __future__ import annotations
 

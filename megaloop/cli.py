@@ -128,7 +128,7 @@ def _add_data_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                               help="encode a corpus into uint16/uint32 token shards")
     prep.add_argument("--corpus", required=True, help="as for `megaloop tokenizer train`")
     prep.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
-                      help="sentencepiece model (default: the repository's tokenizer/)")
+                      help="sentencepiece model (default: the shipped stdlib-4k)")
     prep.add_argument("--out", required=True, help="folder for the shards and manifest")
     prep.add_argument("--val-fraction", type=finite, default=0.01,
                       help="share of documents held out for validation (default: 0.01)")

@@ -1,5 +1,7 @@
 """What the cluster says about itself: SLURM's environment and compressed hostlists, DeepSpeed
-hostfiles, this machine's cores and CUDA devices. Used by the launcher (launch.py)."""
+hostfiles, this machine's cores, CUDA devices and loopback interface. Used by the launcher
+(launch.py, local_ranks.py); the Engine takes the loopback from here, and the trainer
+`STOP_REPORTS`, where a rank stopped by SIGTERM says that it saved."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Typed run configuration: YAML + `--set section.key=value` overrides -> validated dataclasses.
 
 Every problem is refused with a ConfigError naming the key and the fix, before any tensor exists.
-Sections are dataclasses; later sections (data, train, track) join `RunConfig` the same way.
+`RunConfig` holds four sections (model, data, train, track), each a frozen dataclass that
+validates itself. A file may `include` others (a recipe of configs/recipes/) under its own
+values; `config_hash` names the resolved config (MLflow, a sweep's finished runs, a resume).
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ class ModelConfig:
 class DataConfig:
     shards: str | None = None  # a folder made by `megaloop data prepare`; else corpus below
     corpus: str = "stdlib"  # prepared into cache_dir on first use when shards is null
-    tokenizer: str | None = None  # a .model path or a name in tokenizer/; None: stdlib-4k
+    tokenizer: str | None = None  # a .model path or a shipped model's name; None: stdlib-4k
     text_field: str = "text"
     val_fraction: float = 0.01
     val_files: str = ""  # comma-separated files of a folder corpus that are the validation split
@@ -270,7 +272,7 @@ class TrainConfig:
     #   computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else fp32
     zero_stage: int = 0
     offload: bool = False  # ZeRO CPU offload of optimizer state (and parameters at stage 3)
-    ds_config: str | None = None  # a Jinja2 template of your own instead of ds_configs/
+    ds_config: str | None = None  # a Jinja2 template of your own instead of resources/ds_configs/
     compile: bool = False  # torch.compile the blocks (for GPUs)
     log_interval: int = 10
     eval_interval: int = 100

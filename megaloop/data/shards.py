@@ -2,9 +2,10 @@
 
 A prepared folder holds numbered parts `train_00000.bin` / `val_00000.bin` (raw little-endian
 token ids, each document followed by EOS), `progress.json` (the parts finished so far) and, once
-everything is done, `manifest.json`. Each part is written to a temporary name and renamed, and the
-progress file is rewritten after both files of a part are in place, so a crash leaves at most a
-temporary file that is never read; re-running resumes after the last finished part.
+everything is done, `manifest.json` in its place. Each part is written to a temporary name and
+renamed, and the progress file is rewritten after both files of a part are in place, so a crash
+leaves at most a temporary file that is never read; re-running resumes after the last finished
+part.
 
 Documents go to the validation split evenly spread through the corpus: document i (0-based) is a
 validation document when floor((i + 1) f) > floor(i f), f = val_fraction. Or, with `val_files`

@@ -28,8 +28,9 @@ MAX_LINE_CHARS = 1024
 DEFAULT_MAX_SENTENCES = 2_000_000
 
 def tokenizer_file(setting: str | os.PathLike) -> Path:
-    """`data.tokenizer` as a file: a path, or the bare name of a tokenizer shipped in tokenizer/
-    (`stdlib-4k`, the default; `stdlib-1k`, the CPU sweep's), wherever megaloop runs from."""
+    """`data.tokenizer` as a file: a path, or the bare name of a tokenizer shipped in
+    megaloop/resources/tokenizer/ (`stdlib-4k`, the default; `stdlib-1k`, the CPU sweep's),
+    wherever megaloop runs from."""
     path = Path(setting)
     shipped = SHIPPED_TOKENIZERS / f"{path.name}.model"
     if len(path.parts) == 1 and path.suffix != ".model" and shipped.is_file():

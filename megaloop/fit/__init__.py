@@ -1,4 +1,5 @@
-"""The scaling-law fitter: how much is one recurrence worth (phi)? numpy and scipy only.
+"""The scaling-law fitter: how much is one recurrence worth (phi)? numpy and scipy, no torch;
+MLflow runs are read and fits logged through track/.
 
     law.py       the looped law in log-sum-exp form, Huber objective, analytic gradients
     batch.py     a batched, box-projected L-BFGS (the first pass over thousands of starts)
@@ -6,8 +7,11 @@
     inputs.py    runs from a CSV file or from the finished runs of an MLflow experiment
     readout.py   phi comparison, equivalent unique parameters, compute-optimal sizes,
                  iso-FLOP minima, the JSON of a fit
-    report.py    the text summary and a Markdown report with PNG plots (matplotlib, lazily)
-    command.py   `megaloop fit` as one function
+    compare.py   delta phi of two sets of runs with a (paired) bootstrap interval, and the
+                 sign test over seeds (`megaloop fit --against`)
+    report.py    the text summary and a Markdown report with plots, PNG and SVG (matplotlib,
+                 lazily)
+    command.py   `megaloop fit` as two functions: run_fit, and run_compare for --against
     synthetic.py runs on the iso-depth paper's grid that follow a given law (tests, benchmarks)
 
 Typical use:

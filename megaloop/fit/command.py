@@ -1,4 +1,5 @@
-"""`megaloop fit` as one function: read the runs, fit, write the JSON and report, log to MLflow."""
+"""`megaloop fit` as two functions: `run_fit` (read the runs, fit, write the JSON and report, log
+to MLflow) and `run_compare` (`--against`: delta phi of two sets of runs, compare.py)."""
 
 from __future__ import annotations
 

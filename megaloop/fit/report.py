@@ -1,4 +1,5 @@
-"""Tables and plots of a fit: the text summary the CLI prints, and a Markdown report with PNGs.
+"""Tables and plots of a fit: the text summary the CLI prints, and a Markdown report with PNGs
+(each plot also written as SVG).
 
 Plots (matplotlib, Agg): loss against unique parameters per budget coloured by r with the fitted
 law drawn along each iso-FLOP curve (observed against predicted when budgets are unknown);

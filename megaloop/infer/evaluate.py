@@ -3,10 +3,11 @@ at the trained number of recurrences or at others (test-time scaling of a looped
 
 On shards the batches are the trainer's validation batches: the first windows of the `val` split,
 `seq_len + 1` tokens each, `batch_size` to a batch, `max_batches` batches. With the defaults taken
-from the checkpoint (batch size train.micro_batch, train.eval_batches batches per rank times the
-ranks that trained it) they cover exactly the windows the trainer's last evaluation covered, so
-the loss is the run's final `val/loss`. Bits per byte use the split's bytes per token, as the
-trainer's `val/bpb` does.
+from the checkpoint (batch size train.micro_batch; the first train.eval_tokens worth of windows
+where the run set it, else train.eval_batches batches per rank times the ranks that trained it)
+they cover exactly the windows the trainer's last evaluation covered, so the loss is the run's
+final `val/loss`. Bits per byte use the split's bytes per token, as the trainer's `val/bpb`
+does.
 
 A text file is read as one document: its tokens follow the token the run's documents follow
 (EOS in stream packing, BOS in bos_best_fit rows). Every token of the text is predicted once, in

@@ -1,4 +1,5 @@
-"""MLflow tracking of one run: params, batched metrics, text artifacts, resume.
+"""MLflow tracking of one run: params, batched metrics, system metrics, the dataset as an input,
+text artifacts, resume (or a continuation run). Tag names are track/names.py's.
 
 Rank 0 opens a `Tracker`; other ranks (and `track.enabled: false`) get a `NullTracker`. Metrics
 are queued by `log_metrics` (microseconds, never blocking on MLflow) and sent by a daemon thread

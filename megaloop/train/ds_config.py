@@ -1,5 +1,8 @@
 """The DeepSpeed config of a run: its batch geometry and the JSON rendered from a Jinja2 template
-of ds_configs/ (or the user's `train.ds_config`). Pure: it reads the run config, never DeepSpeed.
+of the shipped ones (megaloop/resources/ds_configs/) or the user's `train.ds_config`. It reads
+the run config only, never DeepSpeed, apart from `render_on_this_machine` (`megaloop ds-config`),
+which asks this machine's Device (DeepSpeed's accelerator) what `auto` precision resolves to and
+whether offloaded state is pinned, as the Engine does.
 
 Facts that shape the templates (RESEARCH.md section 6):
 - ZeRO-3 runs the loop block r times per step; the block must stay gathered across its
@@ -72,7 +75,8 @@ def template_path(config: RunConfig) -> Path:
         path = Path(config.train.ds_config)
         if not path.is_file():
             raise ConfigError(f"train.ds_config = {path} does not exist; point it at a Jinja2 "
-                              "template of a DeepSpeed config (see ds_configs/).")
+                              "template of a DeepSpeed config (the shipped ones are in "
+                              f"{DS_CONFIGS}).")
         return path
     return DS_CONFIGS / f"zero{config.train.zero_stage}.json.j2"
 

@@ -1,9 +1,10 @@
 """The Engine: the one room that talks to DeepSpeed, the device and the collectives.
 
-The trainer, the checkpoint room and export ask it for what they need: forward-backward of a
-micro-batch, the optimizer step with its lr and the gradient norm, evaluation, save and load of
-a checkpoint, the consolidated weights, the device and the few reductions the loop needs. None
-of them imports DeepSpeed or asks `torch.cuda` (cluster.py counts devices for the launcher).
+The trainer and its checkpoints ask it for what they need: forward-backward of a micro-batch,
+the optimizer step with its lr and the gradient norm, evaluation, save and load of a
+checkpoint, the device and the few reductions the loop needs (export reads checkpoints through
+megaloop/ckpt/ and never builds an Engine). None of them imports DeepSpeed or asks
+`torch.cuda` (cluster.py counts devices for the launcher).
 
 The device and the collective backend come from one place, `megaloop.device.Device`, which
 asks DeepSpeed's accelerator (`DS_ACCELERATOR`, else what DeepSpeed detects):

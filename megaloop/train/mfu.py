@@ -1,5 +1,6 @@
 """The peak FLOP/s that MFU is measured against: given, a table of known GPUs (dense bf16), or
-the matmul peak measured on the run's device at start (the CPU, or a GPU in fp32)."""
+the matmul peak measured on the run's device at start (the CPU, a GPU in fp32, or a GPU the
+table does not know)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ The rules a start follows (`claim`, on rank 0; every rank gets its answer):
   steps, another lr, another r: `CHANGES_ON_PURPOSE`) needs `--accept-changes` and is recorded;
   a change of what a checkpoint holds (the model's shape, the data, the optimizer, ZeRO) is
   refused; log and checkpoint intervals, workers and the like change freely.
-- Another world size is a change on purpose too: the checkpoint is resharded through
-  DeepSpeed's universal checkpoint (train/checkpoint.py), where its optimizer state is Adam's.
+- Another world size is a change on purpose too: at ZeRO 1-3 the checkpoint is resharded
+  through DeepSpeed's universal checkpoint (train/checkpoint.py), which reshards Adam's
+  optimizer state only; at ZeRO-0 every rank's state is whole and loads as it is.
 - So is another resolved precision (`auto` resumed on a machine without native bf16).
 - `--resume auto` with nothing to resume says so and starts fresh.
 """
