@@ -8,9 +8,10 @@ import json
 import math
 import sys
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 from megaloop.errors import ConfigError, MegaloopError
+from megaloop.process_exit import exit_process
 
 
 def whole(least: int):
@@ -577,5 +578,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The `megaloop` command: main's status, the process ended as process_exit.py says."""
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse's usage errors, --help
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise
+        code = exc.code
+    except BaseException:  # a bug: its traceback, then the same ending
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megaloop.errors import ConfigError, MegaloopError
+from megaloop.process_exit import exit_process
 from megaloop.sweep.plan import PlannedRun
 
 EVENT_WAIT_S = 0.5
@@ -61,6 +62,9 @@ def _worker(index: int, runs: list[PlannedRun], tasks: Any, events: Any, threads
         os.dup2(handle.fileno(), 2)
         sys.stdout = sys.stderr = handle
         _train_from_queue(index, runs, tasks, events, threads)
+        events.close()
+        events.join_thread()  # every event sent before the process ends
+        exit_process(0)
 
 
 def _train_from_queue(index: int, runs: list[PlannedRun], tasks: Any, events: Any,

@@ -53,6 +53,7 @@ from megaloop.device import Device, PeakMemory, resolve_precision
 from megaloop.errors import ConfigError
 from megaloop.local_ranks import RENDEZVOUS
 from megaloop.model.looped import LoopedLM
+from megaloop.process_exit import group_formed
 from megaloop.train.ds_config import (
     autocast_enabled,
     check_megaloop_needs,
@@ -120,6 +121,7 @@ def join_process_group(device: Device | None = None) -> tuple[int, int, bool]:
                 deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                            verbose=False, rank=0, world_size=1,
                                            init_method=f"file://{_store_folder}/store")
+        group_formed()  # this process ends without finalization: process_exit.py says why
     device.make_current()
     return dist.get_rank(), dist.get_world_size(), created
 
