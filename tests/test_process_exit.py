@@ -40,9 +40,10 @@ def test_a_rank_that_formed_a_group_ends_with_its_status_output_and_exit_handler
 
 @pytest.mark.slow
 def test_ranks_that_drop_gathered_tensors_never_abort_at_exit(tmp_path):
-    """With sys.exit, about one rank in ten of this pattern aborts on 2 loaded cores
-    (benchmarks/RESULTS.md, "A finished rank that aborts at exit"): 24 ranks all end cleanly
-    with exit_process, where sys.exit would pass this about once in ten tries."""
+    """With sys.exit, 6 of 80 ranks of this pattern aborted on 2 loaded cores
+    (benchmarks/RESULTS.md, "A finished rank that aborts at exit"): at that rate 24 ranks all
+    end cleanly about one time in six (0.925^24), so this test fails for the old ending five
+    times in six, and never for exit_process (0 of 80 there)."""
     with ThreadPoolExecutor(2) as pool:
         trials = list(pool.map(lambda i: ranks(tmp_path, "exit_process", name=f"store-{i}"),
                                range(12)))
