@@ -98,6 +98,7 @@ def test_quick_benchmark_with_hugging_face(tmp_path):
 
 
 @pytest.mark.slow  # tens of seconds: the default suite stays under 10 min on 2 cores
+@pytest.mark.serial  # MFU against the CPU's peak measured at start: a loaded CPU reads >1
 def test_gpu_mfu_harness_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu_mfu.py --quick: the real trainer, the MFU read from its --json summary
     (no MLflow store)."""
