@@ -11,15 +11,14 @@ everything (a core dump shows `AsyncAllgatherWork::~AsyncAllgatherWork` -> `decr
 `take_gil` -> `pthread_exit`). `destroy_process_group` joins the workers only when nothing else
 holds the group, and DeepSpeed does. `benchmarks/exit_abort.py` measures how often it happens.
 
-So a process that formed a group runs its exit handlers, flushes stdio and logging, and leaves
-with `os._exit`; one that did not exits normally.
+So a process that formed a group runs its exit handlers (logging's among them), flushes stdio,
+and leaves with `os._exit`; one that did not exits normally.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
 import os
 import sys
 from typing import NoReturn
@@ -38,8 +37,7 @@ def exit_process(code: int | None) -> NoReturn:
     code = 0 if code is None else code
     if not _formed_a_group:
         sys.exit(code)
-    atexit._run_exitfuncs()  # what sys.exit would run: MLflow's, multiprocessing's, ...
-    logging.shutdown()
+    atexit._run_exitfuncs()  # what sys.exit would run: logging's flush, MLflow's, ...
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed stream: nothing left to say
             stream.flush()
