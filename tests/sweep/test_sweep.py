@@ -363,7 +363,7 @@ def test_a_sweep_stopped_by_sigterm_says_what_is_left_and_does_not_fit(tmp_path,
     assert runs_per_name(runs_by_name(tmp_path)) == EACH_ONCE
 
 
-@pytest.mark.slow  # 82 s, the longest fast test; the --jobs workers also run in the next one
+@pytest.mark.slow  # 82 s, the longest fast test once
 def test_jobs_train_runs_side_by_side_as_one_process_would(tmp_path, stdlib_shards):
     """--jobs 2: two worker processes share the runs; every run finishes once in MLflow with
     the loss one process gives it (to threading's rounding), each worker keeps its log, and
@@ -387,6 +387,7 @@ def test_jobs_train_runs_side_by_side_as_one_process_would(tmp_path, stdlib_shar
         sweep_to_the_end(parallel_dir, tiny_sweep(parallel_dir, stdlib_shards), "--jobs", "2")
 
 
+@pytest.mark.slow  # 90 s, the longest fast test once; the serial sweep's SIGTERM test stays fast
 def test_sigterm_stops_every_worker_of_a_jobs_sweep_and_the_sweep_resumes(tmp_path,
                                                                            stdlib_shards):
     """SIGTERM to a --jobs 2 sweep reaches both workers: the runs in progress save and stop,
