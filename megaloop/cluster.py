@@ -121,7 +121,7 @@ def cuda_device_count() -> int:
     if all(re.search(rf"^{name}\b.*=\s*None\s*$", version, re.MULTILINE)
            for name in ("cuda", "hip")):
         return 0
-    import torch
+    import torch  # here only: a CPU build of torch is answered above without its import
 
     return torch.cuda.device_count()
 

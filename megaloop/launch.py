@@ -326,6 +326,7 @@ def run_torchrun(torchrun_argv: list[str]) -> int:
     ends in one line and exit 0 when every local rank saved its checkpoint and stopped (each
     leaves a report in $MEGALOOP_STOP_REPORTS), else 128 + the signal."""
 
+    # torch is imported here, not at the top, so that a refused launch line fails in a blink
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main

@@ -10,7 +10,7 @@ MLflow runs are read and fits logged through track/.
     compare.py   delta phi of two sets of runs with a (paired) bootstrap interval, and the
                  sign test over seeds (`megaloop fit --against`)
     report.py    the text summary and a Markdown report with plots, PNG and SVG (matplotlib,
-                 lazily)
+                 imported only when plots are asked for)
     command.py   `megaloop fit` as two functions: run_fit, and run_compare for --against
     synthetic.py runs on the iso-depth paper's grid that follow a given law (tests, benchmarks)
 

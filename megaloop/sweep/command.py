@@ -53,7 +53,7 @@ def sweep(spec_path: str, *, dry_run: bool = False, as_json: bool = False,
     if dry_run and as_json:
         report.printed.append(json.dumps(plan_rows(runs), indent=2))
     elif dry_run:
-        from megaloop.train.mfu import peak_flops
+        from megaloop.train.mfu import peak_flops  # torch, only for the dry run's estimate
 
         precision = resolve_precision(runs[0].config.train.precision if runs else "fp32", CPU)
         peak, _ = peak_flops(None, precision)

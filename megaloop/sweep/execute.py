@@ -102,6 +102,7 @@ def write_run_configs(experiment: str, runs: list[PlannedRun]) -> list[Path]:
 
 def run_inprocess(runs: list[PlannedRun], progress: bool, outcome: SweepOutcome,
                   stop: StopRequest) -> None:
+    # the trainer (torch, DeepSpeed: seconds) only where runs train, not for a plan or a dry run
     from megaloop.train import engine
     from megaloop.train.trainer import train
 
@@ -167,7 +168,7 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
     """Train (or submit) the runs not yet finished. `borrow` (the spec's) is recorded on the
     experiment, so that every later fit of it also takes those runs of other experiments.
     `jobs` > 1 trains that many runs at once in worker processes (CPU only; sweep/parallel.py)."""
-    from megaloop.sweep.parallel import check_jobs, run_parallel
+    from megaloop.sweep.parallel import check_jobs, run_parallel  # multiprocessing's set-up
 
     check_jobs(jobs, executor)
     if tracking is None and runs:

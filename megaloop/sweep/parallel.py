@@ -69,7 +69,9 @@ def _worker(index: int, runs: list[PlannedRun], tasks: Any, events: Any, threads
 
 def _train_from_queue(index: int, runs: list[PlannedRun], tasks: Any, events: Any,
                       threads: int) -> None:
-    """Train runs from `tasks` until it is empty or SIGTERM stops one; report each to `events`."""
+    """Train runs from `tasks` until it is empty or SIGTERM stops one; report each to `events`.
+    torch and the trainer are imported in the worker, after its output is redirected: the
+    parent that plans and waits never needs them."""
     import torch
 
     torch.set_num_threads(threads)

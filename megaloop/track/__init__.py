@@ -1,4 +1,5 @@
-"""Experiment tracking: the only room that talks to MLflow (imported lazily, so this is cheap)."""
+"""Experiment tracking: the only room that talks to MLflow (imported where it is used, so that
+importing this room does not load it)."""
 
 from megaloop.track.mlflow_tracker import (
     DEFAULT_TRACKING_URI,

@@ -27,6 +27,10 @@ resolved value, the run's own config keeps what was asked):
 Facts that shape it (RESEARCH.md section 6): activation checkpointing must be torch's
 non-reentrant kind (the model's own boundaries); every rank runs the same r in a step; the
 engine and the process group are torn down in that order, or a rank can abort at exit.
+
+DeepSpeed is imported inside the functions that use it, never at the top: its first import can
+log to stdout ("Setting accelerator to CPU", without DS_ACCELERATOR), and stdout is megaloop's
+output, so that import must happen in `device.accelerator()`, which sends it to stderr.
 """
 
 from __future__ import annotations
