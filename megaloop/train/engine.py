@@ -30,7 +30,8 @@ engine and the process group are torn down in that order, or a rank can abort at
 
 DeepSpeed is imported inside the functions that use it, never at the top: its first import can
 log to stdout ("Setting accelerator to CPU", without DS_ACCELERATOR), and stdout is megaloop's
-output, so that import must happen in `device.accelerator()`, which sends it to stderr.
+output, so that import must happen in the Device's lookup of the accelerator (megaloop/device.py),
+which sends it to stderr.
 """
 
 from __future__ import annotations
