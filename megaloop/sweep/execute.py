@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from megaloop.atomic import atomic_write_bytes
+from megaloop.display import duration
 from megaloop.errors import ConfigError, MegaloopError
 from megaloop.local_ranks import die_with_parent
 from megaloop.sweep.plan import PlannedRun
@@ -203,7 +204,7 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
         else:
             raise ConfigError(f"Unknown executor {executor!r}; use inprocess, local or slurm.")
     if progress:
-        elapsed = time.perf_counter() - start
-        print(f"sweep {experiment}: trained {len(outcome.trained)} runs in {elapsed:.0f} s",
+        elapsed = duration(time.perf_counter() - start)
+        print(f"sweep {experiment}: trained {len(outcome.trained)} runs in {elapsed}",
               file=sys.stderr)
     return outcome

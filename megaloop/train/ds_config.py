@@ -43,6 +43,7 @@ class BatchGeometry:
 
     @property
     def tokens_per_step(self) -> int:
+        """RunConfig.tokens_per_step, which batch_geometry splits into whole sequences."""
         return self.global_batch * self.seq_len
 
 
