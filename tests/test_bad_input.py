@@ -130,43 +130,52 @@ def refused_inputs(stdlib_shards, small_tokenizer, tmp_path_factory) -> dict[str
 
 
 S = "data.shards={shards}"
-REFUSED_TRAINING = [  # (arguments after `megaloop train`, what the error says)
+REFUSED_TRAINING = [  # (arguments after `megaloop train`, the problem, the fix the error names)
     (["{tiny}", "--set", S, "--set", "model.vocab_size=1000"],
-     "use a tokenizer of 4096 tokens but model.vocab_size = 1000; set model.vocab_size=4096"),
-    (["{tiny}", "--set", "data.shards={inputs}/empty"], "is not a prepared shard folder"),
-    (["{tiny}", "--set", "data.shards={inputs}/corrupt"], "manifest.json is corrupt"),
-    (["{tiny}", "--set", "data.shards={inputs}/truncated"], "is truncated or damaged"),
-    (["{tiny}", "--set", "data.shards={inputs}/flipped"], "its sha256 differs from the manifest"),
+     "use a tokenizer of 4096 tokens but model.vocab_size = 1000", "set model.vocab_size=4096"),
+    (["{tiny}", "--set", "data.shards={inputs}/empty"], "is not a prepared shard folder",
+     "Make one with `megaloop data prepare"),
+    (["{tiny}", "--set", "data.shards={inputs}/corrupt"], "manifest.json is corrupt",
+     "prepare the shards again"),
+    (["{tiny}", "--set", "data.shards={inputs}/truncated"], "is truncated or damaged",
+     "prepare the shards again"),
+    (["{tiny}", "--set", "data.shards={inputs}/flipped"], "its sha256 differs from the manifest",
+     "prepare the shards again"),
     (["{tiny}", "--set", S, "--set", "data.tokenizer={small_tokenizer}"],
-     "tokenizer"),
+     "were made with another tokenizer",
+     "prepare them again with this tokenizer or use the one they were made with"),
     (["{tiny}", "--set", "data.tokenizer={inputs}/garbage.model"],
-     "is not a sentencepiece model"),
-    (["{inputs}/empty.yaml", "--set", S], "model.vocab_size = 32000; set model.vocab_size=4096"),
+     "is not a sentencepiece model", "train one with `megaloop tokenizer train`"),
+    (["{inputs}/empty.yaml", "--set", S], "model.vocab_size = 32000",
+     "set model.vocab_size=4096"),
     (["{tiny}", "--set", S, "--set", "model.max_seq_len={long_seq}", "--set",
       "train.micro_batch=4", "--set", "train.global_batch=4"],
-     "fewer than the 4 one step needs"),
+     "fewer than the 4 one step needs", "Use a shorter model.max_seq_len"),
     (["{tiny}", "--set", S, "--resume", "{inputs}/no-checkpoint"],
-     "is not a complete megaloop checkpoint"),
-    (["{tiny}", "--set", S, "--resume", "{inputs}/missing"], "there is no folder"),
-    (["{tiny}", "--set", S, "--resume", "aut"], "(did you mean --resume auto?)"),
-    (["{tiny}", "--set", "data.val_fraction=0"], "data.val_fraction = 0 holds out no document"),
+     "is not a complete megaloop checkpoint", "pass a step_* folder of a run, or --resume auto"),
+    (["{tiny}", "--set", S, "--resume", "{inputs}/missing"], "there is no folder",
+     "Pass --resume auto"),
+    (["{tiny}", "--set", S, "--resume", "aut"], "(did you mean --resume auto?)",
+     "Pass --resume auto"),
+    (["{tiny}", "--set", "data.val_fraction=0"], "data.val_fraction = 0 holds out no document",
+     "set data.val_fraction (e.g. 0.01)"),
 ]
 
 
-@pytest.mark.parametrize(("argv", "message"), REFUSED_TRAINING,
+@pytest.mark.parametrize(("argv", "problem", "fix"), REFUSED_TRAINING,
                          ids=[str(i) for i in range(len(REFUSED_TRAINING))])
 def test_a_refused_training_leaves_its_working_directory_empty(
-        refused_inputs, process_group, tmp_path, monkeypatch, capsys, argv, message):
+        refused_inputs, process_group, tmp_path, monkeypatch, capsys, argv, problem, fix):
     """Every check that can run before the run folder is written runs before it: the command
     exits 2 with the error and its mend, no traceback, and the empty working directory it ran
     in (where runs/checkpoints/, runs/data/ and runs/mlflow.db would go) stays empty."""
     monkeypatch.chdir(tmp_path)
     argv = ["train", *(a.format(**refused_inputs) for a in argv), "--no-progress",
-            "--set", "train.steps=2", "--set", "track.enabled=false"]
+            "--set", "train.steps=2"]  # tracking on: runs/mlflow.db must not appear either
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert message.format(**refused_inputs) in err, err
+    assert problem.format(**refused_inputs) in err and fix in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
