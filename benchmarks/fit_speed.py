@@ -29,8 +29,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,7 +40,7 @@ import scipy
 from scipy.optimize import minimize
 
 from benchmarks.contention import Monitor
-from benchmarks.harness import cpu_model
+from benchmarks.harness import describe, machine
 from megaloop.fit import fitter
 from megaloop.fit.inputs import Runs
 from megaloop.fit.law import BOX, HUBER_DELTA, LawData
@@ -53,13 +51,10 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 CHINCHILLA = ROOT.parent / "shared" / "data" / "chinchilla" / "svg_extracted_data.csv"
 
 
-def machine() -> str:
-    model = cpu_model()
-    return (f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, numpy "
-            f"{np.__version__}, scipy {scipy.__version__}")
-
 
 class Timer:
+    """Wall and CPU seconds of the block (the fitter's own cost; harness.Timer has wall only)."""
+
     def __enter__(self) -> Timer:
         self._monitor = Monitor().__enter__()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
@@ -215,7 +210,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(OUT_DIR / "fit_speed.json"))
     args = parser.parse_args()
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine(), "quick": args.quick,
+              "machine": machine(numpy=np.__version__, scipy=scipy.__version__),
+              "quick": args.quick,
               "command": "PYTHONPATH=. python benchmarks/fit_speed.py"
                          + (" --quick" if args.quick else ""),
               "joint": joint(args), "chinchilla": chinchilla(args)}
@@ -239,7 +235,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{result['machine']}; {result['date']}; raw: {out}")
+    print(f"\n{describe(result['machine'])}; {result['date']}; raw: {out}")
 
 
 if __name__ == "__main__":

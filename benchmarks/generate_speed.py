@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor
-from benchmarks.harness import cpu_model
+from benchmarks.harness import machine
 from megaloop import config
 from megaloop.infer.evaluate import EvalSet, evaluate
 from megaloop.infer.generate import Sampling, generate
@@ -71,10 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.recurrences, args.new_tokens, args.eval_batches, args.repeats = "2", 24, 2, 1
     return args
 
-
-def machine() -> dict:
-    return {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
 
 
 def load(args: argparse.Namespace) -> tuple[LoopedLM, config.RunConfig]:

@@ -1,6 +1,7 @@
 """What the benchmarks share: their arguments' common part, the machine they ran on, a timer that
-waits for the device, and the JSON report (written then renamed), for RESULTS.md. Scripts that
-predate it still write their own reports and take only `cpu_model` from here.
+waits for the device, and the JSON report (written then renamed), for RESULTS.md. Every script
+describes its machine with `machine()`; scripts that predate the rest still parse their own
+arguments and write their own reports.
 
     parser = harness.parser(__doc__, "trainer_costs")      # ... --json benchmarks/out/NAME.json
     with harness.Timer(device) as timed: step()             # seconds, the device's work included
@@ -33,20 +34,29 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def machine() -> dict[str, Any]:
+def machine(**more: Any) -> dict[str, Any]:
     """The CPU (and whether it computes bf16 natively), its cores, the kernels torch runs
-    (ATEN_CPU_CAPABILITY), torch's version, and the GPU where there is one."""
+    (ATEN_CPU_CAPABILITY), torch's threads and version, Python's, the GPU where there is one,
+    and `more` (a script's own: numpy's version, ...)."""
     import torch
 
     from megaloop.device import Device, cpu_has_native_bf16
 
     found = {"cpu": cpu_model(), "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16(),
              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-             "torch": torch.__version__}
+             "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "python": platform.python_version(), **more}
     device = Device.of_this_process()
     if not device.is_cpu:
         found["device"] = device.name()
     return found
+
+
+def describe(found: dict[str, Any]) -> str:
+    """machine()'s answer in a line, for a script's printout."""
+    gpu = f", {found['device']}" if "device" in found else ""
+    return (f"{found['cpu']}, {found['cores']} cores, torch {found['torch']} "
+            f"({found['threads']} threads, {found['cpu_capability']} kernels){gpu}")
 
 
 def parser(doc: str | None, name: str) -> argparse.ArgumentParser:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -30,8 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from tiny import VARIANTS, make_model, random_tokens  # noqa: E402
 
-from benchmarks.harness import cpu_model  # noqa: E402
-from megaloop.device import cpu_has_native_bf16  # noqa: E402
+from benchmarks.harness import describe, machine  # noqa: E402
 from megaloop.model import hyper  # noqa: E402
 
 SHAPE = {"recurrences": 8, "d_model": 64, "vocab_size": 256, "max_seq_len": 64}
@@ -111,14 +109,12 @@ def main() -> None:
         results[name] = {key: statistics.mean(row[key] for row in rows) for key in rows[0]}
         results[name]["seeds"] = rows
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "cpu": cpu_model(), "native_bf16": cpu_has_native_bf16(),
-              "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY", "default"),
-              "torch": torch.__version__, "settings": vars(args) | {"json": str(args.json)},
+              "machine": machine(), "settings": vars(args) | {"json": str(args.json)},
               "shape": SHAPE, "results": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
-    print(f"{report['cpu']} (native bf16: {report['native_bf16']}), ATEN_CPU_CAPABILITY "
-          f"{report['aten_cpu_capability']}, torch {torch.__version__}, {args.seeds} seeds")
+    print(f"{describe(report['machine'])}, native bf16: {report['machine']['native_bf16']}, "
+          f"{args.seeds} seeds")
     print("| model | logit error, fp32 streams | bf16 streams | ratio | loss gap, fp32 streams "
           "| bf16 streams | training gap, fp32 streams | bf16 streams |")
     print("|---|---|---|---|---|---|---|---|")

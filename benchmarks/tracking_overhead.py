@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.contention import Monitor
-from benchmarks.harness import cpu_model
+from benchmarks.harness import describe, machine
 from megaloop import config as cfg
 from megaloop.model import build
 from megaloop.model.accounting import account
@@ -46,11 +45,6 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 TARGET = 0.02  # tracking may cost at most 2% of a step
 INTERVAL_S = 1.0  # the Tracker sends at most one batch per second below 1000 values per second
 
-
-def machine() -> str:
-    model = cpu_model()
-    threads = torch.get_num_threads()
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} threads)"
 
 
 def sender_cpu(tracker) -> float:
@@ -199,7 +193,7 @@ def main() -> None:
     name = "tracking_overhead_quick.json" if args.quick else "tracking_overhead.json"
     (OUT_DIR / name).write_text(json.dumps(result, indent=2) + "\n")
     t, s = result["train"], result["stress"]
-    print(f"machine: {result['machine']}, {result['date']}")
+    print(f"machine: {describe(result['machine'])}, {result['date']}")
     print(f"step without tracking: median {1e3 * t['step_s_median']:.0f} ms, fastest tenth "
           f"{1e3 * t['step_s_p10']:.0f} ms over {t['baseline_steps']} steps")
     clean = t["end_to_end_overhead_uncontended"]

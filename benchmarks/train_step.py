@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import harness
 from benchmarks.contention import Monitor, wait_for_quiet
-from benchmarks.harness import cpu_model
 from benchmarks.memory import peak_rss_increase, saved_tensor_bytes
 from benchmarks.reference_models import HFLlama, ReferenceLooped, ReferenceTransformer
 from megaloop.atomic import atomic_write_json
@@ -521,9 +520,7 @@ def check_targets(report: dict) -> list[dict]:
 
 
 def machine() -> dict[str, object]:
-    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "load_average_start": os.getloadavg()}
+    return harness.machine(load_average_start=os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> dict:

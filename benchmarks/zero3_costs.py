@@ -174,12 +174,12 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    from benchmarks.harness import cpu_model
+    from benchmarks.harness import machine
 
     torch.set_num_threads(2)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "PYTHONPATH=. python benchmarks/zero3_costs.py " + " ".join(sys.argv[1:]),
-              "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
+              "machine": machine(),
               "settings": vars(args)}
     if "compile" not in args.skip:
         result["compile"] = compile_costs(args)
