@@ -51,7 +51,6 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 CHINCHILLA = ROOT.parent / "shared" / "data" / "chinchilla" / "svg_extracted_data.csv"
 
 
-
 class Timer:
     """Wall and CPU seconds of the block (the fitter's own cost; harness.Timer has wall only)."""
 
@@ -210,11 +209,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(OUT_DIR / "fit_speed.json"))
     args = parser.parse_args()
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine(numpy=np.__version__, scipy=scipy.__version__),
               "quick": args.quick,
               "command": "PYTHONPATH=. python benchmarks/fit_speed.py"
                          + (" --quick" if args.quick else ""),
               "joint": joint(args), "chinchilla": chinchilla(args)}
+    # after the timed fits: machine() imports torch and DeepSpeed, which the fitter never needs
+    result["machine"] = machine(numpy=np.__version__, scipy=scipy.__version__)
     print("\n| fit | ours: full (wall / CPU) | ours: core | plain: core | speed-up (core) | "
           "plain 1-thread: core | target |")
     print("|---|---|---|---|---|---|---|")

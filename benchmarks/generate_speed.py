@@ -71,7 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-
 def load(args: argparse.Namespace) -> tuple[LoopedLM, config.RunConfig]:
     if args.checkpoint:
         from megaloop.export.weights import load_model

@@ -46,7 +46,6 @@ TARGET = 0.02  # tracking may cost at most 2% of a step
 INTERVAL_S = 1.0  # the Tracker sends at most one batch per second below 1000 values per second
 
 
-
 def sender_cpu(tracker) -> float:
     """CPU seconds the tracker's sending thread has used (Linux: its pthread CPU clock)."""
     thread = tracker._sender._thread

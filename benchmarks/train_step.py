@@ -519,19 +519,15 @@ def check_targets(report: dict) -> list[dict]:
     return checks
 
 
-def machine() -> dict[str, object]:
-    return harness.machine(load_average_start=os.getloadavg())
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.malloc == "reuse" and not reuse_freed_memory():
         raise SystemExit("--malloc reuse needs glibc's mallopt; use --malloc system")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    info = machine()
-    print(f"# train_step benchmark: {info['cpu']}, torch {info['torch']}, "
-          f"{info['threads']} threads, load {info['load_average_start']}", file=sys.stderr)
+    load_start = os.getloadavg()
+    print(f"# train_step benchmark: {harness.cpu_model()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load {load_start}", file=sys.stderr)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
     targets = torch.randint(0, args.vocab, (args.batch, args.seq))
     # memory first, on a fresh heap: the RSS measure then sees no other model's freed blocks
@@ -560,7 +556,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": "PYTHONPATH=. python benchmarks/train_step.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
-        "machine": info | {"load_average_end": os.getloadavg()},
+        "machine": harness.machine(load_average_start=load_start,
+                                   load_average_end=os.getloadavg()),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "dtype": "float32", "mlp": "swiglu", "tokens_per_step": tokens_per_step,
         "malloc": args.malloc,

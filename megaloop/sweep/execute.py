@@ -26,6 +26,7 @@ from megaloop.atomic import atomic_write_bytes
 from megaloop.display import duration
 from megaloop.errors import ConfigError, MegaloopError
 from megaloop.local_ranks import die_with_parent
+from megaloop.sweep.parallel import check_jobs, run_parallel
 from megaloop.sweep.plan import PlannedRun
 from megaloop.sweep.slurm import SlurmResources, submit_slurm
 from megaloop.track import find_runs, tracking_uri
@@ -169,8 +170,6 @@ def execute(runs: list[PlannedRun], experiment: str, *, executor: str = "inproce
     """Train (or submit) the runs not yet finished. `borrow` (the spec's) is recorded on the
     experiment, so that every later fit of it also takes those runs of other experiments.
     `jobs` > 1 trains that many runs at once in worker processes (CPU only; sweep/parallel.py)."""
-    from megaloop.sweep.parallel import check_jobs, run_parallel  # multiprocessing's set-up
-
     check_jobs(jobs, executor)
     if tracking is None and runs:
 
