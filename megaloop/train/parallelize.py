@@ -47,7 +47,28 @@ def apply_compile(model: LoopedLM, **options: Any) -> LoopedLM:
     torch.compile). Per block, not the whole model: the loop's block compiles once whatever r a
     step runs, where a whole-model graph unrolls the loop and would recompile for every sampled
     r."""
+    key_compile_cache_on_cpu_isa()
     for stack in (model.prelude, model.loop, model.coda):
         for layer in stack:
             layer.compile(**options)
     return model
+
+
+def key_compile_cache_on_cpu_isa() -> str:
+    """Add the CPU vector ISA inductor generates code for to torch.compile's cache key
+    (torch.compiler.config.cache_key_tag, after any tag of the user's) and return the tag.
+
+    PyTorch 2.13's FX graph cache key names the GPU but not the CPU ISA. A graph cached where
+    inductor picked AVX-512 (16 floats a vector), then loaded where it picks AVX2 (a CPU
+    without AVX-512, or ATEN_CPU_CAPABILITY=avx2), has its C++ kernels rebuilt with AVX2
+    flags: loops that step 16 floats over 8-float vectors, and the losses are NaN from step 1.
+    The same happens with a cache folder shared by unlike nodes. With the ISA in the key each
+    ISA gets its own entries. Measured in benchmarks/RESULTS.md (issue 29)."""
+    # inductor's own choice (AMX included); imported here, its 1.8 s paid by compiled runs only
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = f"megaloop-cpu-isa={pick_vec_isa()}"
+    parts = [part for part in torch.compiler.config.cache_key_tag.split(";")
+             if part and not part.startswith("megaloop-cpu-isa=")]
+    torch.compiler.config.cache_key_tag = ";".join([*parts, isa])
+    return torch.compiler.config.cache_key_tag
