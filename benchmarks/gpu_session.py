@@ -15,7 +15,8 @@ sampled r (its batch cut so that its deepest step holds no more layer-rows than 
 rows: it fits where they do, an H100 as well as an H200). MFU is against the vendor's dense
 bf16 peak (megaloop/train/mfu.py) in two conventions, labelled: `mfu` counts attention in full
 (the papers' FLOPs, PaLM's MFU), `mfu_causal` its causal half; `mfu_executed` and
-`of_measured_matmul` count what the step executes (megaloop.model.accounting). Memory: the
+`of_measured_matmul` count what the step executes (megaloop.model.accounting), the latter
+against the faster of the measured bf16 and fp32 products (also the peak on a CPU). Memory: the
 peak allocated and reserved, in GiB. The device's questions go through megaloop.device.Device,
 whose GPU branches the CPU tests prove. `--smoke` runs the same code on the CPU at toy sizes.
 """
@@ -245,10 +246,16 @@ def stage_step(args: argparse.Namespace) -> int:
     device = this_device(args.smoke)
     env = json.loads((args.out / "env.json").read_text()) if (args.out / "env.json").exists() \
         else {}
-    measured = env.get("bf16_matmul_flops") or matmul_rate(device, torch.bfloat16, 256, 5)
+    # The faster of the two measured products: bf16 on a GPU; on a CPU without bf16 units (AMD,
+    # older Intel) bf16 ran at 2% of fp32, and the autocast step, faster than that, read as MFU > 1.
+    rates = {"bf16": env.get("bf16_matmul_flops") or matmul_rate(device, torch.bfloat16, 256, 5),
+             "fp32": env.get("fp32_matmul_flops") or matmul_rate(device, torch.float32, 256, 2)}
+    measured_dtype = max(rates, key=rates.get)
+    measured = rates[measured_dtype]
     peak = (known_gpu_peak(device.name()) if device.is_cuda else None) or measured
     rows: list[dict] = []
-    report = {"peak_flops": peak, "measured_bf16_matmul_flops": measured, "batch": args.batch,
+    report = {"peak_flops": peak, "measured_matmul_flops": rates,
+              "measured_matmul_dtype": measured_dtype, "batch": args.batch,
               "warmup": args.warmup, "steps": args.steps, "compile_backend": args.compile_backend,
               "rows": rows}
     for name, variant in PLAN:
