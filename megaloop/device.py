@@ -19,6 +19,7 @@ import contextlib
 import os
 import resource
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,11 +27,35 @@ import torch
 
 
 def accelerator() -> Any:
-    """DeepSpeed's accelerator (its import logs to stdout, which belongs to our output)."""
-    with contextlib.redirect_stdout(sys.stderr):
-        from deepspeed.accelerator import get_accelerator
+    """DeepSpeed's accelerator."""
+    import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
 
-        return get_accelerator()
+    return get_accelerator()
+
+
+def import_deepspeed() -> None:
+    """DeepSpeed's first import in this process, made the way megaloop needs it.
+
+    - It can log to stdout ("Setting accelerator to CPU"), and stdout is megaloop's output: the
+      import's output goes to stderr.
+    - Its autotuner imports MLflow, if installed, at import time, for autotuning, which megaloop
+      never runs. That is 4 s of CPU on every rank (benchmarks/RESULTS.md), where only rank 0
+      with tracking on uses MLflow (and imports it itself, in megaloop/track/). So, unless MLflow
+      is imported already, it is hidden during the import (the autotuner then records that it
+      has none). The hiding is process-wide, so it is done only while no other thread runs.
+    """
+    if "deepspeed" in sys.modules:
+        return
+    hide = "mlflow" not in sys.modules and threading.active_count() == 1
+    with contextlib.redirect_stdout(sys.stderr):
+        if hide:
+            sys.modules["mlflow"] = None  # import mlflow: ModuleNotFoundError, which DS handles
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+                del sys.modules["mlflow"]
 
 
 def local_rank() -> int:

@@ -11,6 +11,8 @@ import ast
 import contextlib
 import inspect
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -352,3 +354,33 @@ def test_the_trainer_runs_every_cuda_branch_against_the_cuda_accelerator(
                  "is_bf16_supported", "set_rng_state(state", "set_device("):
         at = next(i for i, line in enumerate(lines, 1) if call in line)
         assert at in device_branch_lines(device_py), call
+
+
+# ---- DeepSpeed's first import ------------------------------------------------------------------
+
+FIRST_IMPORT = """
+import sys, threading
+{before}
+from megaloop.device import Device
+device = Device.of_this_process()
+import deepspeed.autotuning.autotuner as autotuner
+print(device.kind, 'mlflow' in sys.modules, autotuner.has_mlflow)
+import mlflow  # megaloop's tracker can import it afterwards
+print(mlflow.__name__)
+"""
+
+
+@pytest.mark.parametrize("before, expected", [
+    ("", "cpu False False"),  # a rank without tracking: no MLflow in the process
+    ("import mlflow", "cpu True True"),  # imported already: left as it is
+    ("threading.Thread(target=threading.Event().wait, daemon=True).start()",
+     "cpu True True"),  # another thread could be importing MLflow: nothing hidden
+])
+def test_deepspeeds_first_import_leaves_mlflow_out_and_stdout_alone(before, expected):
+    # without DS_ACCELERATOR, DeepSpeed's import logs "Setting accelerator to CPU" to stdout
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    result = subprocess.run([sys.executable, "-c", FIRST_IMPORT.format(before=before)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [expected, "mlflow"]  # DeepSpeed's log: on stderr
+    assert "Setting accelerator to CPU" in result.stderr

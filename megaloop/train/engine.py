@@ -31,7 +31,7 @@ engine and the process group are torn down in that order, or a rank can abort at
 DeepSpeed is imported inside the functions that use it, never at the top: its first import can
 log to stdout ("Setting accelerator to CPU", without DS_ACCELERATOR), and stdout is megaloop's
 output, so that import must happen in the Device's lookup of the accelerator (megaloop/device.py),
-which sends it to stderr.
+which sends it to stderr and keeps DeepSpeed's autotuner from importing MLflow on every rank.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def join_process_group(device: Device | None = None) -> tuple[int, int, bool]:
 
     A group that exists already (several runs in one process) is reused: DeepSpeed keeps
     references to it, so it must outlive the runs."""
+    device = device or Device.of_this_process()  # DeepSpeed's first import (megaloop/device.py)
     import deepspeed
 
-    device = device or Device.of_this_process()
     created = not dist.is_initialized()
     if created:
         backend = device.communication_backend()
