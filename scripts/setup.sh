@@ -66,4 +66,12 @@ else
   install "torch==$torch_version" --index-url "$torch_cpu_index"
 fi
 install -e ".[$extras]"
+# Bytecode for every installed module, once: uv writes none at install, and where
+# PYTHONDONTWRITEBYTECODE is set (CI here) Python writes none at import either, so each process
+# compiled torch, DeepSpeed and MLflow from source again: 13.4 s of CPU to import them, 4.4 s
+# from bytecode (benchmarks/RESULTS.md), in every rank of every run. It exits 1 on the few files
+# written for a newer Python (torch's py312_intrinsics.py), which nothing imports here.
+PYTHONDONTWRITEBYTECODE= "$venv/bin/python" -m compileall -q -j 0 \
+  "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+  >/dev/null || true
 echo "$want" > "$stamp"
