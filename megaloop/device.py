@@ -20,6 +20,7 @@ import os
 import resource
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -64,11 +65,21 @@ def local_rank() -> int:
 
 # The CPU flags of native bf16 matmuls (oneDNN's fast bf16 paths); without them bf16 is emulated.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# oneDNN's ISA levels without bf16 instructions: ONEDNN_MAX_CPU_ISA at one of them keeps oneDNN
+# off the CPU's bf16 units, and bf16 matmuls then run emulated (at 2% of fp32's rate, measured in
+# benchmarks/RESULTS.md), as on a CPU without the flags.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE",
+                                      "AVX512_CORE_VNNI"})
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bf16 natively (Linux's /proc/cpuinfo flags; False where the
-    flags cannot be read, as on macOS)."""
+def cpu_has_native_bf16(cpuinfo: str | None = None,
+                        environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this CPU computes bf16 natively for this process: Linux's /proc/cpuinfo flags
+    (False where they cannot be read, as on macOS), unless oneDNN is held below bf16
+    (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA)."""
+    cap = environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
