@@ -20,7 +20,7 @@ import os
 import resource
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,31 +29,32 @@ import torch
 
 def accelerator() -> Any:
     """DeepSpeed's accelerator."""
-    import_deepspeed()
-    from deepspeed.accelerator import get_accelerator
-
+    with deepspeeds_first_import():
+        from deepspeed.accelerator import get_accelerator
     return get_accelerator()
 
 
-def import_deepspeed() -> None:
-    """DeepSpeed's first import in this process, made the way megaloop needs it.
+@contextlib.contextmanager
+def deepspeeds_first_import() -> Iterator[None]:
+    """Around DeepSpeed's first import in this process (a no-op once it is imported):
 
     - It can log to stdout ("Setting accelerator to CPU"), and stdout is megaloop's output: the
       import's output goes to stderr.
     - Its autotuner imports MLflow, if installed, at import time, for autotuning, which megaloop
-      never runs. That is 4 s of CPU on every rank (benchmarks/RESULTS.md), where only rank 0
+      never runs. That is 4.7 s of CPU on every rank (benchmarks/RESULTS.md), where only rank 0
       with tracking on uses MLflow (and imports it itself, in megaloop/track/). So, unless MLflow
       is imported already, it is hidden during the import (the autotuner then records that it
       has none). The hiding is process-wide, so it is done only while no other thread runs.
     """
     if "deepspeed" in sys.modules:
+        yield
         return
     hide = "mlflow" not in sys.modules and threading.active_count() == 1
     with contextlib.redirect_stdout(sys.stderr):
         if hide:
             sys.modules["mlflow"] = None  # import mlflow: ModuleNotFoundError, which DS handles
         try:
-            import deepspeed  # noqa: F401
+            yield
         finally:
             if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
                 del sys.modules["mlflow"]

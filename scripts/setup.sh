@@ -71,7 +71,7 @@ install -e ".[$extras]"
 # compiled torch, DeepSpeed and MLflow from source again: 13.4 s of CPU to import them, 4.4 s
 # from bytecode (benchmarks/RESULTS.md), in every rank of every run. It exits 1 on the few files
 # written for a newer Python (torch's py312_intrinsics.py), which nothing imports here.
-PYTHONDONTWRITEBYTECODE= "$venv/bin/python" -m compileall -q -j 0 \
+PYTHONDONTWRITEBYTECODE="" "$venv/bin/python" -m compileall -q -j 0 \
   "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
   >/dev/null || true
 echo "$want" > "$stamp"
