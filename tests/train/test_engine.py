@@ -425,7 +425,6 @@ def test_gpu_peaks_tell_the_pcie_and_nvl_parts_from_the_sxm(name, peak):
     assert known_gpu_peak(name) == peak
 
 
-
 def test_a_bf16_peak_on_a_cpu_without_bf16_units_is_fp32s_rate():
     """oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA, as on an AMD CPU before Zen 4) multiplies bf16
     at about 2% of fp32's rate here, and a bf16 step then read as MFU 2.4: a bf16 run's
@@ -443,6 +442,7 @@ def test_a_bf16_peak_on_a_cpu_without_bf16_units_is_fp32s_rate():
     # the best of 0.3 s of products each time, against another such measurement: a factor
     # of 2 leaves room for the other worker's load and still tells fp32's rate from bf16's
     assert got["peak"] > got["fp32"] / 2 and got["peak"] > 2 * got["bf16"]
+
 
 # ---- walls -----------------------------------------------------------------------------------
 
